@@ -1,0 +1,163 @@
+//! The `keystore` subcommands, shared by the `personalizer` and `ksm`
+//! binaries from one clap definition.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use otp::{HandleKey, KeyHandle};
+use zeroize::Zeroizing;
+
+use crate::soft::format::KdfParams;
+use crate::soft::SoftHsm;
+use crate::{password, Error, Flags, SecurityModule};
+
+/// Where the keystore is and how to unlock it.
+#[derive(Args, Debug, Clone)]
+pub struct KeystoreArgs {
+    /// The keystore file.
+    #[arg(long, env = "OTP_KEYSTORE", value_name = "PATH")]
+    pub keystore: PathBuf,
+    /// File holding the keystore password (one line). Without it, the
+    /// password is prompted for on the terminal.
+    #[arg(long, env = "OTP_KEYSTORE_PASSWORD_FILE", value_name = "PATH")]
+    pub password_file: Option<PathBuf>,
+}
+
+impl KeystoreArgs {
+    /// Open the keystore and unlock it.
+    pub fn open(&self) -> Result<SoftHsm, Error> {
+        let hsm = SoftHsm::open(&self.keystore)?;
+        let pw = password::obtain(self.password_file.as_deref(), "Keystore password: ", false)?;
+        hsm.unlock(&pw)?;
+        Ok(hsm)
+    }
+}
+
+fn parse_flags(s: &str) -> Result<Flags, String> {
+    s.parse()
+}
+
+fn parse_key_bits(s: &str) -> Result<usize, String> {
+    match s {
+        "128" | "192" | "256" => s.parse().map_err(|_| String::new()),
+        _ => Err("key size must be 128, 192 or 256".to_owned()),
+    }
+}
+
+fn flags_help() -> String {
+    let presets: Vec<String> = crate::flags::PRESETS.iter().map(|(n, f, d)| format!("  {n} = {f}: {d}")).collect();
+    format!(
+        "Comma-separated flag names, a preset, or a 0x flag word. Presets:\n{}\nNames: aead-generate, buffer-aead-generate, random-aead-generate, aead-decrypt-cmp, db-yubikey-aead-store, otp-decode, ecb-encrypt, ecb-decrypt, ecb-decrypt-cmp, hmac-sha1, export, user-nonce, buffer-load",
+        presets.join("\n")
+    )
+}
+
+/// Manage the software keystore.
+#[derive(Subcommand, Debug, Clone)]
+pub enum KeystoreCommand {
+    /// Create a new keystore (mode 0600) with fresh data keys and no key handles.
+    Init {
+        /// Keystore location and password.
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+        /// argon2id memory cost in MiB.
+        #[arg(long, default_value_t = KdfParams::DEFAULT.memory_kib / 1024, value_name = "MIB")]
+        kdf_memory_mib: u32,
+        /// argon2id passes.
+        #[arg(long, default_value_t = KdfParams::DEFAULT.iterations, value_name = "N")]
+        kdf_iterations: u32,
+    },
+    /// Create a key handle whose AES key is generated inside the module.
+    AddHandle {
+        /// Keystore location and password.
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+        /// Key handle id: decimal, 0x-hex, or 4 ASCII characters (as pyhsm).
+        #[arg(long, value_name = "KH")]
+        key_handle: KeyHandle,
+        /// Permission flags.
+        #[arg(long, value_parser = parse_flags, long_help = flags_help())]
+        flags: Flags,
+        /// AES key size.
+        #[arg(long, default_value_t = 256, value_parser = parse_key_bits, value_name = "128|192|256")]
+        key_bits: usize,
+    },
+    /// List key handles and their flags (never the keys).
+    List {
+        /// Keystore location and password.
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+    },
+    /// Import key handles from a pyhsm soft-HSM JSON file
+    /// (`{"<key handle>": "<hex AES key>"}`), all or nothing.
+    ImportPyhsm {
+        /// Keystore location and password.
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+        /// The pyhsm JSON file.
+        #[arg(long, value_name = "FILE")]
+        json: PathBuf,
+        /// Flags for every imported handle.
+        #[arg(long, value_parser = parse_flags, long_help = flags_help())]
+        flags: Flags,
+    },
+}
+
+/// Run a keystore command, writing its report to `out`.
+pub fn run(cmd: &KeystoreCommand, out: &mut dyn Write) -> Result<(), Error> {
+    let w = |out: &mut dyn Write, s: String| writeln!(out, "{s}").map_err(|e| Error::io("stdout", e));
+    match cmd {
+        KeystoreCommand::Init { keystore, kdf_memory_mib, kdf_iterations } => {
+            let kdf = KdfParams { memory_kib: kdf_memory_mib.saturating_mul(1024), iterations: *kdf_iterations, parallelism: 1 };
+            if keystore.keystore.exists() {
+                return Err(Error::AlreadyExists(keystore.keystore.clone()));
+            }
+            let pw = password::obtain(keystore.password_file.as_deref(), "New keystore password: ", true)?;
+            SoftHsm::create(&keystore.keystore, &pw, kdf)?;
+            w(out, format!("created keystore {} (argon2id {} MiB, {} passes)", keystore.keystore.display(), kdf_memory_mib, kdf_iterations))
+        }
+        KeystoreCommand::AddHandle { keystore, key_handle, flags, key_bits } => {
+            let hsm = keystore.open()?;
+            let info = hsm.add_handle(*key_handle, *flags, *key_bits)?;
+            w(out, format!("added key handle {} (AES-{}, flags {})", info.key_handle, info.key_bits, info.flags))
+        }
+        KeystoreCommand::List { keystore } => {
+            let hsm = keystore.open()?;
+            w(out, format!("{:<12} {:>10} {:>8}  flags", "key handle", "decimal", "key"))?;
+            for h in hsm.key_handles()? {
+                w(out, format!("{:<12} {:>10} {:>8}  {} ({:#010x})", h.key_handle, h.key_handle.get(), format!("AES-{}", h.key_bits), h.flags, h.flags.bits()))?;
+            }
+            Ok(())
+        }
+        KeystoreCommand::ImportPyhsm { keystore, json, flags } => {
+            let keys = read_pyhsm_json(json)?;
+            let hsm = keystore.open()?;
+            let new: Vec<(KeyHandle, Flags, HandleKey)> = keys.into_iter().map(|(kh, key)| (kh, *flags, key)).collect();
+            hsm.import_handles(&new)?;
+            for (kh, _, key) in &new {
+                w(out, format!("imported key handle {kh} (AES-{}, flags {flags})", key.bits()))?;
+            }
+            w(out, format!("{} key handle(s) imported", new.len()))
+        }
+    }
+}
+
+/// Read pyhsm's soft-HSM JSON: `{"<key handle>": "<hex AES key>", …}`.
+pub fn read_pyhsm_json(path: &Path) -> Result<Vec<(KeyHandle, HandleKey)>, Error> {
+    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?);
+    let bad = |msg: String| Error::InvalidInput(format!("{}: {msg}", path.display()));
+    let map: BTreeMap<String, Zeroizing<String>> = serde_json::from_str(&text).map_err(|e| bad(format!("not a pyhsm key JSON object: {e}")))?;
+    if map.is_empty() {
+        return Err(bad("no keys in the file".to_owned()));
+    }
+    map.iter()
+        .map(|(kh, hex_key)| {
+            let kh: KeyHandle = kh.parse().map_err(|e: otp::Error| bad(e.to_string()))?;
+            let key = Zeroizing::new(hex::decode(hex_key.trim()).map_err(|_| bad(format!("key of handle {kh} is not hex")))?);
+            let key = HandleKey::new(&key).map_err(|e| bad(format!("key handle {kh}: {e}")))?;
+            Ok((kh, key))
+        })
+        .collect()
+}

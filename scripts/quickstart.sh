@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Quickstart: the appliance's main job on embedded defaults (soft keystore,
+# files in a temporary directory, nothing on the network).
+#
+#   1. a personalisation keystore and a validation-only keystore holding the
+#      same key handle with different flags (pyhsm's recommended practice);
+#   2. YubiKey secrets generated inside the module, AEADs written in pyhsm's
+#      v1 format and directory layout, secrets exported once for programming;
+#   3. OTPs built the way a YubiKey builds them (and by Debian's ykgenerate,
+#      when it is installed);
+#   4. the KSM decoding them, and refusing bad ones.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run() { printf '$ %s\n' "$*" | sed "s#$work#\$WORK#g"; "$@"; }
+
+say "Building (release)"
+cargo build --release --quiet -p personalizer -p ksm
+cargo build --release --quiet -p otp --example yubikey_sim
+bin=target/release
+sim=$bin/examples/yubikey_sim
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+umask 077
+head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/password"
+# Cheap KDF for the demo only; the default is 64 MiB / 3 passes.
+kdf=(--kdf-memory-mib 8 --kdf-iterations 1)
+
+say "1. Keystores: the laptop's and the KSM's, one key handle with different flags"
+# A throwaway pyhsm soft-HSM key file: one AES-256 key under handle 0x2000.
+printf '{"8192": "%s"}\n' "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" > "$work/handle-key.json"
+for ks in laptop ksm; do
+  run $bin/personalizer keystore init --keystore "$work/$ks.keystore" --password-file "$work/password" "${kdf[@]}"
+done
+run $bin/personalizer keystore import-pyhsm --keystore "$work/laptop.keystore" --password-file "$work/password" --json "$work/handle-key.json" --flags personalizer
+run $bin/ksm keystore import-pyhsm --keystore "$work/ksm.keystore" --password-file "$work/password" --json "$work/handle-key.json" --flags decode-only
+rm -f "$work/handle-key.json"
+run $bin/ksm keystore list --keystore "$work/ksm.keystore" --password-file "$work/password"
+ls -l "$work/ksm.keystore" | awk '{print "keystore mode:", $1}'
+
+say "2. Generate 3 YubiKeys inside the module"
+run $bin/personalizer generate --keystore "$work/laptop.keystore" --password-file "$work/password" \
+  --count 3 --start-public-id 1 --key-handles 0x2000 --out "$work/aeads" --yubikey-csv "$work/secrets.csv"
+find "$work/aeads" -type f | sed "s#$work#\$WORK#" | sort
+echo "AEAD file bytes (v1: magic, version, key handle, nonce, AEAD):"
+od -An -tx1 "$work/aeads/0x2000/cc/cc/cc/cc/cc/cb/cccccccccccb" | tr -d '\n' | tr -s ' '; echo
+
+say "3. Touch each YubiKey twice, as a YubiKey would build the OTPs"
+otps=()
+while IFS=, read -r n public_id uid key _; do
+  for use in 0 1; do
+    otps+=("$($sim "$public_id" "$uid" "$key" 1 "$use" $((RANDOM * 8)))")
+  done
+  if command -v ykgenerate >/dev/null; then
+    # Debian's libyubikey builds one more, independently of our code.
+    otps+=("$public_id$(ykgenerate "$key" "$uid" 0002 c0a8 00 00)")
+  fi
+done < "$work/secrets.csv"
+printf '%s\n' "${otps[@]}"
+
+say "4. The KSM decodes them (Yubico KSM protocol answers)"
+for otp in "${otps[@]}"; do
+  run $bin/ksm decrypt --keystore "$work/ksm.keystore" --password-file "$work/password" --aead-dir "$work/aeads" --key-handle 0x2000 "$otp"
+done
+
+say "5. ...and refuses what it must"
+good=${otps[0]}
+flip() { local s=$1 i=$2 c=${1:$2:1} r=c; [ "$c" = c ] && r=b; printf '%s%s%s' "${s:0:$i}" "$r" "${s:$((i+1))}"; }
+echo "# a corrupted OTP:"
+run $bin/ksm decrypt --keystore "$work/ksm.keystore" --password-file "$work/password" --aead-dir "$work/aeads" --key-handle 0x2000 "$(flip "$good" 20)" || true
+echo "# an unknown YubiKey:"
+run $bin/ksm decrypt --keystore "$work/ksm.keystore" --password-file "$work/password" --aead-dir "$work/aeads" --key-handle 0x2000 "vvvvvvvvvvvv${good:12}" || true
+echo "# not modhex:"
+run $bin/ksm decrypt --keystore "$work/ksm.keystore" --password-file "$work/password" --aead-dir "$work/aeads" --key-handle 0x2000 "hello-world" || true
+echo "# the laptop's handle may generate but not decode:"
+run $bin/ksm decrypt --keystore "$work/laptop.keystore" --password-file "$work/password" --aead-dir "$work/aeads" --key-handle 0x2000 "$good" || true
+echo "# a wrong password:"
+echo wrong > "$work/wrong"
+run $bin/ksm decrypt --keystore "$work/ksm.keystore" --password-file "$work/wrong" --aead-dir "$work/aeads" --key-handle 0x2000 "$good" || true
+
+say "Done. Everything lived in a temporary directory, now removed."
