@@ -127,7 +127,17 @@ pub fn run(cmd: &KeystoreCommand, out: &mut dyn Write) -> Result<(), Error> {
             let hsm = keystore.open()?;
             w(out, format!("{:<12} {:>10} {:>8}  flags", "key handle", "decimal", "key"))?;
             for h in hsm.key_handles()? {
-                w(out, format!("{:<12} {:>10} {:>8}  {} ({:#010x})", h.key_handle, h.key_handle.get(), format!("AES-{}", h.key_bits), h.flags, h.flags.bits()))?;
+                w(
+                    out,
+                    format!(
+                        "{:<12} {:>10} {:>8}  {} ({:#010x})",
+                        h.key_handle,
+                        h.key_handle.get(),
+                        format!("AES-{}", h.key_bits),
+                        h.flags,
+                        h.flags.bits()
+                    ),
+                )?;
             }
             Ok(())
         }
@@ -148,7 +158,8 @@ pub fn run(cmd: &KeystoreCommand, out: &mut dyn Write) -> Result<(), Error> {
 pub fn read_pyhsm_json(path: &Path) -> Result<Vec<(KeyHandle, HandleKey)>, Error> {
     let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?);
     let bad = |msg: String| Error::InvalidInput(format!("{}: {msg}", path.display()));
-    let map: BTreeMap<String, Zeroizing<String>> = serde_json::from_str(&text).map_err(|e| bad(format!("not a pyhsm key JSON object: {e}")))?;
+    let map: BTreeMap<String, Zeroizing<String>> =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not a pyhsm key JSON object: {e}")))?;
     if map.is_empty() {
         return Err(bad("no keys in the file".to_owned()));
     }

@@ -94,10 +94,7 @@ mod tests {
         assert_eq!(encode(b"test"), "ifhgieif");
         assert_eq!(encode(&hex::decode("b565716f").unwrap()), "nghgibhv");
         assert_eq!(hex::encode(decode("dteffuje").unwrap()), "2d344e83");
-        assert_eq!(
-            encode(&hex::decode("ecde18dbe76fbd0c33330f1c354871db").unwrap()),
-            "urtubjtnuihvntcreeeecvbregfjibtn"
-        );
+        assert_eq!(encode(&hex::decode("ecde18dbe76fbd0c33330f1c354871db").unwrap()), "urtubjtnuihvntcreeeecvbregfjibtn");
     }
 
     #[test]

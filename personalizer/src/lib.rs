@@ -65,7 +65,12 @@ pub struct GenerateParams {
 
 /// Generate `params.count` YubiKey secrets in the module and write their
 /// AEADs (v1, pyhsm layout) to `out`. Calls `progress` after each key.
-pub fn generate(hsm: &dyn SecurityModule, out: &AeadDir, params: &GenerateParams, mut progress: impl FnMut(&Generated)) -> Result<Vec<Generated>, Error> {
+pub fn generate(
+    hsm: &dyn SecurityModule,
+    out: &AeadDir,
+    params: &GenerateParams,
+    mut progress: impl FnMut(&Generated),
+) -> Result<Vec<Generated>, Error> {
     if params.public_id_chars % 2 != 0 || !(2..=12).contains(&params.public_id_chars) {
         return Err(Error::Usage(format!("--public-id-chars must be even and 2 to 12, not {}", params.public_id_chars)));
     }
@@ -77,7 +82,11 @@ pub fn generate(hsm: &dyn SecurityModule, out: &AeadDir, params: &GenerateParams
     for i in 0..params.count {
         let n = params.start.0.checked_add(i).ok_or_else(|| Error::Usage("public id overflows".to_owned()))?;
         let public_id = PublicId::from_number(n, params.public_id_chars / 2).map_err(|e| Error::Usage(format!("public id {n}: {e}")))?;
-        let nonce = if params.random_nonce { NonceSource::Random } else { NonceSource::Given(public_id.aead_nonce().map_err(|e| Error::Usage(e.to_string()))?) };
+        let nonce = if params.random_nonce {
+            NonceSource::Random
+        } else {
+            NonceSource::Given(public_id.aead_nonce().map_err(|e| Error::Usage(e.to_string()))?)
+        };
         let records = hsm.generate_yubikey_aeads(&handles, nonce)?;
         for (kh, record) in params.key_handles.iter().zip(&records) {
             out.write(kh, &public_id, record)?;
@@ -94,7 +103,8 @@ pub fn generate(hsm: &dyn SecurityModule, out: &AeadDir, params: &GenerateParams
 pub fn yubikey_csv_line(n: u64, public_id: &PublicId, secrets: &YubiKeySecrets) -> Zeroizing<String> {
     let mut line = Zeroizing::new(String::with_capacity(96));
     // Writing to a String cannot fail.
-    let _ = writeln!(line, "{n},{public_id},{},{},000000000000,,,,,,", hex::encode(secrets.uid.expose()), hex::encode(secrets.key.expose()));
+    let _ =
+        writeln!(line, "{n},{public_id},{},{},000000000000,,,,,,", hex::encode(secrets.uid.expose()), hex::encode(secrets.key.expose()));
     line
 }
 

@@ -56,7 +56,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into())).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -89,7 +92,13 @@ fn run(cli: Cli) -> Result<(), personalizer::Error> {
                 println!("wrote personalisation secrets for {} YubiKey(s) to {} (mode 0600)", generated.len(), csv.display());
             }
             if let (Some(first), Some(last)) = (generated.first(), generated.last()) {
-                println!("generated {} YubiKey(s), public ids {} to {}, AEADs under {}", generated.len(), first.public_id, last.public_id, out.display());
+                println!(
+                    "generated {} YubiKey(s), public ids {} to {}, AEADs under {}",
+                    generated.len(),
+                    first.public_id,
+                    last.public_id,
+                    out.display()
+                );
             }
             Ok(())
         }

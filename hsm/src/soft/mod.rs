@@ -38,7 +38,10 @@ pub struct SoftHsm {
 
 enum State {
     /// The file as read, not yet decrypted.
-    Locked { file: Vec<u8>, header: Header },
+    Locked {
+        file: Vec<u8>,
+        header: Header,
+    },
     Ready(Box<Unlocked>),
 }
 
@@ -295,7 +298,11 @@ impl SecurityModule for SoftHsm {
     fn import_aead(&self, kh: KeyHandle, nonce: NonceSource, plaintext: &[u8]) -> Result<AeadRecord, Error> {
         let u = self.ready()?;
         let extra = nonce_flags(nonce);
-        let h = u.handle(kh, "wrap imported secrets", &[Flags::AEAD_GENERATE | extra, Flags::BUFFER_LOAD | Flags::BUFFER_AEAD_GENERATE | extra])?;
+        let h = u.handle(
+            kh,
+            "wrap imported secrets",
+            &[Flags::AEAD_GENERATE | extra, Flags::BUFFER_LOAD | Flags::BUFFER_AEAD_GENERATE | extra],
+        )?;
         let nonce = resolve_nonce(nonce)?;
         Ok(AeadRecord { key_handle: kh, nonce, aead: h.key.seal(kh, &nonce, plaintext)? })
     }

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The full test suite, on a fresh machine: installs what the tests need
+# (Debian packages, Python packages), then runs formatting, lints and every
+# test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the tests drive as independent oracles:
+#   libyubikey-dev  ykgenerate / ykparse / modhex (Yubico's C library tools)
+apt_packages=(libyubikey-dev)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${missing[*]}"
+  sudo_cmd=(); [ "$(id -u)" = 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# Python packages: `cryptography` (AESCCM) checks our AEADs independently.
+if ! python3 -c 'import cryptography.hazmat.primitives.ciphers.aead' 2>/dev/null; then
+  echo "installing Python package: cryptography"
+  python3 -m pip install --quiet --disable-pip-version-check cryptography
+fi
+
+echo "== cargo fmt"
+cargo fmt --all --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== fuzz targets compile"
+cargo check --quiet --manifest-path fuzz/Cargo.toml
+echo "== cargo test"
+cargo test --workspace --locked
