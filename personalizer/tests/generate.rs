@@ -40,18 +40,7 @@ fn generate_writes_aeads_and_secrets_once() {
     let gen = [
         &["generate"][..],
         &ks,
-        &[
-            "--count",
-            "5",
-            "--start-public-id",
-            "cccccccccccd",
-            "--key-handles",
-            "0x2000,KSM1",
-            "--out",
-            &aeads,
-            "--yubikey-csv",
-            &secrets,
-        ],
+        &["--count", "5", "--start-public-id", "cccccccccccd", "--key-handles", "0x2000,KSM1", "--out", &aeads, "--yubikey-csv", &secrets],
     ]
     .concat();
     let report = ok(personalizer(&gen));
