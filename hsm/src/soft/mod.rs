@@ -140,10 +140,18 @@ impl SoftHsm {
     }
 
     /// Drop the keys from memory; the module becomes [`Status::Locked`].
+    ///
+    /// The locked state keeps the keystore as this module last wrote it,
+    /// re-encrypted from memory (sealing is deterministic: same key, nonce
+    /// and contents give the same bytes), so locking never depends on the
+    /// file still being readable and cannot fail open.
     pub fn lock(&self) -> Result<(), Error> {
-        let file = std::fs::read(&self.path).map_err(|e| Error::io(&self.path, e))?;
-        let header = Header::parse(&file).map_err(|reason| Error::KeystoreCorrupt { path: self.path.clone(), reason })?;
-        *self.write_state() = State::Locked { file, header };
+        let mut state = self.write_state();
+        if let State::Ready(u) = &*state {
+            let file = format::seal(&u.file_key, &u.header, &u.contents)?;
+            let header = u.header.clone();
+            *state = State::Locked { file, header };
+        }
         Ok(())
     }
 
