@@ -13,6 +13,13 @@ use crate::soft::format::KdfParams;
 use crate::soft::SoftHsm;
 use crate::{password, Error, Flags, SecurityModule};
 
+/// Log to stderr at the level `RUST_LOG` asks for (default: warnings), as
+/// every binary of the appliance does. Secrets never reach the log.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).init();
+}
+
 /// Where the keystore is and how to unlock it.
 #[derive(Args, Debug, Clone)]
 pub struct KeystoreArgs {

@@ -40,10 +40,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .init();
+    hsm::cli::init_logging();
     let cli = Cli::parse();
     match cli.command {
         Command::Keystore(cmd) => match hsm::cli::run(&cmd, &mut std::io::stdout()) {
