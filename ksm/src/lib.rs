@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use hsm::SecurityModule;
 use otp::aead_file::AeadRecord;
-use otp::{KeyHandle, Otp, OtpDecode, PublicId};
+use otp::{Otp, OtpDecode, PublicId};
 
 use crate::aead_dir::KeyHandleDir;
 
@@ -89,12 +89,6 @@ impl Ksm {
     #[must_use]
     pub fn new(hsm: Arc<dyn SecurityModule>, store: Box<dyn AeadLookup>, handles: Vec<KeyHandleDir>) -> Self {
         Self { hsm, store, handles }
-    }
-
-    /// The configured key handles.
-    #[must_use]
-    pub fn key_handles(&self) -> Vec<KeyHandle> {
-        self.handles.iter().map(|h| h.key_handle).collect()
     }
 
     /// Decrypt an OTP string as the KSM protocol does.
