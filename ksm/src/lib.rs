@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod aead_dir;
+pub mod store;
 
 use std::sync::Arc;
 

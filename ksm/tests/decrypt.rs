@@ -219,3 +219,18 @@ fn walk(p: &Path) -> Vec<std::path::PathBuf> {
     }
     std::fs::read_dir(p).unwrap().flat_map(|e| walk(&e.unwrap().path())).collect()
 }
+
+#[test]
+fn decrypts_from_the_sqlite_store() {
+    let (site, keys) = site(2);
+    let store = ksm::store::AeadStore::open(&site.dir.path().join("aeads.db")).unwrap();
+    for (id, _) in &keys {
+        let rec = ksm::AeadLookup::lookup(&site.aeads, id, &KH.into()).unwrap().unwrap();
+        assert_eq!(store.put(id, &rec, "test", 0).unwrap(), ksm::store::PutOutcome::Added);
+    }
+    let k = Ksm::new(site.hsm.clone(), Box::new(store), vec![KH.into()]);
+    for (id, s) in &keys {
+        assert_eq!(k.answer(&otp_for(id, s, 2, 3)), "OK counter=0002 low=beef high=12 use=03");
+    }
+    assert_eq!(k.answer(&otp_for(&PublicId::from_number(9, 6).unwrap(), &keys[0].1, 1, 1)), "ERR Unknown yubikey");
+}
