@@ -55,10 +55,8 @@ fn parse_key_bits(s: &str) -> Result<usize, String> {
 
 fn flags_help() -> String {
     let presets: Vec<String> = crate::flags::PRESETS.iter().map(|(n, f, d)| format!("  {n} = {f}: {d}")).collect();
-    format!(
-        "Comma-separated flag names, a preset, or a 0x flag word. Presets:\n{}\nNames: aead-generate, buffer-aead-generate, random-aead-generate, aead-decrypt-cmp, db-yubikey-aead-store, otp-decode, ecb-encrypt, ecb-decrypt, ecb-decrypt-cmp, hmac-sha1, export, user-nonce, buffer-load",
-        presets.join("\n")
-    )
+    let names: Vec<&str> = crate::flags::known_names().collect();
+    format!("Comma-separated names, a preset, or a 0x flag word. Presets:\n{}\nAccepted names: {}", presets.join("\n"), names.join(", "))
 }
 
 /// Manage the software keystore.

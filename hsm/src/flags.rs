@@ -38,6 +38,11 @@ pub const PRESETS: &[(&str, Flags, &str)] = &[
     ("import", Flags::IMPORT, "wrap secrets brought from elsewhere (YK-KSM exports)"),
 ];
 
+/// Every flag name and preset name [`Flags::from_str`] accepts.
+pub(crate) fn known_names() -> impl Iterator<Item = &'static str> {
+    NAMES.iter().map(|(n, _)| *n).chain(PRESETS.iter().map(|(n, _, _)| *n))
+}
+
 impl Flags {
     /// No permissions.
     pub const NONE: Self = Self(0);
@@ -157,8 +162,7 @@ impl FromStr for Flags {
             } else if let Some((_, preset, _)) = PRESETS.iter().find(|(n, _, _)| *n == part) {
                 out = out | *preset;
             } else {
-                let names: Vec<&str> = NAMES.iter().map(|(n, _)| *n).chain(PRESETS.iter().map(|(n, _, _)| *n)).collect();
-                return Err(format!("unknown flag {part:?}; known: {}", names.join(", ")));
+                return Err(format!("unknown flag {part:?}; known: {}", known_names().collect::<Vec<_>>().join(", ")));
             }
         }
         if out == Self::NONE {

@@ -98,33 +98,23 @@ impl AeadStore {
             )
             .optional()
             .map_err(db_err)?;
-        let outcome = match existing {
-            Some(stored) if stored == d => PutOutcome::AlreadyPresent,
-            Some(_) => {
-                tx.execute(
-                    "INSERT INTO aead_conflicts (public_id, key_handle, nonce, aead, digest, seen, origin) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![public_id.as_bytes(), record.key_handle.get(), &record.nonce.as_bytes()[..], record.aead.as_bytes(), &d[..], now, origin],
-                )
-                .map_err(db_err)?;
-                PutOutcome::Conflict
-            }
-            None => {
-                tx.execute(
-                    "INSERT INTO aeads (public_id, key_handle, nonce, aead, digest, created, origin) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![
-                        public_id.as_bytes(),
-                        record.key_handle.get(),
-                        &record.nonce.as_bytes()[..],
-                        record.aead.as_bytes(),
-                        &d[..],
-                        now,
-                        origin
-                    ],
-                )
-                .map_err(db_err)?;
-                PutOutcome::Added
-            }
+        // The pair exists with other bytes: quarantine the newcomer instead.
+        let (outcome, sql) = match existing {
+            Some(stored) if stored == d => (PutOutcome::AlreadyPresent, None),
+            Some(_) => (
+                PutOutcome::Conflict,
+                Some("INSERT INTO aead_conflicts (public_id, key_handle, nonce, aead, digest, seen, origin) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+            ),
+            None => (
+                PutOutcome::Added,
+                Some("INSERT INTO aeads (public_id, key_handle, nonce, aead, digest, created, origin) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+            ),
         };
+        if let Some(sql) = sql {
+            let nonce = &record.nonce.as_bytes()[..];
+            tx.execute(sql, params![public_id.as_bytes(), record.key_handle.get(), nonce, record.aead.as_bytes(), &d[..], now, origin])
+                .map_err(db_err)?;
+        }
         tx.commit().map_err(db_err)?;
         Ok(outcome)
     }
