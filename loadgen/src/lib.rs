@@ -1,0 +1,1 @@
+//! Load generator for the appliance's HTTP services.
