@@ -7,6 +7,9 @@
 #![deny(missing_docs)]
 
 pub mod aead_dir;
+pub mod config;
+pub mod metrics;
+pub mod serve;
 pub mod store;
 
 use std::sync::Arc;
@@ -21,6 +24,11 @@ use crate::aead_dir::KeyHandleDir;
 pub trait AeadLookup: Send + Sync {
     /// The AEAD of `public_id` under key handle `kh`, if there is one.
     fn lookup(&self, public_id: &PublicId, kh: &KeyHandleDir) -> Result<Option<AeadRecord>, LookupError>;
+
+    /// Can the store answer at all? For health checks.
+    fn check(&self) -> Result<(), LookupError> {
+        Ok(())
+    }
 }
 
 /// The AEAD store could not answer.
@@ -125,14 +133,35 @@ impl Ksm {
         match self.decrypt(otp_text) {
             Ok(d) => d.ksm_line(),
             Err(e) => {
-                if e.is_backend_failure() {
-                    tracing::error!(error = %e.detail(), "decrypt failed: {e}");
-                } else {
-                    tracing::info!(error = %e.detail(), "decrypt refused: {e}");
-                }
+                log_failure(&e);
                 e.to_string()
             }
         }
+    }
+
+    /// The security module's status.
+    #[must_use]
+    pub fn module_status(&self) -> hsm::Status {
+        self.hsm.status()
+    }
+
+    /// Ready to decrypt: the module is ready and the AEAD store answers.
+    pub fn health(&self) -> Result<(), String> {
+        match self.hsm.status() {
+            hsm::Status::Ready => {}
+            other => return Err(format!("security module {other}")),
+        }
+        self.store.check().map_err(|e| e.to_string())
+    }
+}
+
+/// Log a failed decrypt: appliance failures as errors (someone must act),
+/// verdicts on the OTP at info.
+pub(crate) fn log_failure(e: &KsmError) {
+    if e.is_backend_failure() {
+        tracing::error!(error = %e.detail(), "decrypt failed: {e}");
+    } else {
+        tracing::info!(error = %e.detail(), "decrypt refused: {e}");
     }
 }
 

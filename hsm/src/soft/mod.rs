@@ -8,6 +8,7 @@
 //!
 //! Random numbers come from the operating system's CSPRNG.
 
+pub mod faults;
 pub mod format;
 
 use std::collections::BTreeMap;
@@ -23,6 +24,7 @@ use otp::{AeadNonce, HandleKey, KeyHandle, OtpDecode, TokenCiphertext};
 use rand_core::{OsRng, RngCore};
 use zeroize::Zeroizing;
 
+use self::faults::FaultInjector;
 use self::format::{Contents, Handle, Header, KdfParams, OpenError, DATA_KEYS_LEN};
 use crate::fsutil::{write_atomic, Mode};
 use crate::{DataKey, Error, Flags, HandleInfo, NonceSource, Password, SecurityModule, Status};
@@ -34,6 +36,7 @@ const VALUE_V1: u8 = 1;
 pub struct SoftHsm {
     path: PathBuf,
     state: RwLock<State>,
+    faults: FaultInjector,
 }
 
 enum State {
@@ -111,7 +114,11 @@ impl SoftHsm {
         let file = format::seal(&file_key, &header, &contents)?;
         write_atomic(path, &file, Mode::CreateNew)?;
         tracing::info!(path = %path.display(), "created keystore");
-        Ok(Self { path: path.to_path_buf(), state: RwLock::new(State::Ready(Box::new(Unlocked::new(file_key, header, contents)))) })
+        Ok(Self {
+            path: path.to_path_buf(),
+            state: RwLock::new(State::Ready(Box::new(Unlocked::new(file_key, header, contents)))),
+            faults: FaultInjector::from_env(),
+        })
     }
 
     /// Open an existing keystore. It starts [`Status::Locked`].
@@ -123,7 +130,7 @@ impl SoftHsm {
                 tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "keystore is readable by other users; chmod 600 it");
             }
         }
-        Ok(Self { path: path.to_path_buf(), state: RwLock::new(State::Locked { file, header }) })
+        Ok(Self { path: path.to_path_buf(), state: RwLock::new(State::Locked { file, header }), faults: FaultInjector::from_env() })
     }
 
     /// Open and unlock in one step.
@@ -137,6 +144,12 @@ impl SoftHsm {
     #[must_use]
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The module's fault injector (see [`faults`]).
+    #[must_use]
+    pub fn faults(&self) -> &FaultInjector {
+        &self.faults
     }
 
     /// Drop the keys from memory; the module becomes [`Status::Locked`].
@@ -207,7 +220,9 @@ impl SoftHsm {
         self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The unlocked keys, once the device boundary has been passed.
     fn ready(&self) -> Result<ReadyGuard<'_>, Error> {
+        self.faults.check(&self.path)?;
         let guard = self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         match &*guard {
             State::Ready(_) => Ok(ReadyGuard(guard)),
@@ -246,6 +261,9 @@ fn resolve_nonce(nonce: NonceSource) -> Result<AeadNonce, Error> {
 
 impl SecurityModule for SoftHsm {
     fn status(&self) -> Status {
+        if self.faults.armed() {
+            return Status::NotReady;
+        }
         match &*self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner) {
             State::Ready(_) => Status::Ready,
             State::Locked { .. } => Status::Locked,
@@ -253,6 +271,7 @@ impl SecurityModule for SoftHsm {
     }
 
     fn unlock(&self, password: &Password) -> Result<(), Error> {
+        self.faults.check(&self.path)?;
         let mut state = self.write_state();
         let (file, header) = match &*state {
             State::Locked { file, header } => (file.clone(), header.clone()),
@@ -273,6 +292,7 @@ impl SecurityModule for SoftHsm {
     }
 
     fn random(&self, out: &mut [u8]) -> Result<(), Error> {
+        self.faults.check(&self.path)?;
         random_bytes(out)
     }
 
