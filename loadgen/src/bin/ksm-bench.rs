@@ -1,0 +1,3 @@
+//! `ksm-bench`: side-by-side KSM benchmark (work in progress).
+
+fn main() {}

@@ -1,0 +1,143 @@
+//! Closed-loop load: `c` worker threads take jobs from one queue, as fast as
+//! each answer comes back, and time every request.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::stats::Summary;
+
+/// How many error messages a run keeps as examples.
+pub const ERROR_EXAMPLES: usize = 5;
+
+/// What a run did.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// Latency and throughput figures.
+    pub summary: Summary,
+    /// The first few error messages, for the operator.
+    pub error_examples: Vec<String>,
+    /// Jobs left unsent because the time limit was reached.
+    pub unsent: usize,
+}
+
+/// Run `jobs` on `concurrency` threads.
+///
+/// Each thread first builds its worker with `make_worker(thread index)`
+/// (e.g. its own HTTP connection); then all start together. A worker
+/// returns `Err(message)` for a failed request or a wrong answer. With a
+/// `time_limit`, workers stop taking jobs once it has passed; the run is
+/// bounded in count and in time.
+pub fn run<J, W, F>(concurrency: usize, jobs: &[J], time_limit: Option<Duration>, make_worker: F) -> Report
+where
+    J: Sync,
+    F: Fn(usize) -> W + Sync,
+    W: FnMut(&J) -> Result<(), String>,
+{
+    let concurrency = concurrency.max(1);
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let barrier = Barrier::new(concurrency + 1);
+    let examples = Mutex::new(Vec::new());
+    let per_thread = jobs.len() / concurrency + 1;
+
+    let (latencies, errors, elapsed) = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..concurrency)
+            .map(|index| {
+                let (next, stop, barrier, examples, make_worker) = (&next, &stop, &barrier, &examples, &make_worker);
+                scope.spawn(move || {
+                    let mut worker = make_worker(index);
+                    let mut latencies: Vec<u64> = Vec::with_capacity(per_thread);
+                    let mut errors = 0u64;
+                    barrier.wait();
+                    let start = Instant::now();
+                    while !stop.load(Ordering::Relaxed) {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(job) = jobs.get(k) else { break };
+                        let t = Instant::now();
+                        let result = worker(job);
+                        latencies.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                        if let Err(message) = result {
+                            errors += 1;
+                            let mut ex = examples.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                            if ex.len() < ERROR_EXAMPLES {
+                                ex.push(message);
+                            }
+                        }
+                        if time_limit.is_some_and(|limit| start.elapsed() >= limit) {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    (latencies, errors)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        let mut all = Vec::with_capacity(jobs.len());
+        let mut errors = 0;
+        for h in handles {
+            match h.join() {
+                Ok((l, e)) => {
+                    all.extend(l);
+                    errors += e;
+                }
+                // A panicking worker is a bug in the caller; surface it.
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        (all, errors, start.elapsed())
+    });
+    let sent = latencies.len();
+    Report {
+        summary: Summary::from_latencies(latencies, errors, elapsed),
+        error_examples: examples.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner),
+        unsent: jobs.len().saturating_sub(sent),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    use std::sync::atomic::AtomicU64;
+
+    #[test]
+    fn every_job_once_and_errors_counted() {
+        let jobs: Vec<u64> = (0..1000).collect();
+        let sum = AtomicU64::new(0);
+        let workers = AtomicUsize::new(0);
+        let report = run(4, &jobs, None, |_| {
+            workers.fetch_add(1, Ordering::Relaxed);
+            |j: &u64| {
+                sum.fetch_add(*j, Ordering::Relaxed);
+                if j % 100 == 0 {
+                    Err(format!("job {j}"))
+                } else {
+                    Ok(())
+                }
+            }
+        });
+        assert_eq!(workers.load(Ordering::Relaxed), 4);
+        assert_eq!(sum.load(Ordering::Relaxed), 999 * 1000 / 2);
+        assert_eq!(report.summary.requests, 1000);
+        assert_eq!(report.summary.errors, 10);
+        assert_eq!(report.error_examples.len(), ERROR_EXAMPLES);
+        assert_eq!(report.unsent, 0);
+    }
+
+    #[test]
+    fn time_limit_stops_the_run() {
+        let jobs = vec![(); 10_000];
+        let report = run(2, &jobs, Some(Duration::from_millis(30)), |_| {
+            |(): &()| {
+                std::thread::sleep(Duration::from_millis(1));
+                Ok(())
+            }
+        });
+        assert!(report.unsent > 0);
+        assert_eq!(report.summary.requests as usize + report.unsent, jobs.len());
+        assert!(report.summary.elapsed < Duration::from_secs(5));
+    }
+}
