@@ -49,11 +49,8 @@ impl ConfigFile {
     #[must_use]
     pub fn overridden_by(self, over: Self) -> Self {
         // Naming one AEAD source on the command line replaces the file's.
-        let (store, aead_dir) = if over.store.is_some() || over.aead_dir.is_some() {
-            (over.store, over.aead_dir)
-        } else {
-            (self.store, self.aead_dir)
-        };
+        let (store, aead_dir) =
+            if over.store.is_some() || over.aead_dir.is_some() { (over.store, over.aead_dir) } else { (self.store, self.aead_dir) };
         Self {
             listen: over.listen.or(self.listen),
             keystore: over.keystore.or(self.keystore),

@@ -360,7 +360,10 @@ async fn decrypt(shared: &Shared, started: Instant, otp: Option<Result<Option<St
             finish(shared, started, Outcome::BackendError, StatusCode::SERVICE_UNAVAILABLE, "ERR Backend error")
         }
         Err(_) => {
-            tracing::error!(timeout_ms = shared.opts.request_timeout.as_millis(), "decrypt missed its deadline: security module or AEAD store too slow");
+            tracing::error!(
+                timeout_ms = shared.opts.request_timeout.as_millis(),
+                "decrypt missed its deadline: security module or AEAD store too slow"
+            );
             finish(shared, started, Outcome::Timeout, StatusCode::SERVICE_UNAVAILABLE, "ERR Backend error")
         }
     }
