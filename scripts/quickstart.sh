@@ -8,7 +8,8 @@
 #      v1 format and directory layout, secrets exported once for programming;
 #   3. OTPs built the way a YubiKey builds them (and by Debian's ykgenerate,
 #      when it is installed);
-#   4. the KSM decoding them, and refusing bad ones.
+#   4. the KSM decoding them, and refusing bad ones;
+#   5. the KSM as an HTTP service on loopback (Yubico KSM protocol).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +23,8 @@ bin=target/release
 sim=$bin/examples/yubikey_sim
 
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+server=
+trap '[ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"' EXIT
 umask 077
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/password"
 # Cheap KDF for the demo only; the default is 64 MiB / 3 passes.
@@ -79,5 +81,23 @@ run $bin/ksm decrypt --keystore "$work/laptop.keystore" --password-file "$work/p
 echo "# a wrong password:"
 echo wrong > "$work/wrong"
 run $bin/ksm decrypt --keystore "$work/ksm.keystore" --password-file "$work/wrong" --aead-dir "$work/aeads" --key-handle 0x2000 "$good" || true
+
+say "6. ksm serve: the same over HTTP on loopback"
+$bin/ksm serve --keystore "$work/ksm.keystore" --password-file "$work/password" --aead-dir "$work/aeads" \
+  --key-handles 0x2000 --listen 127.0.0.1:0 2> "$work/ksm.log" &
+server=$!
+for _ in $(seq 100); do grep -q 'serving http://' "$work/ksm.log" && break; sleep 0.05; done
+addr=$(sed -n 's#.*serving http://\([^/]*\)/.*#\1#p' "$work/ksm.log")
+[ -n "$addr" ] || { cat "$work/ksm.log"; exit 1; }
+sed "s#$work#\$WORK#g" "$work/ksm.log"
+for otp in "${otps[@]:0:3}" "$(flip "$good" 20)"; do
+  printf '$ curl http://%s/wsapi/decrypt?otp=%s\n' "$addr" "$otp"
+  curl -fsS "http://$addr/wsapi/decrypt?otp=$otp" || true
+done
+printf '$ curl http://%s/health\n' "$addr"; curl -fsS "http://$addr/health"
+printf '$ curl http://%s/metrics | grep requests_total\n' "$addr"
+curl -fsS "http://$addr/metrics" | grep '^ksm_decrypt_requests_total' | grep -v ' 0$'
+kill -TERM "$server"; wait "$server"; server=
+echo "(ksm serve stopped on SIGTERM)"
 
 say "Done. Everything lived in a temporary directory, now removed."

@@ -442,3 +442,20 @@ fn the_binary_serves_foreign_aeads_and_ykgenerate_otps() {
     let log = log.lock().unwrap();
     assert!(log.contains("decrypt failed") && log.contains("Input/output error"), "the fault was not logged:\n{log}");
 }
+
+/// The shipped systemd unit runs a command line the binary accepts: its
+/// flags parse, and it gets as far as reading the (here missing) config.
+#[test]
+fn the_systemd_unit_command_line_is_accepted() {
+    let unit = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/otp-ksm.service")).unwrap();
+    let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap();
+    let args: Vec<String> =
+        exec.split_whitespace().skip(1).map(|a| a.replace("%d", root).replace("/etc/otp-appliance", root)).collect();
+    assert_eq!(args[0], "serve");
+    let out = Command::new(env!("CARGO_BIN_EXE_ksm")).args(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains(&format!("{root}/ksm.toml: No such file")), "{stderr}");
+}
