@@ -37,19 +37,24 @@ where
     let concurrency = concurrency.max(1);
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
-    let barrier = Barrier::new(concurrency + 1);
+    // Two rendezvous: every worker is built (connected), then the clock
+    // starts, then the work. The clock must start before the first job and
+    // after the slowest set-up; the main thread may be scheduled last.
+    let ready = Barrier::new(concurrency + 1);
+    let go = Barrier::new(concurrency + 1);
     let examples = Mutex::new(Vec::new());
     let per_thread = jobs.len() / concurrency + 1;
 
     let (latencies, errors, elapsed) = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..concurrency)
             .map(|index| {
-                let (next, stop, barrier, examples, make_worker) = (&next, &stop, &barrier, &examples, &make_worker);
+                let (next, stop, ready, go, examples, make_worker) = (&next, &stop, &ready, &go, &examples, &make_worker);
                 scope.spawn(move || {
                     let mut worker = make_worker(index);
                     let mut latencies: Vec<u64> = Vec::with_capacity(per_thread);
                     let mut errors = 0u64;
-                    barrier.wait();
+                    ready.wait();
+                    go.wait();
                     let start = Instant::now();
                     while !stop.load(Ordering::Relaxed) {
                         let k = next.fetch_add(1, Ordering::Relaxed);
@@ -72,8 +77,9 @@ where
                 })
             })
             .collect();
-        barrier.wait();
+        ready.wait();
         let start = Instant::now();
+        go.wait();
         let mut all = Vec::with_capacity(jobs.len());
         let mut errors = 0;
         for h in handles {
@@ -125,6 +131,22 @@ mod tests {
         assert_eq!(report.summary.errors, 10);
         assert_eq!(report.error_examples.len(), ERROR_EXAMPLES);
         assert_eq!(report.unsent, 0);
+    }
+
+    #[test]
+    fn clock_excludes_worker_setup() {
+        let jobs = vec![(); 40];
+        let report = run(4, &jobs, None, |_| {
+            // Slow set-up (a connect, say) is not part of the run.
+            std::thread::sleep(Duration::from_secs(1));
+            |(): &()| {
+                std::thread::sleep(Duration::from_millis(2));
+                Ok(())
+            }
+        });
+        // 80 ms of work on 4 threads: at least 20 ms, and nowhere near the set-up.
+        let elapsed = report.summary.elapsed;
+        assert!(elapsed >= Duration::from_millis(20) && elapsed < Duration::from_secs(1), "{elapsed:?}");
     }
 
     #[test]

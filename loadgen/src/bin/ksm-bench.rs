@@ -1,3 +1,664 @@
-//! `ksm-bench`: side-by-side KSM benchmark (work in progress).
+//! `ksm-bench`: our KSM over HTTP, our KSM in-process and pyhsm's
+//! `yhsm-yubikey-ksm` (soft HSM), side by side in one run, at several
+//! concurrencies; optionally the resident memory of `ksm serve` with a
+//! large AEAD store.
+//!
+//! Everything runs on this machine, on 127.0.0.1; every level is bounded in
+//! request count and time. See `scripts/bench-ksm.sh`.
 
-fn main() {}
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, ValueEnum};
+use hsm::soft::format::KdfParams;
+use hsm::soft::SoftHsm;
+use hsm::{Flags, Password, SecurityModule};
+use ksm::aead_dir::{AeadDir, KeyHandleDir};
+use ksm::store::AeadStore;
+use ksm::Ksm;
+use loadgen::fleet::{self, Fleet, OtpCase};
+use loadgen::http::Connection;
+use loadgen::ksm_answer;
+use loadgen::run::{self, Report};
+use loadgen::stats::{ms, STALL};
+use otp::aead_file::AeadRecord;
+use otp::{HandleKey, KeyHandle, PublicId};
+
+/// The one key handle, as typed: pyhsm then finds `aeads/1/…`.
+const KH_TYPED: &str = "1";
+const KH: KeyHandle = KeyHandle::new(1);
+/// The handle's AES-256 key, known so that pyhsm's soft HSM gets the same
+/// key through `keys.json`. Test material only.
+const HANDLE_KEY: [u8; 32] = [
+    0x42, 0x65, 0x6e, 0x63, 0x68, 0x6d, 0x61, 0x72, 0x6b, 0x20, 0x6b, 0x65, 0x79, 0x2c, 0x20, 0x6e, 0x6f, 0x74, 0x20, 0x61, 0x20, 0x73,
+    0x65, 0x63, 0x72, 0x65, 0x74, 0x21, 0x00, 0x01, 0x02, 0x03,
+];
+const PASSWORD: &str = "ksm-bench";
+const PUBLIC_ID_BYTES: usize = 6;
+/// Rows per store transaction when filling the store.
+const BATCH: usize = 10_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PyhsmMode {
+    /// Run pyhsm if it can be found and started; otherwise say so and skip it.
+    Auto,
+    /// pyhsm must run.
+    On,
+    /// Do not run pyhsm.
+    Off,
+}
+
+/// Side-by-side KSM benchmark: our KSM over HTTP, in-process, and pyhsm's
+/// yhsm-yubikey-ksm with its soft HSM, all on 127.0.0.1.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// YubiKeys (AEADs) to provision for the throughput runs.
+    #[arg(long, default_value_t = 1000)]
+    keys: u64,
+    /// Measured requests per target and concurrency level.
+    #[arg(long, default_value_t = 20_000)]
+    requests_per_level: usize,
+    /// Unmeasured requests sent before each measured run.
+    #[arg(long, default_value_t = 1000)]
+    warmup: usize,
+    /// Concurrency levels (client threads, one connection each).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    concurrency: Vec<usize>,
+    /// Stop a level after this many seconds even if requests remain.
+    #[arg(long, default_value_t = 60)]
+    time_limit_secs: u64,
+    /// Whether to run pyhsm's KSM.
+    #[arg(long, value_enum, default_value_t = PyhsmMode::Auto)]
+    pyhsm: PyhsmMode,
+    /// Where pyhsm is installed (`pip install --prefix`); default
+    /// `$PYHSM_PREFIX` or `<target>/pyhsm-py27`. `yhsm-yubikey-ksm` on PATH
+    /// is used when it is not there.
+    #[arg(long, env = "PYHSM_PREFIX", value_name = "DIR")]
+    pyhsm_prefix: Option<PathBuf>,
+    /// Also measure `ksm serve`'s memory with a store of this many AEADs
+    /// (built once and cached under `<target>/ksm-bench/`). 0: skip.
+    #[arg(long, default_value_t = 0)]
+    rss_keys: u64,
+    /// Requests sent to `ksm serve` in the memory measurement.
+    #[arg(long, default_value_t = 50_000)]
+    rss_requests: usize,
+    /// The `ksm` binary for the memory measurement; default: next to this one.
+    #[arg(long, value_name = "PATH")]
+    ksm_bin: Option<PathBuf>,
+    /// Our HTTP service's async worker threads (`HttpOptions::workers`);
+    /// default: the service's own default.
+    #[arg(long, value_name = "N")]
+    http_workers: Option<usize>,
+    /// Our HTTP service's blocking-pool threads for decrypts
+    /// (`HttpOptions::max_blocking_threads`); default: the service's own.
+    #[arg(long, value_name = "N")]
+    http_blocking_threads: Option<usize>,
+    /// Skip the throughput runs (with --rss-keys: memory only).
+    #[arg(long)]
+    skip_throughput: bool,
+    /// Working directory for keystores, AEADs and caches; default `<target>/ksm-bench`.
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+}
+
+/// `<target>` from this binary's location (`<target>/release/ksm-bench`).
+fn target_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating ksm-bench")?;
+    exe.parent().and_then(Path::parent).map(Path::to_path_buf).context("ksm-bench is not inside a cargo target directory")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
+}
+
+/// A keystore with the one benchmark handle (decode, generate, export).
+fn keystore(path: &Path) -> Result<SoftHsm> {
+    let hsm = SoftHsm::create(path, &Password::new(PASSWORD)?, KdfParams::INSECURE_FOR_TESTS)?;
+    hsm.import_handles(&[(KH, Flags::PERSONALIZER | Flags::OTP_DECODE | Flags::EXPORT, HandleKey::new(&HANDLE_KEY)?)])?;
+    Ok(hsm)
+}
+
+/// A child process killed (and reaped) when dropped, on every exit path.
+struct ChildGuard {
+    name: &'static str,
+    child: Child,
+}
+
+impl ChildGuard {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Wait until `addr` accepts connections, or the child dies, or `limit`.
+    fn wait_listening(&mut self, addr: SocketAddr, limit: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{} exited before listening ({status})", self.name);
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                bail!("{} did not listen on {addr} within {limit:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Ask politely (SIGTERM), then insist.
+    fn stop(mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).stderr(Stdio::null()).status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Drop kills.
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port (bound, read and released; a tiny race is accepted).
+fn free_port() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}
+
+fn tail(path: &Path, bytes: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let start = text.len().saturating_sub(bytes);
+    let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+    text[start..].trim().to_owned()
+}
+
+// ---------------------------------------------------------------------------
+// pyhsm
+
+struct Pyhsm {
+    script: PathBuf,
+    pythonpath: Option<PathBuf>,
+}
+
+fn find_pyhsm(prefix: Option<&Path>, target: &Path) -> Option<Pyhsm> {
+    let prefix = prefix.map_or_else(|| target.join("pyhsm-py27"), Path::to_path_buf);
+    let script = prefix.join("bin/yhsm-yubikey-ksm");
+    if script.is_file() {
+        return Some(Pyhsm { script, pythonpath: Some(prefix.join("lib/python2.7/site-packages")) });
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join("yhsm-yubikey-ksm")).find(|p| p.is_file()).map(|script| Pyhsm { script, pythonpath: None })
+}
+
+fn start_pyhsm(p: &Pyhsm, keys_json: &Path, aead_dir: &Path, log: &Path) -> Result<(ChildGuard, SocketAddr)> {
+    let addr = free_port()?;
+    let mut cmd = Command::new(&p.script);
+    cmd.arg("-D").arg(keys_json).arg("-B").arg(aead_dir).args(["--key-handles", KH_TYPED, "--addr", "127.0.0.1", "--port"]);
+    cmd.arg(addr.port().to_string());
+    if let Some(pp) = &p.pythonpath {
+        cmd.env("PYTHONPATH", pp);
+    }
+    let log_file = std::fs::File::create(log)?;
+    cmd.stdin(Stdio::null()).stdout(log_file.try_clone()?).stderr(log_file);
+    let child = cmd.spawn().with_context(|| format!("starting {}", p.script.display()))?;
+    let mut guard = ChildGuard { name: "yhsm-yubikey-ksm", child };
+    if let Err(e) = guard.wait_listening(addr, Duration::from_secs(20)) {
+        bail!("{e}; its output:\n{}", tail(log, 2000));
+    }
+    Ok((guard, addr))
+}
+
+// ---------------------------------------------------------------------------
+// Running one target at one level
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    OursHttp,
+    OursInProcess,
+    Pyhsm,
+    OursServeBig,
+}
+
+impl Target {
+    fn label(self) -> &'static str {
+        match self {
+            Self::OursHttp => "ours-http",
+            Self::OursInProcess => "ours-inproc",
+            Self::Pyhsm => "pyhsm",
+            Self::OursServeBig => "ksm-serve-big",
+        }
+    }
+}
+
+struct Row {
+    target: Target,
+    concurrency: usize,
+    report: Report,
+    connects: u64,
+}
+
+/// Send `cases` over HTTP from `concurrency` connections.
+fn http_load(addr: SocketAddr, concurrency: usize, cases: &[OtpCase], time_limit: Duration) -> (Report, u64) {
+    let connects = std::sync::atomic::AtomicU64::new(0);
+    let report = run::run(concurrency, cases, Some(time_limit), |_| {
+        struct Worker<'a> {
+            conn: Connection,
+            connects: &'a std::sync::atomic::AtomicU64,
+        }
+        impl Drop for Worker<'_> {
+            fn drop(&mut self) {
+                self.connects.fetch_add(self.conn.stats().connects, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let mut w = Worker { conn: Connection::new(addr, Duration::from_secs(10)), connects: &connects };
+        move |case: &OtpCase| {
+            let resp = w.conn.get(&format!("/wsapi/decrypt?otp={}", case.otp)).map_err(|e| format!("request failed: {e}"))?;
+            if resp.head.status != 200 {
+                return Err(format!("HTTP {}: {:?}", resp.head.status, String::from_utf8_lossy(&resp.body)));
+            }
+            ksm_answer::check(&resp.body, &case.expect)
+        }
+    });
+    (report, connects.into_inner())
+}
+
+fn in_process_load(ksm: &Ksm, concurrency: usize, cases: &[OtpCase], time_limit: Duration) -> Report {
+    run::run(concurrency, cases, Some(time_limit), |_| {
+        |case: &OtpCase| match ksm.decrypt(&case.otp) {
+            Ok(d) if d == case.expect => Ok(()),
+            Ok(d) => Err(format!("wrong answer: {}", d.ksm_line())),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Output
+
+fn print_table(rows: &[Row]) {
+    println!();
+    println!(
+        "{:<14} {:>4} {:>9} {:>7} {:>12} {:>9} {:>9} {:>9} {:>7} {:>8}",
+        "target", "c", "requests", "errors", "decrypts/s", "p50 ms", "p99 ms", "max ms", "stalls", "conns"
+    );
+    for r in rows {
+        let s = &r.report.summary;
+        let conns = if r.target == Target::OursInProcess { "-".to_owned() } else { r.connects.to_string() };
+        println!(
+            "{:<14} {:>4} {:>9} {:>7} {:>12.0} {:>9} {:>9} {:>9} {:>7} {:>8}",
+            r.target.label(),
+            r.concurrency,
+            s.requests,
+            s.errors,
+            s.ok_per_second(),
+            ms(s.p50),
+            ms(s.p99),
+            ms(s.max),
+            s.stalls,
+            conns
+        );
+    }
+    println!("(stalls: requests over {} ms; conns: TCP connections opened by the client)", STALL.as_millis());
+    for r in rows {
+        if r.report.unsent > 0 {
+            println!("note: {} c={}: time limit reached, {} requests not sent", r.target.label(), r.concurrency, r.report.unsent);
+        }
+        for e in &r.report.error_examples {
+            println!("error: {} c={}: {e}", r.target.label(), r.concurrency);
+        }
+    }
+}
+
+fn print_ratios(rows: &[Row], levels: &[usize]) {
+    let rate = |t: Target, c: usize| rows.iter().find(|r| r.target == t && r.concurrency == c).map(|r| r.report.summary.ok_per_second());
+    let mut printed = false;
+    for &c in levels {
+        if let (Some(ours), Some(py), Some(inproc)) = (rate(Target::OursHttp, c), rate(Target::Pyhsm, c), rate(Target::OursInProcess, c)) {
+            if !printed {
+                println!();
+                println!("ratio to pyhsm (decrypts/s):");
+                printed = true;
+            }
+            let ratio = |x: f64| if py > 0.0 { format!("{:.1}x", x / py) } else { "n/a".to_owned() };
+            println!("  c={c:<3} ours-http / pyhsm = {}   (ours-inproc / pyhsm = {})", ratio(ours), ratio(inproc));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Throughput: three targets, side by side
+
+fn throughput(args: &Args, target: &Path, work_root: &Path, rows: &mut Vec<Row>) -> Result<()> {
+    if args.keys == 0 {
+        bail!("--keys must be at least 1");
+    }
+    std::fs::create_dir_all(work_root)?;
+    let work = tempfile::Builder::new().prefix("run-").tempdir_in(work_root)?;
+    let t = Instant::now();
+    let hsm = Arc::new(keystore(&work.path().join("keystore"))?);
+    let aead_dir = AeadDir::new(work.path().join("aeads"));
+    let typed: KeyHandleDir = KH_TYPED.parse()?;
+    let store = AeadStore::open(&work.path().join("aeads.db"))?;
+    let mut fleet = Fleet::new();
+    let mut batch: Vec<(PublicId, AeadRecord)> = Vec::with_capacity(BATCH);
+    for i in 1..=args.keys {
+        let id = PublicId::from_number(i, PUBLIC_ID_BYTES)?;
+        let (record, secrets) = fleet::provision(hsm.as_ref(), KH, &id)?;
+        aead_dir.write(&typed, &id, &record)?;
+        batch.push((id, record));
+        if batch.len() == BATCH {
+            store.put_many(&batch, "ksm-bench", now_unix())?;
+            batch.clear();
+        }
+        fleet.push(id, secrets);
+    }
+    store.put_many(&batch, "ksm-bench", now_unix())?;
+    let keys_json = work.path().join("keys.json");
+    std::fs::write(&keys_json, format!("{{\"{}\": \"{}\"}}\n", KH.get(), hex(&HANDLE_KEY)))?;
+    println!(
+        "provisioned {} YubiKeys under key handle {KH_TYPED} in {:.1}s: pyhsm-layout AEAD directory and SQLite store in {}",
+        args.keys,
+        t.elapsed().as_secs_f64(),
+        work.path().display()
+    );
+
+    let ksm = Arc::new(Ksm::new(hsm.clone(), Box::new(store), vec![typed.clone()]));
+    let mut opts = ksm::serve::HttpOptions { listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..ksm::serve::HttpOptions::default() };
+    if let Some(n) = args.http_workers {
+        opts.workers = n;
+    }
+    if let Some(n) = args.http_blocking_threads {
+        opts.max_blocking_threads = n;
+    }
+    let (workers, blocking) = (opts.workers, opts.max_blocking_threads);
+    let ours = ksm::serve::start(ksm.clone(), opts).context("starting our KSM over HTTP")?;
+    let ours_addr = ours.local_addr();
+    println!(
+        "ours: ksm::serve on http://{ours_addr} (SQLite store, soft keystore, in this process; workers {}, max blocking threads {blocking})",
+        if workers == 0 { "= CPUs".to_owned() } else { workers.to_string() }
+    );
+
+    let py = match args.pyhsm {
+        PyhsmMode::Off => {
+            println!("pyhsm: off (--pyhsm off)");
+            None
+        }
+        mode => match find_pyhsm(args.pyhsm_prefix.as_deref(), target) {
+            None if mode == PyhsmMode::Auto => {
+                println!("pyhsm: NOT RUN: yhsm-yubikey-ksm not found (looked in --pyhsm-prefix / <target>/pyhsm-py27 and PATH); scripts/bench-ksm.sh installs it");
+                None
+            }
+            None => bail!("pyhsm: yhsm-yubikey-ksm not found; run scripts/bench-ksm.sh, which installs it"),
+            Some(p) => match start_pyhsm(&p, &keys_json, aead_dir.base(), &work.path().join("pyhsm.log")) {
+                Ok((guard, addr)) => {
+                    println!("pyhsm: {} on http://{addr} (soft HSM -D keys.json, AEAD directory, pid {})", p.script.display(), guard.pid());
+                    Some((guard, addr))
+                }
+                Err(e) if mode == PyhsmMode::Auto => {
+                    println!("pyhsm: NOT RUN: {e:#}");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+        },
+    };
+
+    let limit = Duration::from_secs(args.time_limit_secs);
+    let result = (|| -> Result<()> {
+        for &c in &args.concurrency {
+            let mut targets = vec![Target::OursHttp, Target::OursInProcess];
+            if py.is_some() {
+                targets.push(Target::Pyhsm);
+            }
+            for target in targets {
+                let warm = fleet.otps(args.warmup)?;
+                let cases = fleet.otps(args.requests_per_level)?;
+                let (report, connects) = match target {
+                    Target::OursHttp => {
+                        http_load(ours_addr, c, &warm, limit);
+                        http_load(ours_addr, c, &cases, limit)
+                    }
+                    Target::OursInProcess => {
+                        in_process_load(&ksm, c, &warm, limit);
+                        (in_process_load(&ksm, c, &cases, limit), 0)
+                    }
+                    Target::Pyhsm | Target::OursServeBig => {
+                        let Some((_, addr)) = &py else { continue };
+                        http_load(*addr, c, &warm, limit);
+                        http_load(*addr, c, &cases, limit)
+                    }
+                };
+                let s = &report.summary;
+                eprintln!(
+                    "  {:<12} c={c:<3} {:>9.0} decrypts/s  p99 {} ms  errors {}",
+                    target.label(),
+                    s.ok_per_second(),
+                    ms(s.p99),
+                    s.errors
+                );
+                rows.push(Row { target, concurrency: c, report, connects });
+            }
+        }
+        Ok(())
+    })();
+    ours.shutdown();
+    if let Some((guard, _)) = py {
+        guard.stop();
+    }
+    result
+}
+
+// ---------------------------------------------------------------------------
+// Memory of `ksm serve` with a large store
+
+struct BigStore {
+    dir: PathBuf,
+    keystore: PathBuf,
+    password_file: PathBuf,
+    store: PathBuf,
+}
+
+/// Build (or reuse) `<work>/rss-<n>/` with a keystore and a store of `n`
+/// AEADs. A `complete` marker is written last, so an interrupted build is
+/// redone.
+fn big_store(work_root: &Path, n: u64) -> Result<BigStore> {
+    let dir = work_root.join(format!("rss-{n}"));
+    let b = BigStore { keystore: dir.join("keystore"), password_file: dir.join("password"), store: dir.join("aeads.db"), dir: dir.clone() };
+    let marker = dir.join("complete");
+    if marker.is_file() {
+        println!("memory: reusing the cached store of {n} AEADs in {}", dir.display());
+        return Ok(b);
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(&b.password_file, PASSWORD)?;
+    let hsm = keystore(&b.keystore)?;
+    let store = AeadStore::open(&b.store)?;
+    let t = Instant::now();
+    let mut batch = Vec::with_capacity(BATCH);
+    for i in 1..=n {
+        let id = PublicId::from_number(i, PUBLIC_ID_BYTES)?;
+        let record = hsm.generate_yubikey_aeads(&[KH], hsm::NonceSource::Given(id.aead_nonce()?))?.into_iter().next().context("no AEAD")?;
+        batch.push((id, record));
+        if batch.len() == BATCH || i == n {
+            store.put_many(&batch, "ksm-bench", now_unix())?;
+            batch.clear();
+        }
+        if i % 100_000 == 0 {
+            eprintln!("  memory: {i}/{n} AEADs stored ({:.0}s)", t.elapsed().as_secs_f64());
+        }
+    }
+    drop(store);
+    std::fs::write(&marker, format!("{n}\n"))?;
+    println!("memory: built a store of {n} AEADs in {:.1}s ({})", t.elapsed().as_secs_f64(), dir.display());
+    Ok(b)
+}
+
+#[derive(Debug, Default)]
+struct Mem {
+    rss_kb: u64,
+    hwm_kb: u64,
+}
+
+fn proc_mem(pid: u32) -> Result<Mem> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Option<u64> {
+        status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    };
+    Ok(Mem { rss_kb: field("VmRSS:").unwrap_or(0), hwm_kb: field("VmHWM:").unwrap_or(0) })
+}
+
+fn mib(kb: u64) -> String {
+    format!("{:.1} MiB", kb as f64 / 1024.0)
+}
+
+fn memory(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<()> {
+    let n = args.rss_keys;
+    let b = big_store(work_root, n)?;
+    let ksm_bin = match &args.ksm_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("ksm"),
+    };
+    if !ksm_bin.is_file() {
+        bail!("{} not found: build it first (cargo build --release -p ksm) or pass --ksm-bin", ksm_bin.display());
+    }
+
+    // OTPs from keys spread over the whole id range, so lookups touch the
+    // whole B-tree rather than one hot page.
+    let hsm = SoftHsm::open_unlocked(&b.keystore, &Password::new(PASSWORD)?)?;
+    let reader = AeadStore::open_existing(&b.store)?;
+    let sample = n.min(10_000);
+    let mut fleet = Fleet::new();
+    for k in 0..sample {
+        let id = PublicId::from_number(1 + k * n / sample, PUBLIC_ID_BYTES)?;
+        let record = reader.get(&id, KH)?.with_context(|| format!("{id} missing from the cached store; delete {}", b.dir.display()))?;
+        fleet.push(id, fleet::secrets_of(&hsm, &record)?);
+    }
+    drop(reader);
+    let cases = fleet.otps(args.rss_requests)?;
+
+    let addr = free_port()?;
+    let log = b.dir.join("serve.log");
+    let log_file = std::fs::File::create(&log)?;
+    let child = Command::new(&ksm_bin)
+        .arg("serve")
+        .arg("--keystore")
+        .arg(&b.keystore)
+        .arg("--password-file")
+        .arg(&b.password_file)
+        .arg("--store")
+        .arg(&b.store)
+        .args(["--key-handles", KH_TYPED, "--listen"])
+        .arg(addr.to_string())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .spawn()
+        .with_context(|| format!("starting {} serve", ksm_bin.display()))?;
+    let mut guard = ChildGuard { name: "ksm serve", child };
+    if let Err(e) = guard.wait_listening(addr, Duration::from_secs(30)) {
+        bail!("{e}; its output:\n{}", tail(&log, 2000));
+    }
+    let idle = proc_mem(guard.pid())?;
+    let c = args.concurrency.iter().copied().max().unwrap_or(32);
+    let (report, connects) = http_load(addr, c, &cases, Duration::from_secs(args.time_limit_secs));
+    let loaded = proc_mem(guard.pid())?;
+    let db_size = std::fs::metadata(&b.store).map(|m| m.len()).unwrap_or(0);
+    rows.push(Row { target: Target::OursServeBig, concurrency: c, report, connects });
+    guard.stop();
+    println!();
+    println!(
+        "memory: `ksm serve` (pid run as a child, release build) with {n} AEADs in the store ({:.1} MiB on disk)",
+        db_size as f64 / 1048576.0
+    );
+    println!("  after start:              VmRSS {:>10}   VmHWM {:>10}", mib(idle.rss_kb), mib(idle.hwm_kb));
+    println!(
+        "  after {} requests, c={c}: VmRSS {:>10}   VmHWM {:>10}   (target: < 200 MiB)",
+        args.rss_requests,
+        mib(loaded.rss_kb),
+        mib(loaded.hwm_kb)
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.concurrency.is_empty() || args.concurrency.contains(&0) {
+        bail!("--concurrency needs positive levels, e.g. 1,8,32");
+    }
+    let target = target_dir()?;
+    let work_root = args.work_dir.clone().unwrap_or_else(|| target.join("ksm-bench"));
+    std::fs::create_dir_all(&work_root)?;
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    println!(
+        "ksm-bench: {} keys, {} requests per level (+{} warm-up), concurrency {:?}, {cpus} CPUs, loopback only",
+        args.keys, args.requests_per_level, args.warmup, args.concurrency
+    );
+    if cfg!(debug_assertions) {
+        println!("warning: debug build; run with --release for real figures");
+    }
+    let mut rows = Vec::new();
+    if !args.skip_throughput {
+        throughput(&args, &target, &work_root, &mut rows)?;
+    }
+    if args.rss_keys > 0 {
+        memory(&args, &work_root, &mut rows)?;
+    }
+    print_table(&rows);
+    print_ratios(&rows, &args.concurrency);
+    let _ = std::io::stdout().flush();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_and_mib() {
+        assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
+        assert_eq!(mib(2048), "2.0 MiB");
+    }
+
+    #[test]
+    fn reads_own_memory() {
+        let m = proc_mem(std::process::id()).unwrap_or_default();
+        assert!(m.rss_kb > 0 && m.hwm_kb >= m.rss_kb, "{m:?}");
+    }
+
+    #[test]
+    fn tail_is_char_safe() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let p = dir.path().join("log");
+        std::fs::write(&p, "ééé\nend\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(tail(&p, 6), "end");
+        assert_eq!(tail(&dir.path().join("missing"), 10), "");
+    }
+}
