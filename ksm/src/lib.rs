@@ -8,6 +8,8 @@
 
 pub mod aead_dir;
 pub mod config;
+pub mod export;
+pub mod import;
 pub mod metrics;
 pub mod serve;
 pub mod store;

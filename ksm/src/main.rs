@@ -25,6 +25,16 @@ enum Command {
     /// Manage the software keystore (key handles and data keys).
     #[command(subcommand)]
     Keystore(KeystoreCommand),
+    /// Import AEADs into the SQLite store: a pyhsm AEAD directory, or a
+    /// YK-KSM export wrapped through the security module.
+    #[command(long_about = IMPORT_HELP, after_help = TRANSFER_EXIT)]
+    Import(ImportArgs),
+    /// Export the SQLite store to a pyhsm-layout AEAD directory.
+    #[command(long_about = EXPORT_HELP, after_help = TRANSFER_EXIT)]
+    Export(ExportArgs),
+    /// Inspect the SQLite AEAD store.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Decrypt one OTP and print the Yubico KSM answer line
     /// (`OK counter=… low=… high=… use=…` or `ERR …`); exits 1 on ERR.
     Decrypt {
@@ -121,6 +131,15 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Import(args) => report_exit(import(args)),
+        Command::Export(args) => report_exit(export(args)),
+        Command::Store(cmd) => match store_command(&cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Decrypt { keystore, aead_dir, key_handles, otp } => {
             let hsm = match keystore.open() {
                 Ok(h) => h,
@@ -139,6 +158,229 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::FAILURE
             }
+        }
+    }
+}
+
+// ------------------------------------------------- import, export, store
+
+const TRANSFER_EXIT: &str = "\
+Prints one line to stdout: `added N, already present N, conflicts N, errors N`,
+and each conflict and error (with its file or line) to stderr.
+
+Exit status: 0 when there were no conflicts and no errors; 1 when there were
+(whatever could be imported was); 2 when the command could not run at all
+(bad arguments, unreadable input, store or security-module failure).";
+
+const IMPORT_HELP: &str = "Import AEADs into the SQLite store.
+
+Imports are idempotent: a (public id, key handle) pair already stored with the
+same AEAD counts as `already present`. A pair stored with a different AEAD is a
+`conflict`: the stored AEAD is kept, never overwritten; a conflicting AEAD
+file is quarantined in the store (`ksm store conflicts` lists them).
+Unreadable or garbled entries are `errors`, reported with their path or line;
+the rest is imported.
+
+--aead-dir reads a pyhsm-layout tree (`<dir>/<key handle>/<pairs…>/<public
+id>`, v0 and v1 files) as yhsm-db-import does; the key handle comes from the
+first directory below DIR.
+
+--ykksm-csv reads a YK-KSM export (first line `# ykksm 1`, rows
+`seq,publicname,uid,aeskey,…`) and wraps each secret in the security module
+under --key-handle, which needs the `import` flags (buffer-load,
+buffer-aead-generate, and user-nonce unless --random-nonce). Public id 0 is
+skipped. A pair that is already stored is never wrapped again; it is compared
+with the CSV's secret: byte for byte when both use the public id as nonce,
+otherwise by decoding a test OTP in the module if the handle also has
+otp-decode (a different secret is a conflict, reported and not written). If
+the handle cannot decode, such pairs count as already present and are listed
+as unverified on stderr.";
+
+const EXPORT_HELP: &str = "Export the SQLite store to a pyhsm-layout AEAD directory, as yhsm-db-export
+does: v1 files (mode 0600) at `<dir>/0x<hex key handle>/<pairs…>/<public id>`.
+
+Existing files are never overwritten: one holding the same AEAD counts as
+`already present`, one holding another AEAD as a `conflict`. `added` counts
+the files written.";
+
+/// `ksm import`: exactly one source.
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["aead_dir", "ykksm_csv"])))]
+struct ImportArgs {
+    /// The SQLite AEAD store; created (mode 0600) if missing.
+    #[arg(long, value_name = "DB")]
+    store: PathBuf,
+    /// A pyhsm-layout AEAD directory to import.
+    #[arg(long, value_name = "DIR")]
+    aead_dir: Option<PathBuf>,
+    /// A YK-KSM export (`# ykksm 1`) to wrap and import; `-` reads stdin.
+    #[arg(long, value_name = "FILE", requires = "key_handle")]
+    ykksm_csv: Option<PathBuf>,
+    /// The key handle to wrap YK-KSM secrets under (decimal, 0x-hex or 4 characters).
+    #[arg(long, value_name = "KH", requires = "ykksm_csv")]
+    key_handle: Option<otp::KeyHandle>,
+    /// Let the module draw each AEAD's nonce instead of using the public id
+    /// (pyhsm's --random-nonce); the handle then needs no user-nonce flag.
+    #[arg(long, requires = "ykksm_csv")]
+    random_nonce: bool,
+    /// The keystore (needed with --ykksm-csv).
+    #[arg(long, env = "OTP_KEYSTORE", value_name = "PATH")]
+    keystore: Option<PathBuf>,
+    /// File holding the keystore password (one line); prompted for on a
+    /// terminal otherwise.
+    #[arg(long, env = "OTP_KEYSTORE_PASSWORD_FILE", value_name = "PATH")]
+    password_file: Option<PathBuf>,
+}
+
+/// `ksm export`.
+#[derive(clap::Args, Debug)]
+struct ExportArgs {
+    /// The SQLite AEAD store (must exist).
+    #[arg(long, value_name = "DB")]
+    store: PathBuf,
+    /// The directory to write; created if missing.
+    #[arg(long, value_name = "DIR")]
+    aead_dir: PathBuf,
+    /// Export only these key handles (comma-separated); all by default.
+    #[arg(long = "key-handle", value_name = "KH,…", value_delimiter = ',')]
+    key_handles: Vec<otp::KeyHandle>,
+}
+
+/// `ksm store …`.
+#[derive(Subcommand, Debug)]
+enum StoreCommand {
+    /// Count the AEADs per key handle and the quarantined conflicts.
+    Stats {
+        /// The SQLite AEAD store (must exist).
+        #[arg(long, value_name = "DB")]
+        store: PathBuf,
+    },
+    /// List the quarantined AEADs, one per line, beside the AEAD kept for the
+    /// same pair: `<public id> <key handle> seen=… origin=… refused=<nonce>:<aead>
+    /// stored=<nonce>:<aead> stored-created=… stored-origin=…` (times in Unix seconds).
+    Conflicts {
+        /// The SQLite AEAD store (must exist).
+        #[arg(long, value_name = "DB")]
+        store: PathBuf,
+    },
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Print a report (line on stdout, details on stderr) and choose the exit status.
+fn report_exit(result: Result<ksm::import::ImportReport, String>) -> ExitCode {
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for issue in &report.issues {
+        eprintln!("{issue}");
+    }
+    if report.issues_not_kept() > 0 {
+        eprintln!("… and {} more conflicts and errors", report.issues_not_kept());
+    }
+    if report.skipped > 0 {
+        eprintln!("note: skipped {} entries (hidden files, files outside key-handle directories, public id 0)", report.skipped);
+    }
+    if report.unverified > 0 {
+        eprintln!(
+            "note: {} pairs were already stored and not wrapped again; the key handle cannot decode OTPs, \
+             so they were not compared with the CSV's secrets",
+            report.unverified
+        );
+    }
+    println!("{report}");
+    if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn import(args: ImportArgs) -> Result<ksm::import::ImportReport, String> {
+    use ksm::import::{self, CsvImport, NoncePolicy};
+    let now = unix_now();
+    if let Some(dir) = &args.aead_dir {
+        if !dir.is_dir() {
+            return Err(format!("{} is not a directory", dir.display()));
+        }
+        let store = AeadStore::open(&args.store).map_err(|e| e.to_string())?;
+        let progress = import::progress_bar(None, "AEAD files");
+        let report = import::import_aead_dir(&store, dir, now, &progress).map_err(|e| e.to_string());
+        progress.finish_and_clear();
+        return report;
+    }
+    let (Some(csv), Some(key_handle)) = (&args.ykksm_csv, args.key_handle) else {
+        return Err("give --aead-dir, or --ykksm-csv with --key-handle".to_owned());
+    };
+    let keystore = KeystoreArgs {
+        keystore: args.keystore.clone().ok_or("--ykksm-csv needs --keystore (the module wraps the secrets)")?,
+        password_file: args.password_file.clone(),
+    };
+    let nonce = if args.random_nonce { NoncePolicy::Random } else { NoncePolicy::PublicId };
+    // The keystore and the handle's permission first: nothing is created or
+    // written if the handle may not import.
+    let hsm = keystore.open().map_err(|e| format!("security module: {e}"))?;
+    import::check_import_handle(&hsm, key_handle, nonce).map_err(|e| e.to_string())?;
+    let source = if csv.as_os_str() == "-" { "stdin".to_owned() } else { csv.display().to_string() };
+    let input: Box<dyn std::io::Read> = if csv.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::fs::File::open(csv).map_err(|e| format!("{source}: {e}"))?)
+    };
+    let store = AeadStore::open(&args.store).map_err(|e| e.to_string())?;
+    let progress = import::progress_bar(None, "YK-KSM rows");
+    let report =
+        import::import_ykksm_csv(&store, &hsm, input, &CsvImport { key_handle, nonce, source }, now, &progress).map_err(|e| e.to_string());
+    progress.finish_and_clear();
+    report
+}
+
+fn export(args: ExportArgs) -> Result<ksm::import::ImportReport, String> {
+    let store = AeadStore::open_existing(&args.store).map_err(|e| e.to_string())?;
+    let total = ksm::export::export_size(&store, &args.key_handles).map_err(|e| e.to_string())?;
+    let progress = ksm::import::progress_bar(Some(total), "exporting");
+    let report = ksm::export::export_aead_dir(&store, &args.aead_dir, &args.key_handles, &progress).map_err(|e| e.to_string());
+    progress.finish_and_clear();
+    report
+}
+
+fn store_command(cmd: &StoreCommand) -> Result<(), String> {
+    match cmd {
+        StoreCommand::Stats { store } => {
+            let store = AeadStore::open_existing(store).map_err(|e| e.to_string())?;
+            let by_handle = store.count_by_key_handle().map_err(|e| e.to_string())?;
+            println!("{:<12} {:>10} {:>10}", "key handle", "decimal", "aeads");
+            for (kh, n) in &by_handle {
+                println!("{:<12} {:>10} {n:>10}", kh.to_string(), kh.get());
+            }
+            println!("{:<12} {:>10} {:>10}", "total", "", by_handle.iter().map(|(_, n)| n).sum::<u64>());
+            println!("conflicts {}", store.conflict_count().map_err(|e| e.to_string())?);
+            Ok(())
+        }
+        StoreCommand::Conflicts { store } => {
+            let store = AeadStore::open_existing(store).map_err(|e| e.to_string())?;
+            let hex = |r: &otp::aead_file::AeadRecord| format!("{}:{}", hex::encode(r.nonce.as_bytes()), hex::encode(r.aead.as_bytes()));
+            for c in store.conflicts().map_err(|e| e.to_string())? {
+                let stored = match &c.stored {
+                    Some((record, created, origin)) => format!("stored={} stored-created={created} stored-origin={origin}", hex(record)),
+                    None => "stored=none".to_owned(),
+                };
+                println!(
+                    "{} {} seen={} origin={} refused={} {stored}",
+                    c.public_id,
+                    c.refused.key_handle,
+                    c.seen,
+                    c.origin,
+                    hex(&c.refused)
+                );
+            }
+            Ok(())
         }
     }
 }
