@@ -74,6 +74,9 @@ struct Args {
     /// Stop a level after this many seconds even if requests remain.
     #[arg(long, default_value_t = 60)]
     time_limit_secs: u64,
+    /// Which targets the throughput runs measure, in order.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "ours-http,ours-inproc,pyhsm")]
+    targets: Vec<Target>,
     /// Whether to run pyhsm's KSM.
     #[arg(long, value_enum, default_value_t = PyhsmMode::Auto)]
     pyhsm: PyhsmMode,
@@ -235,11 +238,18 @@ fn start_pyhsm(p: &Pyhsm, keys_json: &Path, aead_dir: &Path, log: &Path) -> Resu
 // ---------------------------------------------------------------------------
 // Running one target at one level
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Target {
+    /// Our KSM over HTTP (`ksm::serve`, in this process).
+    #[value(name = "ours-http")]
     OursHttp,
+    /// Our KSM called directly (`Ksm::decrypt`).
+    #[value(name = "ours-inproc")]
     OursInProcess,
+    /// pyhsm's yhsm-yubikey-ksm (soft HSM), a subprocess.
     Pyhsm,
+    /// `ksm serve` on the large store (the memory measurement).
+    #[value(skip)]
     OursServeBig,
 }
 
@@ -337,15 +347,19 @@ fn print_ratios(rows: &[Row], levels: &[usize]) {
     let rate = |t: Target, c: usize| rows.iter().find(|r| r.target == t && r.concurrency == c).map(|r| r.report.summary.ok_per_second());
     let mut printed = false;
     for &c in levels {
-        if let (Some(ours), Some(py), Some(inproc)) = (rate(Target::OursHttp, c), rate(Target::Pyhsm, c), rate(Target::OursInProcess, c)) {
-            if !printed {
-                println!();
-                println!("ratio to pyhsm (decrypts/s):");
-                printed = true;
-            }
-            let ratio = |x: f64| if py > 0.0 { format!("{:.1}x", x / py) } else { "n/a".to_owned() };
-            println!("  c={c:<3} ours-http / pyhsm = {}   (ours-inproc / pyhsm = {})", ratio(ours), ratio(inproc));
+        let Some(py) = rate(Target::Pyhsm, c).filter(|&p| p > 0.0) else { continue };
+        if !printed {
+            println!();
+            println!("ratio to pyhsm (decrypts/s, same run):");
+            printed = true;
         }
+        let mut line = format!("  c={c:<3}");
+        for (t, name) in [(Target::OursHttp, "ours-http / pyhsm"), (Target::OursInProcess, "ours-inproc / pyhsm")] {
+            if let Some(x) = rate(t, c) {
+                let _ = write!(line, "  {name} = {:.1}x", x / py);
+            }
+        }
+        println!("{line}");
     }
 }
 
@@ -403,6 +417,7 @@ fn throughput(args: &Args, target: &Path, work_root: &Path, rows: &mut Vec<Row>)
     );
 
     let py = match args.pyhsm {
+        _ if !args.targets.contains(&Target::Pyhsm) => None,
         PyhsmMode::Off => {
             println!("pyhsm: off (--pyhsm off)");
             None
@@ -430,11 +445,7 @@ fn throughput(args: &Args, target: &Path, work_root: &Path, rows: &mut Vec<Row>)
     let limit = Duration::from_secs(args.time_limit_secs);
     let result = (|| -> Result<()> {
         for &c in &args.concurrency {
-            let mut targets = vec![Target::OursHttp, Target::OursInProcess];
-            if py.is_some() {
-                targets.push(Target::Pyhsm);
-            }
-            for target in targets {
+            for &target in &args.targets {
                 let warm = fleet.otps(args.warmup)?;
                 let cases = fleet.otps(args.requests_per_level)?;
                 let (report, connects) = match target {
@@ -446,11 +457,12 @@ fn throughput(args: &Args, target: &Path, work_root: &Path, rows: &mut Vec<Row>)
                         in_process_load(&ksm, c, &warm, limit);
                         (in_process_load(&ksm, c, &cases, limit), 0)
                     }
-                    Target::Pyhsm | Target::OursServeBig => {
+                    Target::Pyhsm => {
                         let Some((_, addr)) = &py else { continue };
                         http_load(*addr, c, &warm, limit);
                         http_load(*addr, c, &cases, limit)
                     }
+                    Target::OursServeBig => continue,
                 };
                 let s = &report.summary;
                 eprintln!(
@@ -590,12 +602,15 @@ fn memory(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<()> {
     let c = args.concurrency.iter().copied().max().unwrap_or(32);
     let (report, connects) = http_load(addr, c, &cases, Duration::from_secs(args.time_limit_secs));
     let loaded = proc_mem(guard.pid())?;
+    let pid = guard.pid();
     let db_size = std::fs::metadata(&b.store).map(|m| m.len()).unwrap_or(0);
     rows.push(Row { target: Target::OursServeBig, concurrency: c, report, connects });
     guard.stop();
     println!();
     println!(
-        "memory: `ksm serve` (pid run as a child, release build) with {n} AEADs in the store ({:.1} MiB on disk)",
+        "memory: `{} serve` (pid {}) with {n} AEADs in the store ({:.1} MiB on disk)",
+        ksm_bin.display(),
+        pid,
         db_size as f64 / 1048576.0
     );
     println!("  after start:              VmRSS {:>10}   VmHWM {:>10}", mib(idle.rss_kb), mib(idle.hwm_kb));
@@ -617,10 +632,12 @@ fn main() -> Result<()> {
     let work_root = args.work_dir.clone().unwrap_or_else(|| target.join("ksm-bench"));
     std::fs::create_dir_all(&work_root)?;
     let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
-    println!(
-        "ksm-bench: {} keys, {} requests per level (+{} warm-up), concurrency {:?}, {cpus} CPUs, loopback only",
-        args.keys, args.requests_per_level, args.warmup, args.concurrency
-    );
+    if !args.skip_throughput {
+        println!(
+            "ksm-bench: {} keys, {} requests per level (+{} warm-up), concurrency {:?}, {cpus} CPUs, loopback only",
+            args.keys, args.requests_per_level, args.warmup, args.concurrency
+        );
+    }
     if cfg!(debug_assertions) {
         println!("warning: debug build; run with --release for real figures");
     }
