@@ -337,6 +337,11 @@ impl AeadLookup for AeadStore {
     fn lookup(&self, public_id: &PublicId, kh: &KeyHandleDir) -> Result<Option<AeadRecord>, LookupError> {
         self.get(public_id, kh.key_handle)
     }
+
+    /// One read through the pool: the file is readable and is an AEAD store.
+    fn check(&self) -> Result<(), LookupError> {
+        self.reader().query_row("SELECT count(*) FROM (SELECT 1 FROM aeads LIMIT 1)", [], |_| Ok(())).map_err(db_err)
+    }
 }
 
 #[cfg(test)]
@@ -445,6 +450,9 @@ mod tests {
         lock(&store.writer).execute("UPDATE aeads SET aead = x'00'", []).unwrap();
         assert!(store.get(&id, KeyHandle::new(1)).unwrap_err().0.contains("damaged"));
         assert!(store.for_each(|_, _| Ok::<_, LookupError>(())).unwrap_err().0.contains("damaged"));
+        store.check().unwrap();
+        lock(&store.writer).execute("DROP TABLE aeads", []).unwrap();
+        assert!(store.check().is_err());
         let junk = dir.path().join("junk.db");
         std::fs::write(&junk, b"this is not a database, just some text that is long enough").unwrap();
         assert!(AeadStore::open(&junk).is_err());
