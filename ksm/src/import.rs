@@ -194,8 +194,8 @@ pub fn progress_bar(total: Option<u64>, what: &'static str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let (bar, template) = match total {
-        Some(n) => (ProgressBar::new(n), "{msg} [{bar:40}] {pos}/{len} {per_sec} eta {eta}"),
-        None => (ProgressBar::new_spinner(), "{spinner} {msg} {pos} {per_sec} {elapsed}"),
+        Some(n) => (ProgressBar::new(n), "{msg} [{bar:40}] {human_pos}/{human_len} eta {eta}"),
+        None => (ProgressBar::new_spinner(), "{spinner} {msg} {human_pos} in {elapsed}"),
     };
     if let Ok(style) = ProgressStyle::with_template(template) {
         bar.set_style(style.progress_chars("=> "));
