@@ -9,7 +9,8 @@
 #   3. OTPs built the way a YubiKey builds them (and by Debian's ykgenerate,
 #      when it is installed);
 #   4. the KSM decoding them, and refusing bad ones;
-#   5. the KSM as an HTTP service on loopback (Yubico KSM protocol).
+#   5. the AEADs imported into the SQLite store, and the KSM as an HTTP
+#      service on loopback (Yubico KSM protocol).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -82,8 +83,11 @@ echo "# a wrong password:"
 echo wrong > "$work/wrong"
 run $bin/ksm decrypt --keystore "$work/ksm.keystore" --password-file "$work/wrong" --aead-dir "$work/aeads" --key-handle 0x2000 "$good" || true
 
-say "6. ksm serve: the same over HTTP on loopback"
-$bin/ksm serve --keystore "$work/ksm.keystore" --password-file "$work/password" --aead-dir "$work/aeads" \
+say "6. The AEAD store, and ksm serve: the same over HTTP on loopback"
+run $bin/ksm import --store "$work/aeads.db" --aead-dir "$work/aeads"
+echo "# importing again changes nothing:"
+run $bin/ksm import --store "$work/aeads.db" --aead-dir "$work/aeads"
+$bin/ksm serve --keystore "$work/ksm.keystore" --password-file "$work/password" --store "$work/aeads.db" \
   --key-handles 0x2000 --listen 127.0.0.1:0 2> "$work/ksm.log" &
 server=$!
 for _ in $(seq 100); do grep -q 'serving http://' "$work/ksm.log" && break; sleep 0.05; done

@@ -102,7 +102,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let keystore = KeystoreArgs { keystore: config.keystore.clone(), password_file: config.password_file.clone() };
     let hsm = keystore.open().map_err(|e| format!("security module: {e}"))?;
     let store: Box<dyn ksm::AeadLookup> = match &config.aeads {
-        AeadSource::Store(path) => Box::new(AeadStore::open(path).map_err(|e| e.to_string())?),
+        AeadSource::Store(path) => Box::new(AeadStore::open_existing(path).map_err(|e| e.to_string())?),
         AeadSource::Dir(dir) => Box::new(AeadDir::new(dir)),
     };
     let ksm = Arc::new(Ksm::new(Arc::new(hsm), store, config.key_handles.clone()));

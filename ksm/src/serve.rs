@@ -444,8 +444,8 @@ fn percent_decode(s: &str) -> Result<String, FormError> {
         match b[i] {
             b'+' => out.push(b' '),
             b'%' => {
-                let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok()).ok_or(FormError::Escape)?;
-                out.push(u8::from_str_radix(hex, 16).map_err(|_| FormError::Escape)?);
+                let digit = |j: usize| b.get(j).and_then(|c| char::from(*c).to_digit(16)).ok_or(FormError::Escape);
+                out.push(u8::try_from(digit(i + 1)? * 16 + digit(i + 2)?).map_err(|_| FormError::Escape)?);
                 i += 2;
             }
             c => out.push(c),

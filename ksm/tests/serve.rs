@@ -451,11 +451,40 @@ fn the_systemd_unit_command_line_is_accepted() {
     let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_str().unwrap();
-    let args: Vec<String> =
-        exec.split_whitespace().skip(1).map(|a| a.replace("%d", root).replace("/etc/otp-appliance", root)).collect();
+    let args: Vec<String> = exec.split_whitespace().skip(1).map(|a| a.replace("%d", root).replace("/etc/otp-appliance", root)).collect();
     assert_eq!(args[0], "serve");
     let out = Command::new(env!("CARGO_BIN_EXE_ksm")).args(&args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains(&format!("{root}/ksm.toml: No such file")), "{stderr}");
+}
+
+/// A mistyped store path is an error at start, not an empty store that
+/// answers "Unknown yubikey" to everyone.
+#[test]
+fn serve_refuses_a_missing_store_and_a_wrong_password() {
+    let site = site(1);
+    let dir = site._dir.path();
+    std::fs::write(dir.join("pw"), "pw\n").unwrap();
+    std::fs::write(dir.join("wrong"), "nope\n").unwrap();
+    let run = |store: &Path, pw: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ksm"))
+            .args(["serve", "--key-handles", "0x2000", "--listen", "127.0.0.1:0"])
+            .arg("--keystore")
+            .arg(dir.join("ks"))
+            .arg("--password-file")
+            .arg(dir.join(pw))
+            .arg("--store")
+            .arg(store)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let missing = dir.join("typo.db");
+    let e = run(&missing, "pw");
+    assert!(e.contains("typo.db"), "{e}");
+    assert!(!missing.exists(), "serve created {}", missing.display());
+    let e = run(&site.store_path, "wrong");
+    assert!(e.contains("wrong password"), "{e}");
 }
