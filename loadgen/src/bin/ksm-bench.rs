@@ -75,7 +75,7 @@ struct Args {
     #[arg(long, default_value_t = 60)]
     time_limit_secs: u64,
     /// Which targets the throughput runs measure, in order.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "ours-http,ours-inproc,pyhsm")]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "ours-http,ours-inproc,pyhsm,loopback-floor")]
     targets: Vec<Target>,
     /// Whether to run pyhsm's KSM.
     #[arg(long, value_enum, default_value_t = PyhsmMode::Auto)]
@@ -236,6 +236,69 @@ fn start_pyhsm(p: &Pyhsm, keys_json: &Path, aead_dir: &Path, log: &Path) -> Resu
 }
 
 // ---------------------------------------------------------------------------
+// The calibration server
+
+/// A minimal HTTP/1.1 server: a thread per connection, a fixed 200 answer
+/// to every request, keep-alive. What is left when the KSM does no work.
+struct FloorServer {
+    addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+const FLOOR_ANSWER: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 40\r\n\r\nOK counter=0000 low=0000 high=00 use=00\n";
+
+impl FloorServer {
+    fn start() -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new().name("floor-accept".to_owned()).spawn(move || {
+            for stream in listener.incoming() {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                let _ = std::thread::Builder::new().name("floor-conn".to_owned()).spawn(move || Self::serve(stream));
+            }
+        })?;
+        Ok(Self { addr, stop, thread })
+    }
+
+    fn serve(mut stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+        let mut buf = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 2048];
+        loop {
+            // Answer every complete request head in the buffer.
+            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                buf.drain(..end + 4);
+                if stream.write_all(FLOOR_ANSWER).is_err() {
+                    return;
+                }
+            }
+            match std::io::Read::read(&mut stream, &mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            if buf.len() > 64 * 1024 {
+                return;
+            }
+        }
+    }
+
+    /// Stop accepting; connection threads end when their clients hang up.
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        let _ = self.thread.join();
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Running one target at one level
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -248,6 +311,11 @@ enum Target {
     OursInProcess,
     /// pyhsm's yhsm-yubikey-ksm (soft HSM), a subprocess.
     Pyhsm,
+    /// Calibration: a do-nothing HTTP server (one thread per connection,
+    /// a fixed answer, no decrypt), the most this machine's loopback and
+    /// scheduler allow with this client.
+    #[value(name = "loopback-floor")]
+    LoopbackFloor,
     /// `ksm serve` on the large store (the memory measurement).
     #[value(skip)]
     OursServeBig,
@@ -259,6 +327,7 @@ impl Target {
             Self::OursHttp => "ours-http",
             Self::OursInProcess => "ours-inproc",
             Self::Pyhsm => "pyhsm",
+            Self::LoopbackFloor => "loopback-floor",
             Self::OursServeBig => "ksm-serve-big",
         }
     }
@@ -272,7 +341,9 @@ struct Row {
 }
 
 /// Send `cases` over HTTP from `concurrency` connections.
-fn http_load(addr: SocketAddr, concurrency: usize, cases: &[OtpCase], time_limit: Duration) -> (Report, u64) {
+/// With `verify`, each answer must be the OTP's own `OK` line; without, any
+/// HTTP 200 counts (for the calibration server).
+fn http_load(addr: SocketAddr, concurrency: usize, cases: &[OtpCase], time_limit: Duration, verify: bool) -> (Report, u64) {
     let connects = std::sync::atomic::AtomicU64::new(0);
     let report = run::run(concurrency, cases, Some(time_limit), |_| {
         struct Worker<'a> {
@@ -290,7 +361,11 @@ fn http_load(addr: SocketAddr, concurrency: usize, cases: &[OtpCase], time_limit
             if resp.head.status != 200 {
                 return Err(format!("HTTP {}: {:?}", resp.head.status, String::from_utf8_lossy(&resp.body)));
             }
-            ksm_answer::check(&resp.body, &case.expect)
+            if verify {
+                ksm_answer::check(&resp.body, &case.expect)
+            } else {
+                Ok(())
+            }
         }
     });
     (report, connects.into_inner())
@@ -333,6 +408,9 @@ fn print_table(rows: &[Row]) {
         );
     }
     println!("(stalls: requests over {} ms; conns: TCP connections opened by the client)", STALL.as_millis());
+    if rows.iter().any(|r| r.target == Target::LoopbackFloor) {
+        println!("(loopback-floor: a do-nothing HTTP server, no decrypt: what this machine allows with this client; answers not checked)");
+    }
     for r in rows {
         if r.report.unsent > 0 {
             println!("note: {} c={}: time limit reached, {} requests not sent", r.target.label(), r.concurrency, r.report.unsent);
@@ -442,6 +520,7 @@ fn throughput(args: &Args, target: &Path, work_root: &Path, rows: &mut Vec<Row>)
         },
     };
 
+    let floor = FloorServer::start()?;
     let limit = Duration::from_secs(args.time_limit_secs);
     let result = (|| -> Result<()> {
         for &c in &args.concurrency {
@@ -450,8 +529,8 @@ fn throughput(args: &Args, target: &Path, work_root: &Path, rows: &mut Vec<Row>)
                 let cases = fleet.otps(args.requests_per_level)?;
                 let (report, connects) = match target {
                     Target::OursHttp => {
-                        http_load(ours_addr, c, &warm, limit);
-                        http_load(ours_addr, c, &cases, limit)
+                        http_load(ours_addr, c, &warm, limit, true);
+                        http_load(ours_addr, c, &cases, limit, true)
                     }
                     Target::OursInProcess => {
                         in_process_load(&ksm, c, &warm, limit);
@@ -459,8 +538,12 @@ fn throughput(args: &Args, target: &Path, work_root: &Path, rows: &mut Vec<Row>)
                     }
                     Target::Pyhsm => {
                         let Some((_, addr)) = &py else { continue };
-                        http_load(*addr, c, &warm, limit);
-                        http_load(*addr, c, &cases, limit)
+                        http_load(*addr, c, &warm, limit, true);
+                        http_load(*addr, c, &cases, limit, true)
+                    }
+                    Target::LoopbackFloor => {
+                        http_load(floor.addr, c, &warm, limit, false);
+                        http_load(floor.addr, c, &cases, limit, false)
                     }
                     Target::OursServeBig => continue,
                 };
@@ -478,6 +561,7 @@ fn throughput(args: &Args, target: &Path, work_root: &Path, rows: &mut Vec<Row>)
         Ok(())
     })();
     ours.shutdown();
+    floor.stop();
     if let Some((guard, _)) = py {
         guard.stop();
     }
@@ -600,7 +684,7 @@ fn memory(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<()> {
     }
     let idle = proc_mem(guard.pid())?;
     let c = args.concurrency.iter().copied().max().unwrap_or(32);
-    let (report, connects) = http_load(addr, c, &cases, Duration::from_secs(args.time_limit_secs));
+    let (report, connects) = http_load(addr, c, &cases, Duration::from_secs(args.time_limit_secs), true);
     let loaded = proc_mem(guard.pid())?;
     let pid = guard.pid();
     let db_size = std::fs::metadata(&b.store).map(|m| m.len()).unwrap_or(0);
@@ -668,6 +752,20 @@ mod tests {
     fn reads_own_memory() {
         let m = proc_mem(std::process::id()).unwrap_or_default();
         assert!(m.rss_kb > 0 && m.hwm_kb >= m.rss_kb, "{m:?}");
+    }
+
+    #[test]
+    fn floor_server_keeps_alive_and_stops() {
+        let floor = FloorServer::start().unwrap_or_else(|e| panic!("{e}"));
+        let mut c = Connection::new(floor.addr, Duration::from_secs(5));
+        for _ in 0..3 {
+            let r = c.get("/wsapi/decrypt?otp=x").unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(r.head.status, 200);
+            assert!(ksm_answer::parse_ok(&r.body).is_some());
+        }
+        assert_eq!(c.stats().connects, 1);
+        drop(c);
+        floor.stop();
     }
 
     #[test]
