@@ -239,7 +239,10 @@ pub struct Response {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    /// Connecting, writing or reading failed (timeouts included).
+    /// No progress within the connection's timeout (connect, write or read).
+    #[error("timed out: nothing for {0:?}")]
+    Timeout(Duration),
+    /// Connecting, writing or reading failed.
     #[error("{0}")]
     Io(#[from] io::Error),
     /// The response broke the protocol.
@@ -317,6 +320,17 @@ impl Connection {
     /// Send `GET target` (origin form, e.g. `/wsapi/decrypt?otp=…`) and read
     /// the whole response.
     pub fn get(&mut self, target: &str) -> Result<Response, ClientError> {
+        let timeout = self.timeout;
+        self.get_inner(target).map_err(|e| match e {
+            // A socket timeout surfaces as WouldBlock (EAGAIN) or TimedOut.
+            ClientError::Io(io) if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                ClientError::Timeout(timeout)
+            }
+            e => e,
+        })
+    }
+
+    fn get_inner(&mut self, target: &str) -> Result<Response, ClientError> {
         let request = format!("GET {target} HTTP/1.1\r\nHost: {}\r\nUser-Agent: otp-appliance-loadgen\r\nAccept: */*\r\n\r\n", self.host);
         let reused = self.stream.is_some();
         match self.exchange(request.as_bytes()) {
@@ -589,6 +603,23 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(c.get("/x").unwrap().body, b"2");
         assert_eq!(c.stats(), WireStats { connects: 2, stale_retries: 1 });
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn silence_is_a_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            // Accept and read, but never answer.
+            let (mut s, _) = listener.accept().unwrap();
+            let mut b = [0u8; 1024];
+            let _ = s.read(&mut b).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        });
+        let mut c = Connection::new(addr, Duration::from_millis(100));
+        assert!(matches!(c.get("/x"), Err(ClientError::Timeout(_))));
+        assert!(!c.is_open());
         server.join().unwrap();
     }
 
