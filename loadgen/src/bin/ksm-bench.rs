@@ -707,8 +707,17 @@ fn memory(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    match bench(&Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ksm-bench: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(args: &Args) -> Result<()> {
     if args.concurrency.is_empty() || args.concurrency.contains(&0) {
         bail!("--concurrency needs positive levels, e.g. 1,8,32");
     }
@@ -727,10 +736,10 @@ fn main() -> Result<()> {
     }
     let mut rows = Vec::new();
     if !args.skip_throughput {
-        throughput(&args, &target, &work_root, &mut rows)?;
+        throughput(args, &target, &work_root, &mut rows)?;
     }
     if args.rss_keys > 0 {
-        memory(&args, &work_root, &mut rows)?;
+        memory(args, &work_root, &mut rows)?;
     }
     print_table(&rows);
     print_ratios(&rows, &args.concurrency);
