@@ -41,8 +41,11 @@ enum Command {
         #[command(flatten)]
         keystore: KeystoreArgs,
         /// pyhsm-layout AEAD directory (`<dir>/<key handle>/<pairs>/<public id>`).
-        #[arg(long, value_name = "DIR")]
-        aead_dir: PathBuf,
+        #[arg(long, value_name = "DIR", required_unless_present = "store", conflicts_with = "store")]
+        aead_dir: Option<PathBuf>,
+        /// The SQLite AEAD store, instead of --aead-dir.
+        #[arg(long, value_name = "DB")]
+        store: Option<PathBuf>,
         /// Key handle(s) to try, in order (decimal, 0x-hex or 4 characters).
         #[arg(long = "key-handle", value_name = "KH", required = true, value_delimiter = ',')]
         key_handles: Vec<KeyHandleDir>,
@@ -140,7 +143,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Decrypt { keystore, aead_dir, key_handles, otp } => {
+        Command::Decrypt { keystore, aead_dir, store, key_handles, otp } => {
             let hsm = match keystore.open() {
                 Ok(h) => h,
                 Err(e) => {
@@ -150,7 +153,22 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let ksm = Ksm::new(Arc::new(hsm), Box::new(AeadDir::new(aead_dir)), key_handles);
+            let aeads: Box<dyn ksm::AeadLookup> = match (aead_dir, store) {
+                (Some(dir), _) => Box::new(AeadDir::new(dir)),
+                (None, Some(db)) => match AeadStore::open_existing(&db) {
+                    Ok(s) => Box::new(s),
+                    Err(e) => {
+                        println!("ERR Database error");
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                (None, None) => {
+                    eprintln!("error: give --aead-dir or --store");
+                    return ExitCode::from(2);
+                }
+            };
+            let ksm = Ksm::new(Arc::new(hsm), aeads, key_handles);
             let line = ksm.answer(&otp);
             println!("{line}");
             if line.starts_with("OK ") {

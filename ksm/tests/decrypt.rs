@@ -203,6 +203,18 @@ fn command_line_decrypt() {
     assert_eq!(String::from_utf8(out.stdout).unwrap(), "ERR Backend error\n");
     assert!(String::from_utf8(out.stderr).unwrap().contains("wrong password"));
     assert_no_secret_in(&d("aeads"));
+
+    // The same through the SQLite store; a missing store is a database error.
+    let out = ksm_cmd(&["import", "--store", &d("aeads.db"), "--aead-dir", &d("aeads")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let from_store = |db: &str| {
+        let otp = otp_for(&id, &secrets, 0x12, 0x35);
+        ksm_cmd(&["decrypt", "--keystore", &d("ks"), "--password-file", &d("pw"), "--store", &d(db), "--key-handle", "8192", &otp])
+    };
+    assert_eq!(String::from_utf8(from_store("aeads.db").stdout).unwrap(), "OK counter=0012 low=beef high=12 use=35\n");
+    let out = from_store("typo.db");
+    assert_eq!((out.status.code(), String::from_utf8(out.stdout).unwrap().as_str()), (Some(1), "ERR Database error\n"));
+    assert!(!dir.path().join("typo.db").exists());
 }
 
 /// The AEAD directory holds AEADs only: no file contains the handle key.
