@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::aead_dir::KeyHandleDir;
-use crate::serve::HttpOptions;
+use crate::serve::{default_options, HttpOptions};
 
 /// The file's contents; every key is optional so that flags can fill in.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -81,7 +81,7 @@ impl ConfigFile {
             .iter()
             .map(|k| k.parse::<KeyHandleDir>().map_err(|e| format!("key handle {k:?}: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
-        let d = HttpOptions::default();
+        let d = default_options();
         let timeout_ms = self.request_timeout_ms.unwrap_or(u64::try_from(d.request_timeout.as_millis()).unwrap_or(5000));
         if timeout_ms == 0 {
             return Err("request_timeout_ms must be positive".to_owned());

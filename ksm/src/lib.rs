@@ -10,7 +10,6 @@ pub mod aead_dir;
 pub mod config;
 pub mod export;
 pub mod import;
-pub mod metrics;
 pub mod serve;
 pub mod store;
 

@@ -142,7 +142,7 @@ fn serve(ksm: Ksm, opts: HttpOptions) -> Running {
 #[test]
 fn decrypts_over_http_in_every_accepted_request_form() {
     let site = site(3);
-    let server = serve(site.ksm(), HttpOptions::default());
+    let server = serve(site.ksm(), ksm::serve::default_options());
     let addr = server.local_addr();
     for (i, k) in site.keys.iter().enumerate() {
         let u = u8::try_from(i).unwrap();
@@ -182,7 +182,7 @@ fn every_err_path_over_http() {
                 .build();
         Otp::new(other, t.encrypt(&tampered.secrets.key)).to_string()
     };
-    let server = serve(site.ksm(), HttpOptions::default());
+    let server = serve(site.ksm(), ksm::serve::default_options());
     let addr = server.local_addr();
     let [a, b] = &site.keys[..] else { unreachable!() };
 
@@ -230,14 +230,16 @@ fn every_err_path_over_http() {
     let big = request(addr, "POST", "/wsapi/decrypt", &format!("otp={}", "c".repeat(5000)));
     assert_eq!(big.status, 413);
     assert_eq!(metric(addr, "ksm_http_rejected_total{reason=\"not_found\"}"), 2);
-    assert_eq!(metric(addr, "ksm_http_rejected_total{reason=\"too_large\"}"), 2);
+    assert_eq!(metric(addr, "ksm_http_rejected_total{reason=\"target_too_long\"}"), 1);
+    assert_eq!(metric(addr, "ksm_http_rejected_total{reason=\"body_too_large\"}"), 1);
+    assert_eq!(metric(addr, "ksm_http_rejected_total{reason=\"method_not_allowed\"}"), 2);
     server.shutdown();
 }
 
 #[test]
 fn two_hundred_concurrent_requests_all_answered_correctly() {
     let site = site(40);
-    let server = serve(site.ksm(), HttpOptions::default());
+    let server = serve(site.ksm(), ksm::serve::default_options());
     let addr = server.local_addr();
     let jobs: Vec<(String, String)> = (0..200u16)
         .map(|i| {
@@ -286,7 +288,7 @@ impl AeadLookup for Stalled {
 fn a_stalled_backend_is_answered_within_the_deadline() {
     let site = site(1);
     let stalled = Stalled(AeadStore::open(&site.store_path).unwrap(), Duration::from_secs(3));
-    let opts = HttpOptions { request_timeout: Duration::from_millis(300), ..HttpOptions::default() };
+    let opts = HttpOptions { request_timeout: Duration::from_millis(300), ..ksm::serve::default_options() };
     let server = serve(site.ksm_over(Box::new(stalled)), opts);
     let addr = server.local_addr();
     let t0 = Instant::now();
@@ -308,7 +310,7 @@ fn a_stalled_backend_is_answered_within_the_deadline() {
 #[test]
 fn a_backend_fault_is_reported_then_recovered_from() {
     let site = site(2);
-    let server = serve(site.ksm(), HttpOptions::default());
+    let server = serve(site.ksm(), ksm::serve::default_options());
     let addr = server.local_addr();
     let k = &site.keys[0];
     assert_eq!(decrypt(addr, &k.otp(1, 0)).0, 200);

@@ -479,7 +479,7 @@ fn throughput(args: &Args, target: &Path, work_root: &Path, rows: &mut Vec<Row>)
     );
 
     let ksm = Arc::new(Ksm::new(hsm.clone(), Box::new(store), vec![typed.clone()]));
-    let mut opts = ksm::serve::HttpOptions { listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..ksm::serve::HttpOptions::default() };
+    let mut opts = ksm::serve::HttpOptions::new(SocketAddr::from(([127, 0, 0, 1], 0)));
     if let Some(n) = args.http_workers {
         opts.workers = n;
     }
