@@ -8,10 +8,11 @@
 //! `/metrics` (Prometheus text: the handler's series, then connection and
 //! rejection counts) and runs on tokio's multi-threaded runtime; handlers
 //! run blocking work through [`blocking`], which puts it on the blocking
-//! pool under a deadline.
+//! pool under a deadline. [`client`] is the matching blocking client.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod client;
 pub mod form;
 pub mod metrics;
 

@@ -2,35 +2,10 @@
 
 use otp::OtpDecode;
 
-fn hex_field<'a>(rest: &'a str, name: &str, width: usize) -> Option<(u32, &'a str)> {
-    let rest = rest.strip_prefix(name)?.strip_prefix('=')?;
-    let digits = rest.get(..width)?;
-    if !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    Some((u32::from_str_radix(digits, 16).ok()?, &rest[width..]))
-}
-
-/// Parse a KSM success line (an optional trailing `\n` or `\r\n` allowed,
-/// as pyhsm appends one). `None` for anything else, `ERR …` lines included.
+/// Parse a KSM success line; see [`OtpDecode::parse_ksm_line`].
 #[must_use]
 pub fn parse_ok(body: &[u8]) -> Option<OtpDecode> {
-    let text = std::str::from_utf8(body).ok()?;
-    let text = text.strip_suffix('\n').map_or(text, |t| t.strip_suffix('\r').unwrap_or(t));
-    let rest = text.strip_prefix("OK ")?;
-    let (counter, rest) = hex_field(rest, "counter", 4)?;
-    let (low, rest) = hex_field(rest.strip_prefix(' ')?, "low", 4)?;
-    let (high, rest) = hex_field(rest.strip_prefix(' ')?, "high", 2)?;
-    let (session, rest) = hex_field(rest.strip_prefix(' ')?, "use", 2)?;
-    if !rest.is_empty() {
-        return None;
-    }
-    Some(OtpDecode {
-        use_ctr: u16::try_from(counter).ok()?,
-        timestamp_low: u16::try_from(low).ok()?,
-        timestamp_high: u8::try_from(high).ok()?,
-        session_ctr: u8::try_from(session).ok()?,
-    })
+    OtpDecode::parse_ksm_line(std::str::from_utf8(body).ok()?)
 }
 
 /// Check a KSM answer against what the OTP encoded. The error says what

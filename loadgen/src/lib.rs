@@ -1,6 +1,6 @@
 //! Load generator for the appliance's HTTP services (KSM, validator).
 //!
-//! - [`http`]: a small blocking HTTP/1.x client with a pure response parser;
+//! - [`http`]: `httpd`'s small blocking HTTP/1.x client with a pure response parser;
 //! - [`run`]: closed-loop load on `c` threads with per-request latency;
 //! - [`stats`]: nearest-rank percentiles and run summaries;
 //! - [`fleet`]: YubiKeys provisioned through a security module, emitting
@@ -13,7 +13,7 @@
 #![deny(missing_docs)]
 
 pub mod fleet;
-pub mod http;
+pub use httpd::client as http;
 pub mod ksm_answer;
 pub mod run;
 pub mod stats;

@@ -63,6 +63,30 @@ impl OtpDecode {
             self.use_ctr, self.timestamp_low, self.timestamp_high, self.session_ctr
         )
     }
+
+    /// Read a KSM success line back: the inverse of [`OtpDecode::ksm_line`].
+    /// Hex digits of either case and one trailing `\n` or `\r\n` are accepted
+    /// (pyhsm appends one); anything else, `ERR …` lines included, is `None`.
+    #[must_use]
+    pub fn parse_ksm_line(line: &str) -> Option<Self> {
+        fn field<'a>(rest: &'a str, name: &str, width: usize) -> Option<(u16, &'a str)> {
+            let rest = rest.strip_prefix(name)?.strip_prefix('=')?;
+            let digits = rest.get(..width)?;
+            if !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            Some((u16::from_str_radix(digits, 16).ok()?, &rest[width..]))
+        }
+        let line = line.strip_suffix('\n').map_or(line, |l| l.strip_suffix('\r').unwrap_or(l));
+        let (use_ctr, rest) = field(line.strip_prefix("OK ")?, "counter", 4)?;
+        let (timestamp_low, rest) = field(rest.strip_prefix(' ')?, "low", 4)?;
+        let (high, rest) = field(rest.strip_prefix(' ')?, "high", 2)?;
+        let (session, rest) = field(rest.strip_prefix(' ')?, "use", 2)?;
+        if !rest.is_empty() {
+            return None;
+        }
+        Some(Self { use_ctr, session_ctr: u8::try_from(session).ok()?, timestamp_high: u8::try_from(high).ok()?, timestamp_low })
+    }
 }
 
 /// Check `otp` against a YubiKey AEAD, as the YubiHSM does (see module docs).
@@ -88,6 +112,30 @@ pub fn decode_otp(key: &HandleKey, kh: KeyHandle, nonce: &AeadNonce, aead: &Aead
 mod tests {
     use super::*;
     use crate::{Otp, PrivateId, YubiKeyKey};
+
+    #[test]
+    fn ksm_lines_read_back() {
+        for d in [
+            OtpDecode { use_ctr: 0x8005, session_ctr: 9, timestamp_high: 0x12, timestamp_low: 0xbeef },
+            OtpDecode { use_ctr: 0, session_ctr: 0, timestamp_high: 0, timestamp_low: 0 },
+            OtpDecode { use_ctr: 0xffff, session_ctr: 0xff, timestamp_high: 0xff, timestamp_low: 0xffff },
+        ] {
+            assert_eq!(OtpDecode::parse_ksm_line(&d.ksm_line()), Some(d));
+            assert_eq!(OtpDecode::parse_ksm_line(&format!("{}\r\n", d.ksm_line())), Some(d));
+        }
+        for bad in [
+            "ERR Corrupt OTP",
+            "OK counter=0001 low=0001 high=01",
+            "OK counter=0001 low=0001 high=01 use=01 x",
+            "OK counter=+001 low=0001 high=01 use=01",
+            "OK counter=0001  low=0001 high=01 use=01",
+            "OK counter=0001 low=0001 high=01 use=01\n\n",
+            "OK counter=é001 low=0001 high=01 use=01",
+            "",
+        ] {
+            assert_eq!(OtpDecode::parse_ksm_line(bad), None, "{bad:?}");
+        }
+    }
 
     /// The full-chain vector of the reference (otp-and-aead.md §6.6).
     #[test]

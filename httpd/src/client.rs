@@ -1,4 +1,5 @@
-//! A small HTTP/1.x client for load generation, over a blocking `TcpStream`.
+//! A small blocking HTTP/1.x client over `TcpStream`: the load generator's
+//! and the validator's for remote KSMs.
 //!
 //! The response parser ([`parse_head`], [`decode_chunked`]) is pure: it
 //! takes bytes and returns values, no I/O. [`Connection`] owns the socket:
