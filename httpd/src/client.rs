@@ -332,7 +332,7 @@ impl Connection {
     }
 
     fn get_inner(&mut self, target: &str) -> Result<Response, ClientError> {
-        let request = format!("GET {target} HTTP/1.1\r\nHost: {}\r\nUser-Agent: otp-appliance-loadgen\r\nAccept: */*\r\n\r\n", self.host);
+        let request = format!("GET {target} HTTP/1.1\r\nHost: {}\r\nUser-Agent: otp-appliance\r\nAccept: */*\r\n\r\n", self.host);
         let reused = self.stream.is_some();
         match self.exchange(request.as_bytes()) {
             Ok(r) => Ok(r),

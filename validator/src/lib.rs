@@ -20,6 +20,7 @@ pub mod authfile;
 pub mod clients;
 pub mod counters;
 pub mod protocol;
+pub mod remote_ksm;
 pub mod verify;
 
 use std::fmt;
