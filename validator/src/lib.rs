@@ -18,6 +18,7 @@
 
 pub mod authfile;
 pub mod clients;
+pub mod config;
 pub mod counters;
 pub mod protocol;
 pub mod remote_ksm;
