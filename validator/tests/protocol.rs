@@ -18,7 +18,7 @@ use validator::protocol::{
     self, check_request_signature, parse_response, signature, signed_query, verify_response, Echo, Nonce, RequestSignature, Response,
     SessionFields, Status, Version,
 };
-use validator::verify::{PeerSync, Prepared, SyncOutcome, Verifier, VerifyOptions};
+use validator::verify::{Checked, PeerSync, Prepared, SyncOutcome, Verifier, VerifyOptions};
 use validator::{ApiClient, BackendFailure, CasOutcome, ClientId, ClientKey, ClientStore, CounterStore, CounterUpdate, OtpDecoder};
 
 // ------------------------------------------------------------------ fakes
@@ -833,4 +833,13 @@ fn parse_request_is_reachable_through_the_module() {
     assert_eq!(Version::from_path("/wsapi/2.0/verify"), Some(Version::V2));
     let r = protocol::parse_request(&v2(&otp_for(1, 0), NONCE), Version::V2).unwrap();
     assert_eq!(r.echo(), Echo::new(Version::V2, &otp_for(1, 0), Nonce::new(NONCE)));
+}
+
+#[test]
+fn the_http_layer_can_move_phase_two_to_a_blocking_thread() {
+    fn send_sync_static<T: Send + Sync + 'static>() {}
+    send_sync_static::<Verifier>();
+    send_sync_static::<Checked>();
+    send_sync_static::<Response>();
+    send_sync_static::<Prepared>();
 }
