@@ -11,6 +11,8 @@ use httpd::HttpOptions;
 use ksm::aead_dir::KeyHandleDir;
 use serde::Deserialize;
 
+use crate::counters::Synchronous;
+
 /// Where the service listens unless told otherwise.
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 8080));
 
@@ -23,7 +25,7 @@ pub struct ConfigFile {
     /// The validator's SQLite database (counters and API clients).
     pub db: Option<PathBuf>,
     /// `full` (default) or `normal`.
-    pub synchronous: Option<Synchronous>,
+    pub synchronous: Option<String>,
     /// The keystore: data keys for API client keys, key handles for the
     /// in-process KSM.
     pub keystore: Option<PathBuf>,
@@ -57,17 +59,6 @@ pub struct KsmSection {
     pub urls: Option<Vec<String>>,
     /// Per-KSM connect/read timeout for remote KSMs, in milliseconds.
     pub timeout_ms: Option<u64>,
-}
-
-/// SQLite's `synchronous` for the counter store.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Synchronous {
-    /// fsync at every commit: an accepted OTP survives power loss.
-    #[default]
-    Full,
-    /// WAL without fsync at commit: survives a process crash, not power loss.
-    Normal,
 }
 
 /// Where OTPs are decrypted.
@@ -185,7 +176,8 @@ impl ConfigFile {
             max_blocking_threads: self.max_blocking_threads.unwrap_or(d.max_blocking_threads).max(1),
             max_connections: self.max_connections.unwrap_or(d.max_connections).max(1),
         };
-        Ok(ServeConfig { db, synchronous: self.synchronous.unwrap_or_default(), keystore, password_file: self.password_file, ksm, http })
+        let synchronous = self.synchronous.as_deref().map(str::parse).transpose()?.unwrap_or_default();
+        Ok(ServeConfig { db, synchronous, keystore, password_file: self.password_file, ksm, http })
     }
 }
 
@@ -221,7 +213,9 @@ mod tests {
     fn refusals() {
         let e = toml::from_str::<ConfigFile>("[ksm]\nstor = \"x\"\n").unwrap_err();
         assert!(e.to_string().contains("stor"), "{e}");
-        assert!(toml::from_str::<ConfigFile>("synchronous = \"off\"\n").is_err());
+        let off =
+            ConfigFile { synchronous: Some("off".into()), ..with_ksm(KsmSection { store: Some("s".into()), ..KsmSection::default() }) };
+        assert!(off.resolve().unwrap_err().contains("off"));
         assert!(base().resolve().unwrap_err().contains("no KSM"));
         assert!(ConfigFile::default().resolve().unwrap_err().contains("no database"));
         let two =
