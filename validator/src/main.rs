@@ -1,0 +1,321 @@
+//! `validator`: the validation server's command line.
+#![forbid(unsafe_code)]
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::Engine as _;
+use clap::{Args, Parser, Subcommand};
+use hsm::cli::{KeystoreArgs, KeystoreCommand};
+use ksm::store::AeadStore;
+use validator::authfile::{self, StoreIds};
+use validator::clients::{ClientDb, ClientInfo};
+use validator::{ClientId, ClientKey};
+use zeroize::Zeroizing;
+
+/// Validation server: Yubico validation protocol 2.0 for pam_yubico, with
+/// durable replay protection.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    // ---- `validator serve` goes here: `Serve(ServeArgs)`, owned by serve.rs/config.rs. ----
+    /// Manage validation API clients (id and HMAC key) in the validator's database.
+    #[command(subcommand)]
+    Client(ClientCommand),
+    /// Write pam_yubico's authfile (`user:id1:id2`) from a YAML map of users to YubiKey public ids.
+    #[command(long_about = AUTHFILE_HELP, after_help = AUTHFILE_EXIT)]
+    Authfile(AuthfileArgs),
+    /// Manage the software keystore (key handles and data keys).
+    #[command(subcommand)]
+    Keystore(KeystoreCommand),
+}
+
+/// The validator's SQLite database (counters and clients).
+#[derive(Args, Debug, Clone)]
+struct DbArg {
+    /// The validator's SQLite database (it holds the counters and the clients).
+    #[arg(long, env = "OTP_VALIDATOR_DB", value_name = "FILE")]
+    db: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClientCommand {
+    /// Add a client; prints `id=N` and `key=BASE64` once on stdout.
+    ///
+    /// The key is stored encrypted with the keystore's config key. Without
+    /// --key (or --key-file) a new 20-byte key is drawn from the module, as
+    /// yubikey-val's ykval-gen-clients does.
+    Add {
+        #[command(flatten)]
+        db: DbArg,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+        /// The client id (1 to 9999999999); default: one more than the largest in use.
+        #[arg(long, value_name = "N", value_parser = parse_client_id)]
+        id: Option<ClientId>,
+        /// An existing base64 key, e.g. from yubikey-val's `clients.secret`
+        /// (16 to 64 bytes). Visible to other local users in the process list:
+        /// prefer --key-file.
+        #[arg(long, value_name = "B64", conflicts_with = "key_file")]
+        key: Option<String>,
+        /// A file holding the base64 key (`-`: standard input).
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        /// Free-form notes (who the client is).
+        #[arg(long, value_name = "TEXT", default_value = "")]
+        notes: String,
+    },
+    /// List clients: id, status, creation time, notes (never keys).
+    List {
+        #[command(flatten)]
+        db: DbArg,
+    },
+    /// Disable a client: its requests get NO_SUCH_CLIENT (a running server
+    /// notices within half a second).
+    Disable {
+        #[command(flatten)]
+        db: DbArg,
+        /// The client id.
+        #[arg(long, value_name = "N", value_parser = parse_client_id)]
+        id: ClientId,
+    },
+    /// Enable a disabled client again.
+    Enable {
+        #[command(flatten)]
+        db: DbArg,
+        /// The client id.
+        #[arg(long, value_name = "N", value_parser = parse_client_id)]
+        id: ClientId,
+    },
+    /// Give a client a new random key; prints `id=N` and `key=BASE64` once.
+    /// The old key stops working (a running server notices within half a second).
+    Rotate {
+        #[command(flatten)]
+        db: DbArg,
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+        /// The client id.
+        #[arg(long, value_name = "N", value_parser = parse_client_id)]
+        id: ClientId,
+    },
+}
+
+const AUTHFILE_HELP: &str = "Write pam_yubico's authfile from a YAML map of users to YubiKey public ids.
+
+The map gives each user a list of public ids, or a single one:
+
+    alice: [cccccccccccb, cccccccccccd]
+    bob: cccccccccccf
+
+The output holds one line per user, `user:id1:id2`, users and ids sorted, and is
+replaced atomically (mode 0644: pam_yubico reads it, it holds no secret). An
+unchanged file is not rewritten.
+
+Errors (nothing is written): user names that are empty, start with `#`, or
+contain `:`, whitespace or control characters; ids that are not 2 to 16 modhex
+characters of even length; an id listed under two users; with --store, ids the
+AEAD store has no AEAD for (unless --allow-unknown). Warnings: an id listed twice
+for one user (written once), upper-case ids (folded), ids whose length is not
+--token-id-length (pam_yubico would never match them), users without ids.";
+
+const AUTHFILE_EXIT: &str = "Exit status: 0 when written (or unchanged), warnings on stderr; 1 on errors, each on stderr, nothing written.";
+
+#[derive(Args, Debug)]
+struct AuthfileArgs {
+    /// The YAML map of users to public ids.
+    #[arg(long, value_name = "FILE")]
+    map: PathBuf,
+    /// The authfile to write, e.g. /etc/yubikey_mappings.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// The KSM's SQLite AEAD store: ids without an AEAD there are reported.
+    #[arg(long, value_name = "DB")]
+    store: Option<PathBuf>,
+    /// With --store: write ids without an AEAD anyway, as warnings.
+    #[arg(long, requires = "store")]
+    allow_unknown: bool,
+    /// pam_yubico's token_id_length (ids of another length are reported).
+    #[arg(long, value_name = "N", default_value_t = 12, value_parser = clap::value_parser!(u8).range(2..=16))]
+    token_id_length: u8,
+}
+
+fn parse_client_id(s: &str) -> Result<ClientId, String> {
+    s.parse().map_err(|()| format!("`{s}` is not a client id (1 to 9999999999)"))
+}
+
+/// Base64 as yubikey-val keys are written, padding optional.
+const B64_LENIENT: GeneralPurpose =
+    GeneralPurpose::new(&base64::alphabet::STANDARD, GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent));
+
+fn decode_key(text: &str) -> Result<ClientKey, String> {
+    let bytes = Zeroizing::new(B64_LENIENT.decode(text.trim()).map_err(|_| "the key is not base64".to_owned())?);
+    Ok(ClientKey::new(bytes.to_vec()))
+}
+
+fn read_key_file(path: &std::path::Path) -> Result<ClientKey, String> {
+    let mut text = Zeroizing::new(String::new());
+    let result = if path.as_os_str() == "-" {
+        std::io::stdin().read_to_string(&mut text)
+    } else {
+        std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut text))
+    };
+    result.map_err(|e| format!("{}: {e}", path.display()))?;
+    decode_key(&text)
+}
+
+/// `id=N` and `key=BASE64`, the only time the key is shown.
+fn print_key(id: ClientId, key: &ClientKey) {
+    let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(key.expose()));
+    println!("id={id}");
+    println!("key={}", b64.as_str());
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` from Unix seconds (proleptic Gregorian, UTC).
+fn utc(t: i64) -> String {
+    let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+}
+
+fn client(cmd: ClientCommand) -> Result<(), String> {
+    match cmd {
+        ClientCommand::Add { db, keystore, id, key, key_file, notes } => {
+            let key = match (key, key_file) {
+                (Some(k), _) => Some(decode_key(&Zeroizing::new(k))?),
+                (None, Some(path)) => Some(read_key_file(&path)?),
+                (None, None) => None,
+            };
+            if let Some(k) = &key {
+                validator::clients::check_key(k).map_err(|e| e.to_string())?;
+            }
+            let hsm = keystore.open().map_err(|e| format!("security module: {e}"))?;
+            let clients = ClientDb::open(&db.db).map_err(|e| e.to_string())?;
+            let (id, key) = clients.add(&hsm, id, key, &notes).map_err(|e| e.to_string())?;
+            print_key(id, &key);
+            Ok(())
+        }
+        ClientCommand::List { db } => {
+            let clients = ClientDb::open_existing(&db.db).map_err(|e| e.to_string())?;
+            println!("{:>10}  {:<8}  {:<20}  notes", "id", "status", "created");
+            for ClientInfo { id, active, created, notes } in clients.list().map_err(|e| e.to_string())? {
+                let status = if active { "active" } else { "disabled" };
+                println!("{:>10}  {status:<8}  {:<20}  {notes}", id.to_string(), utc(created));
+            }
+            Ok(())
+        }
+        ClientCommand::Disable { db, id } => {
+            ClientDb::open_existing(&db.db).and_then(|c| c.disable(id)).map_err(|e| e.to_string())?;
+            eprintln!("client {id} disabled");
+            Ok(())
+        }
+        ClientCommand::Enable { db, id } => {
+            ClientDb::open_existing(&db.db).and_then(|c| c.enable(id)).map_err(|e| e.to_string())?;
+            eprintln!("client {id} enabled");
+            Ok(())
+        }
+        ClientCommand::Rotate { db, keystore, id } => {
+            let clients = ClientDb::open_existing(&db.db).map_err(|e| e.to_string())?;
+            let hsm = keystore.open().map_err(|e| format!("security module: {e}"))?;
+            let key = clients.rotate(&hsm, id).map_err(|e| e.to_string())?;
+            print_key(id, &key);
+            Ok(())
+        }
+    }
+}
+
+fn authfile_command(args: &AuthfileArgs) -> Result<(), String> {
+    let yaml = std::fs::read_to_string(&args.map).map_err(|e| format!("{}: {e}", args.map.display()))?;
+    let options = authfile::Options { token_id_length: usize::from(args.token_id_length), allow_unknown: args.allow_unknown };
+    let store = match &args.store {
+        Some(path) => Some(AeadStore::open_existing(path).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let known = match &store {
+        Some(s) => Some(StoreIds::new(s)?),
+        None => None,
+    };
+    let built = authfile::build(&yaml, &options, known.as_ref().map(|k| k as &dyn authfile::KnownIds));
+    let file = match built {
+        Ok(f) => f,
+        Err(rejected) => {
+            for w in &rejected.warnings {
+                eprintln!("warning: {w}");
+            }
+            for e in &rejected.errors {
+                eprintln!("error: {e}");
+            }
+            return Err(format!("{} error(s) in {}; {} not written", rejected.errors.len(), args.map.display(), args.out.display()));
+        }
+    };
+    for w in &file.warnings {
+        eprintln!("warning: {w}");
+    }
+    let changed = authfile::write(&args.out, &file.text)?;
+    let what = if changed { "wrote" } else { "unchanged:" };
+    eprintln!("{what} {} ({} users, {} public ids)", args.out.display(), file.users, file.ids);
+    Ok(())
+}
+
+fn exit(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    hsm::cli::init_logging();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Client(cmd) => exit(client(cmd)),
+        Command::Authfile(args) => exit(authfile_command(&args)),
+        Command::Keystore(cmd) => exit(hsm::cli::run(&cmd, &mut std::io::stdout()).map_err(|e| e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_764_158_461), "2025-11-26T12:01:01Z");
+        assert_eq!(utc(-1), "1969-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn keys_decode_with_or_without_padding() {
+        assert_eq!(decode_key("AAECAwQFBgcICQoLDA0ODxAREhM=").unwrap().expose(), (0u8..20).collect::<Vec<_>>());
+        assert_eq!(decode_key("AAECAwQFBgcICQoLDA0ODxAREhM").unwrap().expose(), (0u8..20).collect::<Vec<_>>());
+        assert!(decode_key("not base64!").is_err());
+    }
+}
