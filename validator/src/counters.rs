@@ -47,6 +47,12 @@
 //! committed: a burned OTP, never a double acceptance). Dropping the store
 //! lets the writer finish what is queued and joins it.
 //!
+//! **Schema.** `counters(public_id TEXT PRIMARY KEY, counter, session_use,
+//! high, low, nonce, modified, created)`, `STRICT, WITHOUT ROWID`: the
+//! public id in modhex (yubikey-val's `yk_publicname`), the 15-bit counter
+//! and the use (caps-lock bit dropped, [`Counters`]), the timestamp of the
+//! accepted OTP, the nonce of its request, and Unix times.
+//!
 //! The database file is created with mode 0600. It may be the same file as
 //! the API clients' ([`crate::clients`]): the tables are separate.
 

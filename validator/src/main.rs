@@ -27,7 +27,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    // ---- `validator serve` goes here: `Serve(ServeArgs)`, owned by serve.rs/config.rs. ----
+    // SERVE: the `Serve(ServeArgs)` variant goes here (serve.rs/config.rs
+    // own it), with its arm in `main` below.
     /// Manage validation API clients (id and HMAC key) in the validator's database.
     #[command(subcommand)]
     Client(ClientCommand),
@@ -288,6 +289,7 @@ fn main() -> ExitCode {
     hsm::cli::init_logging();
     let cli = Cli::parse();
     match cli.command {
+        // SERVE: `Command::Serve(args) => …` goes here.
         Command::Client(cmd) => exit(client(cmd)),
         Command::Authfile(args) => exit(authfile_command(&args)),
         Command::Keystore(cmd) => exit(hsm::cli::run(&cmd, &mut std::io::stdout()).map_err(|e| e.to_string())),
