@@ -16,6 +16,74 @@ use validator::clients::{ClientDb, ClientInfo};
 use validator::{ClientId, ClientKey};
 use zeroize::Zeroizing;
 
+/// `validator serve` flags; each overrides the same key of `--config`.
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// TOML configuration file (see validator.toml.example); flags override it.
+    #[arg(long, env = "OTP_VALIDATOR_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// The validator's SQLite database (counters and API clients).
+    #[arg(long, value_name = "FILE")]
+    db: Option<PathBuf>,
+    /// `full` (every accepted OTP fsynced before OK) or `normal` [default: full].
+    #[arg(long, value_name = "MODE")]
+    synchronous: Option<String>,
+    /// The keystore file.
+    #[arg(long, env = "OTP_KEYSTORE", value_name = "PATH")]
+    keystore: Option<PathBuf>,
+    /// File holding the keystore password (prompted for on a terminal otherwise).
+    #[arg(long, env = "OTP_KEYSTORE_PASSWORD_FILE", value_name = "PATH")]
+    password_file: Option<PathBuf>,
+    /// In-process KSM over the SQLite AEAD store (filled by `ksm import`).
+    #[arg(long, value_name = "DB", conflicts_with_all = ["aead_dir", "ksm_url"])]
+    store: Option<PathBuf>,
+    /// In-process KSM over a pyhsm-layout AEAD directory.
+    #[arg(long, value_name = "DIR", conflicts_with = "ksm_url")]
+    aead_dir: Option<PathBuf>,
+    /// Key handles for the in-process KSM [default: every handle allowed to decode].
+    #[arg(long, value_name = "KH,…", value_delimiter = ',')]
+    key_handles: Option<Vec<String>>,
+    /// Remote KSM URL ending in `otp=` (repeat for several), instead of an in-process KSM.
+    #[arg(long = "ksm-url", value_name = "URL")]
+    ksm_url: Option<Vec<String>>,
+    /// Listen address [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// Ceiling on every answer, in milliseconds [default: 5000].
+    #[arg(long, value_name = "MS")]
+    request_timeout_ms: Option<u64>,
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    use validator::config::{ConfigFile, KsmSection};
+    let file = match &args.config {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    let flags = ConfigFile {
+        listen: args.listen,
+        db: args.db,
+        synchronous: args.synchronous,
+        keystore: args.keystore,
+        password_file: args.password_file,
+        request_timeout_ms: args.request_timeout_ms,
+        ksm: Some(KsmSection {
+            store: args.store,
+            aead_dir: args.aead_dir,
+            key_handles: args.key_handles,
+            urls: args.ksm_url,
+            timeout_ms: None,
+        }),
+        ..ConfigFile::default()
+    };
+    let config = file.overridden_by(flags).resolve()?;
+    let parts = validator::serve::assemble(&config)?;
+    let running =
+        validator::serve::start(parts, config.http.clone()).map_err(|e| format!("cannot listen on {}: {e}", config.http.listen))?;
+    eprintln!("validator: serving http://{}/wsapi/2.0/verify", running.local_addr());
+    running.wait_for_signal().map_err(|e| e.to_string())
+}
+
 /// Validation server: Yubico validation protocol 2.0 for pam_yubico, with
 /// durable replay protection.
 #[derive(Parser, Debug)]
@@ -27,8 +95,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    // SERVE: the `Serve(ServeArgs)` variant goes here (serve.rs/config.rs
-    // own it), with its arm in `main` below.
+    /// Serve Yubico's validation protocol 2.0 (`/wsapi/2.0/verify`) with
+    /// `/health` and Prometheus `/metrics`, until SIGTERM/SIGINT.
+    Serve(ServeArgs),
     /// Manage validation API clients (id and HMAC key) in the validator's database.
     #[command(subcommand)]
     Client(ClientCommand),
@@ -289,7 +358,7 @@ fn main() -> ExitCode {
     hsm::cli::init_logging();
     let cli = Cli::parse();
     match cli.command {
-        // SERVE: `Command::Serve(args) => …` goes here.
+        Command::Serve(args) => exit(serve(args)),
         Command::Client(cmd) => exit(client(cmd)),
         Command::Authfile(args) => exit(authfile_command(&args)),
         Command::Keystore(cmd) => exit(hsm::cli::run(&cmd, &mut std::io::stdout()).map_err(|e| e.to_string())),

@@ -193,7 +193,7 @@ pub fn assemble(config: &crate::config::ServeConfig) -> Result<Parts, String> {
         KsmSource::Remote { urls, timeout } => Arc::new(crate::remote_ksm::RemoteKsm::new(urls, *timeout)?),
     };
     let c = counters.clone();
-    health.push(Box::new(move || c.check().map_err(|e| format!("counter store: {e}"))));
+    health.push(Box::new(move || c.check().map_err(|e| e.to_string())));
     let c = counters.clone();
     let metrics: Vec<MetricsSource> = vec![Box::new(move |out: &mut String| c.render_metrics(out))];
     let verifier = Verifier::new(Arc::new(clients), decoder, counters, crate::verify::VerifyOptions::default());
