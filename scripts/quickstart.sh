@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quickstart: the appliance's main job on embedded defaults (soft keystore,
-# files in a temporary directory, nothing on the network).
+# files in a temporary directory, services on loopback only).
 #
 #   1. a personalisation keystore and a validation-only keystore holding the
 #      same key handle with different flags (pyhsm's recommended practice);
@@ -10,7 +10,11 @@
 #      when it is installed);
 #   4. the KSM decoding them, and refusing bad ones;
 #   5. the AEADs imported into the SQLite store, and the KSM as an HTTP
-#      service on loopback (Yubico KSM protocol).
+#      service on loopback (Yubico KSM protocol);
+#   6. the validator on loopback (Yubico validation protocol 2.0): OTPs
+#      validated by Debian's ykclient (or curl), a replay refused, and
+#      pam_yubico logging a user in through pamtester when they are
+#      installed and this runs as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,14 +22,20 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*" | sed "s#$work#\$WORK#g"; "$@"; }
 
 say "Building (release)"
-cargo build --release --quiet -p personalizer -p ksm
+cargo build --release --quiet -p personalizer -p ksm -p validator
 cargo build --release --quiet -p otp --example yubikey_sim
 bin=target/release
 sim=$bin/examples/yubikey_sim
 
 work=$(mktemp -d)
 server=
-trap '[ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"' EXIT
+pam_service=
+cleanup() {
+  [ -n "$server" ] && kill "$server" 2>/dev/null
+  [ -n "$pam_service" ] && rm -f "/etc/pam.d/$pam_service"
+  rm -rf "$work"
+}
+trap cleanup EXIT
 umask 077
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/password"
 # Cheap KDF for the demo only; the default is 64 MiB / 3 passes.
@@ -103,5 +113,53 @@ printf '$ curl http://%s/metrics | grep requests_total\n' "$addr"
 curl -fsS "http://$addr/metrics" | grep '^ksm_decrypt_requests_total' | grep -v ' 0$'
 kill -TERM "$server"; wait "$server"; server=
 echo "(ksm serve stopped on SIGTERM)"
+
+say "7. The validator: Yubico validation protocol 2.0 on loopback"
+run $bin/validator client add --db "$work/validator.db" --keystore "$work/ksm.keystore" --password-file "$work/password" --id 1 | tee "$work/client"
+apikey=$(sed -n 's/^key=//p' "$work/client")
+$bin/validator serve --db "$work/validator.db" --keystore "$work/ksm.keystore" --password-file "$work/password" \
+  --store "$work/aeads.db" --listen 127.0.0.1:0 2> "$work/validator.log" &
+server=$!
+for _ in $(seq 100); do grep -q 'serving http://' "$work/validator.log" && break; sleep 0.05; done
+vaddr=$(sed -n 's#.*serving http://\([^/]*\)/.*#\1#p' "$work/validator.log")
+[ -n "$vaddr" ] || { cat "$work/validator.log"; exit 1; }
+url="http://$vaddr/wsapi/2.0/verify"
+sed "s#$work#\$WORK#g" "$work/validator.log"
+IFS=, read -r _ public_id uid key _ < "$work/secrets.csv"
+# Counters 3 and up: the OTPs above (counters 1 and 2) were only decrypted,
+# never validated, so the validator has not seen them; these are new anyway.
+otp=$($sim "$public_id" "$uid" "$key" 3 0)
+echo "# the raw answer (CRLF lines, signed with the client's key):"
+printf '$ curl "%s?id=1&nonce=...&otp=%s&timestamp=1"\n' "$url" "$otp"
+curl -fsS "$url?id=1&nonce=quickstartnonce0001&otp=$otp&timestamp=1" | tr -d '\r'
+echo "# the same OTP again is a replay:"
+curl -fsS "$url?id=1&nonce=quickstartnonce0002&otp=$otp" | grep '^status='
+if command -v ykclient >/dev/null; then
+  otp=$($sim "$public_id" "$uid" "$key" 4 0)
+  echo "# Debian's ykclient signs its request and checks our signature:"
+  run ykclient --url "$url" --apikey "$apikey" 1 "$otp" && echo "ykclient: exit 0 (OK)"
+  run ykclient --url "$url" --apikey "$apikey" 1 "$otp" || echo "ykclient: exit $? (2 = replayed)"
+else
+  echo "(ykclient not installed: apt-get install libykclient-dev to see it validate)"
+fi
+if [ "$(id -u)" = 0 ] && command -v pamtester >/dev/null && [ -e /lib/security/pam_yubico.so ]; then
+  echo "# pam_yubico, as a bastion host would run it (a throwaway PAM service):"
+  pam_service="otp-quickstart-$$"
+  echo "alice:$public_id" > "$work/authfile"
+  printf 'auth required pam_yubico.so id=1 key=%s urllist=%s authfile=%s\naccount required pam_permit.so\n' \
+    "$apikey" "$url" "$work/authfile" > "/etc/pam.d/$pam_service"
+  otp=$($sim "$public_id" "$uid" "$key" 5 0)
+  printf '$ echo <OTP> | pamtester %s alice authenticate\n' "$pam_service"
+  echo "$otp" | pamtester "$pam_service" alice authenticate
+  echo "# the same OTP again:"
+  echo "$otp" | pamtester "$pam_service" alice authenticate || true
+  rm -f "/etc/pam.d/$pam_service"; pam_service=
+else
+  echo "(pam_yubico demo skipped: it needs root, pamtester and libpam-yubico installed)"
+fi
+printf '$ curl http://%s/metrics | grep verify_requests_total\n' "$vaddr"
+curl -fsS "http://$vaddr/metrics" | grep '^validator_verify_requests_total' | grep -v ' 0$'
+kill -TERM "$server"; wait "$server"; server=
+echo "(validator stopped on SIGTERM)"
 
 say "Done. Everything lived in a temporary directory, now removed."
