@@ -1,10 +1,12 @@
 //! Closed-loop load: `c` worker threads take jobs from one queue, as fast as
 //! each answer comes back, and time every request.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::http::Connection;
 use crate::stats::Summary;
 
 /// How many error messages a run keeps as examples.
@@ -102,6 +104,44 @@ where
     }
 }
 
+/// [`run`] over HTTP: each thread gets its own keep-alive [`Connection`]
+/// to `addr` (reads and writes bounded by `timeout`) and the request
+/// function `make_request(thread index)`, which sends one job on it and
+/// checks the answer. Returns the report and the TCP connections opened
+/// (one per thread when the server keeps connections alive).
+pub fn over_http<J, F, R>(
+    addr: SocketAddr,
+    concurrency: usize,
+    jobs: &[J],
+    time_limit: Option<Duration>,
+    timeout: Duration,
+    make_request: F,
+) -> (Report, u64)
+where
+    J: Sync,
+    F: Fn(usize) -> R + Sync,
+    R: FnMut(&mut Connection, &J) -> Result<(), String>,
+{
+    /// Adds its connection's count when the worker is dropped (at the end
+    /// of its thread).
+    struct Counted<'a> {
+        conn: Connection,
+        connects: &'a AtomicU64,
+    }
+    impl Drop for Counted<'_> {
+        fn drop(&mut self) {
+            self.connects.fetch_add(self.conn.stats().connects, Ordering::Relaxed);
+        }
+    }
+    let connects = AtomicU64::new(0);
+    let report = run(concurrency, jobs, time_limit, |index| {
+        let mut counted = Counted { conn: Connection::new(addr, timeout), connects: &connects };
+        let mut request = make_request(index);
+        move |job: &J| request(&mut counted.conn, job)
+    });
+    (report, connects.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -161,5 +201,48 @@ mod tests {
         assert!(report.unsent > 0);
         assert_eq!(report.summary.requests as usize + report.unsent, jobs.len());
         assert!(report.summary.elapsed < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn over_http_keeps_one_connection_per_thread() {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Two connections, each answering every request head it reads.
+        let server = std::thread::spawn(move || {
+            let mut threads = Vec::new();
+            for _ in 0..2 {
+                let (mut s, _) = listener.accept().unwrap();
+                threads.push(std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").unwrap();
+                        }
+                        match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                }));
+            }
+            for t in threads {
+                t.join().unwrap();
+            }
+        });
+        let jobs: Vec<u32> = (0..100).collect();
+        let (report, connects) = over_http(addr, 2, &jobs, None, Duration::from_secs(5), |_| {
+            |conn: &mut Connection, job: &u32| {
+                let r = conn.get(&format!("/x?{job}")).map_err(|e| e.to_string())?;
+                if job % 50 == 0 {
+                    return Err("every fiftieth fails".to_owned());
+                }
+                (r.body == b"ok").then_some(()).ok_or_else(|| "wrong body".to_owned())
+            }
+        });
+        assert_eq!((report.summary.requests, report.summary.errors, connects), (100, 2, 2));
+        server.join().unwrap();
     }
 }

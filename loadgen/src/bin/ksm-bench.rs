@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,11 +18,12 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, ValueEnum};
 use hsm::soft::format::KdfParams;
 use hsm::soft::SoftHsm;
-use hsm::{Flags, Password, SecurityModule};
+use hsm::{Flags, Password};
 use ksm::aead_dir::{AeadDir, KeyHandleDir};
 use ksm::store::AeadStore;
 use ksm::Ksm;
 use loadgen::fleet::{self, Fleet, OtpCase};
+use loadgen::harness::{free_port, mib, now_unix, proc_mem, tail, target_dir, BigStore, ChildGuard, HarnessError, STORE_BATCH as BATCH};
 use loadgen::http::Connection;
 use loadgen::ksm_answer;
 use loadgen::run::{self, Report};
@@ -41,8 +42,6 @@ const HANDLE_KEY: [u8; 32] = [
 ];
 const PASSWORD: &str = "ksm-bench";
 const PUBLIC_ID_BYTES: usize = 6;
-/// Rows per store transaction when filling the store.
-const BATCH: usize = 10_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum PyhsmMode {
@@ -111,12 +110,6 @@ struct Args {
     work_dir: Option<PathBuf>,
 }
 
-/// `<target>` from this binary's location (`<target>/release/ksm-bench`).
-fn target_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating ksm-bench")?;
-    exe.parent().and_then(Path::parent).map(Path::to_path_buf).context("ksm-bench is not inside a cargo target directory")
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
         let _ = write!(s, "{b:02x}");
@@ -124,79 +117,11 @@ fn hex(bytes: &[u8]) -> String {
     })
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
-}
-
 /// A keystore with the one benchmark handle (decode, generate, export).
 fn keystore(path: &Path) -> Result<SoftHsm> {
     let hsm = SoftHsm::create(path, &Password::new(PASSWORD)?, KdfParams::INSECURE_FOR_TESTS)?;
     hsm.import_handles(&[(KH, Flags::PERSONALIZER | Flags::OTP_DECODE | Flags::EXPORT, HandleKey::new(&HANDLE_KEY)?)])?;
     Ok(hsm)
-}
-
-/// A child process killed (and reaped) when dropped, on every exit path.
-struct ChildGuard {
-    name: &'static str,
-    child: Child,
-}
-
-impl ChildGuard {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Wait until `addr` accepts connections, or the child dies, or `limit`.
-    fn wait_listening(&mut self, addr: SocketAddr, limit: Duration) -> Result<()> {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("{} exited before listening ({status})", self.name);
-            }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return Ok(());
-            }
-            if start.elapsed() > limit {
-                bail!("{} did not listen on {addr} within {limit:?}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Ask politely (SIGTERM), then insist.
-    fn stop(mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).stderr(Stdio::null()).status();
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(3) {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // Drop kills.
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// A free loopback port (bound, read and released; a tiny race is accepted).
-fn free_port() -> Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?)
-}
-
-fn tail(path: &Path, bytes: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let start = text.len().saturating_sub(bytes);
-    let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
-    text[start..].trim().to_owned()
 }
 
 // ---------------------------------------------------------------------------
@@ -228,7 +153,7 @@ fn start_pyhsm(p: &Pyhsm, keys_json: &Path, aead_dir: &Path, log: &Path) -> Resu
     let log_file = std::fs::File::create(log)?;
     cmd.stdin(Stdio::null()).stdout(log_file.try_clone()?).stderr(log_file);
     let child = cmd.spawn().with_context(|| format!("starting {}", p.script.display()))?;
-    let mut guard = ChildGuard { name: "yhsm-yubikey-ksm", child };
+    let mut guard = ChildGuard::new("yhsm-yubikey-ksm", child);
     if let Err(e) = guard.wait_listening(addr, Duration::from_secs(20)) {
         bail!("{e}; its output:\n{}", tail(log, 2000));
     }
@@ -344,20 +269,9 @@ struct Row {
 /// With `verify`, each answer must be the OTP's own `OK` line; without, any
 /// HTTP 200 counts (for the calibration server).
 fn http_load(addr: SocketAddr, concurrency: usize, cases: &[OtpCase], time_limit: Duration, verify: bool) -> (Report, u64) {
-    let connects = std::sync::atomic::AtomicU64::new(0);
-    let report = run::run(concurrency, cases, Some(time_limit), |_| {
-        struct Worker<'a> {
-            conn: Connection,
-            connects: &'a std::sync::atomic::AtomicU64,
-        }
-        impl Drop for Worker<'_> {
-            fn drop(&mut self) {
-                self.connects.fetch_add(self.conn.stats().connects, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-        let mut w = Worker { conn: Connection::new(addr, Duration::from_secs(10)), connects: &connects };
-        move |case: &OtpCase| {
-            let resp = w.conn.get(&format!("/wsapi/decrypt?otp={}", case.otp)).map_err(|e| format!("request failed: {e}"))?;
+    run::over_http(addr, concurrency, cases, Some(time_limit), Duration::from_secs(10), |_| {
+        move |conn: &mut Connection, case: &OtpCase| {
+            let resp = conn.get(&format!("/wsapi/decrypt?otp={}", case.otp)).map_err(|e| format!("request failed: {e}"))?;
             if resp.head.status != 200 {
                 return Err(format!("HTTP {}: {:?}", resp.head.status, String::from_utf8_lossy(&resp.body)));
             }
@@ -367,8 +281,7 @@ fn http_load(addr: SocketAddr, concurrency: usize, cases: &[OtpCase], time_limit
                 Ok(())
             }
         }
-    });
-    (report, connects.into_inner())
+    })
 }
 
 fn in_process_load(ksm: &Ksm, concurrency: usize, cases: &[OtpCase], time_limit: Duration) -> Report {
@@ -571,72 +484,11 @@ fn throughput(args: &Args, target: &Path, work_root: &Path, rows: &mut Vec<Row>)
 // ---------------------------------------------------------------------------
 // Memory of `ksm serve` with a large store
 
-struct BigStore {
-    dir: PathBuf,
-    keystore: PathBuf,
-    password_file: PathBuf,
-    store: PathBuf,
-}
-
-/// Build (or reuse) `<work>/rss-<n>/` with a keystore and a store of `n`
-/// AEADs. A `complete` marker is written last, so an interrupted build is
-/// redone.
-fn big_store(work_root: &Path, n: u64) -> Result<BigStore> {
-    let dir = work_root.join(format!("rss-{n}"));
-    let b = BigStore { keystore: dir.join("keystore"), password_file: dir.join("password"), store: dir.join("aeads.db"), dir: dir.clone() };
-    let marker = dir.join("complete");
-    if marker.is_file() {
-        println!("memory: reusing the cached store of {n} AEADs in {}", dir.display());
-        return Ok(b);
-    }
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
-    }
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(&b.password_file, PASSWORD)?;
-    let hsm = keystore(&b.keystore)?;
-    let store = AeadStore::open(&b.store)?;
-    let t = Instant::now();
-    let mut batch = Vec::with_capacity(BATCH);
-    for i in 1..=n {
-        let id = PublicId::from_number(i, PUBLIC_ID_BYTES)?;
-        let record = hsm.generate_yubikey_aeads(&[KH], hsm::NonceSource::Given(id.aead_nonce()?))?.into_iter().next().context("no AEAD")?;
-        batch.push((id, record));
-        if batch.len() == BATCH || i == n {
-            store.put_many(&batch, "ksm-bench", now_unix())?;
-            batch.clear();
-        }
-        if i % 100_000 == 0 {
-            eprintln!("  memory: {i}/{n} AEADs stored ({:.0}s)", t.elapsed().as_secs_f64());
-        }
-    }
-    drop(store);
-    std::fs::write(&marker, format!("{n}\n"))?;
-    println!("memory: built a store of {n} AEADs in {:.1}s ({})", t.elapsed().as_secs_f64(), dir.display());
-    Ok(b)
-}
-
-#[derive(Debug, Default)]
-struct Mem {
-    rss_kb: u64,
-    hwm_kb: u64,
-}
-
-fn proc_mem(pid: u32) -> Result<Mem> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> Option<u64> {
-        status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-    };
-    Ok(Mem { rss_kb: field("VmRSS:").unwrap_or(0), hwm_kb: field("VmHWM:").unwrap_or(0) })
-}
-
-fn mib(kb: u64) -> String {
-    format!("{:.1} MiB", kb as f64 / 1024.0)
-}
-
 fn memory(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<()> {
     let n = args.rss_keys;
-    let b = big_store(work_root, n)?;
+    let b = BigStore::build_or_reuse(&work_root.join(format!("rss-{n}")), n, PUBLIC_ID_BYTES, KH, PASSWORD, |path| {
+        keystore(path).map_err(|e| HarnessError::Other(format!("{e:#}")))
+    })?;
     let ksm_bin = match &args.ksm_bin {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("ksm"),
@@ -649,10 +501,8 @@ fn memory(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<()> {
     // whole B-tree rather than one hot page.
     let hsm = SoftHsm::open_unlocked(&b.keystore, &Password::new(PASSWORD)?)?;
     let reader = AeadStore::open_existing(&b.store)?;
-    let sample = n.min(10_000);
     let mut fleet = Fleet::new();
-    for k in 0..sample {
-        let id = PublicId::from_number(1 + k * n / sample, PUBLIC_ID_BYTES)?;
+    for id in BigStore::spread_ids(n, 10_000, PUBLIC_ID_BYTES)? {
         let record = reader.get(&id, KH)?.with_context(|| format!("{id} missing from the cached store; delete {}", b.dir.display()))?;
         fleet.push(id, fleet::secrets_of(&hsm, &record)?);
     }
@@ -678,7 +528,7 @@ fn memory(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<()> {
         .stderr(log_file)
         .spawn()
         .with_context(|| format!("starting {} serve", ksm_bin.display()))?;
-    let mut guard = ChildGuard { name: "ksm serve", child };
+    let mut guard = ChildGuard::new("ksm serve", child);
     if let Err(e) = guard.wait_listening(addr, Duration::from_secs(30)) {
         bail!("{e}; its output:\n{}", tail(&log, 2000));
     }
@@ -752,15 +602,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hex_and_mib() {
-        assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
-        assert_eq!(mib(2048), "2.0 MiB");
-    }
-
-    #[test]
-    fn reads_own_memory() {
-        let m = proc_mem(std::process::id()).unwrap_or_default();
-        assert!(m.rss_kb > 0 && m.hwm_kb >= m.rss_kb, "{m:?}");
+    fn hex() {
+        assert_eq!(super::hex(&[0, 0xab, 0x10]), "00ab10");
     }
 
     #[test]
@@ -775,14 +618,5 @@ mod tests {
         assert_eq!(c.stats().connects, 1);
         drop(c);
         floor.stop();
-    }
-
-    #[test]
-    fn tail_is_char_safe() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let p = dir.path().join("log");
-        std::fs::write(&p, "ééé\nend\n").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(tail(&p, 6), "end");
-        assert_eq!(tail(&dir.path().join("missing"), 10), "");
     }
 }
