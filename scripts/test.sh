@@ -6,8 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests drive as independent oracles:
-#   libyubikey-dev  ykgenerate / ykparse / modhex (Yubico's C library tools)
-apt_packages=(libyubikey-dev)
+#   libyubikey-dev   ykgenerate / ykparse / modhex (Yubico's C library tools)
+#   libpam-yubico    pam_yubico.so, the real PAM client of the validator
+#   pamtester        drives PAM services from the tests (which run as root)
+#   libykclient-dev  the `ykclient` command line (Yubico's C validation client)
+apt_packages=(libyubikey-dev libpam-yubico pamtester libykclient-dev)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -23,6 +26,11 @@ fi
 if ! python3 -c 'import cryptography.hazmat.primitives.ciphers.aead' 2>/dev/null; then
   echo "installing Python package: cryptography"
   python3 -m pip install --quiet --disable-pip-version-check cryptography
+fi
+# `yubico-client` (PyPI): a second independent validation protocol client.
+if ! python3 -c 'import yubico_client' 2>/dev/null; then
+  echo "installing Python package: yubico-client"
+  python3 -m pip install --quiet --disable-pip-version-check yubico-client
 fi
 
 echo "== cargo fmt"
