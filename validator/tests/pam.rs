@@ -38,6 +38,7 @@ fn require_root() {
     );
 }
 
+/// `pamtester`, after checking that pam_yubico is installed.
 fn require_pam_yubico() -> PathBuf {
     let pamtester = tools::require("pamtester", "pamtester");
     let module = ["/lib/security/pam_yubico.so", "/lib/x86_64-linux-gnu/security/pam_yubico.so", "/usr/lib/security/pam_yubico.so"];
@@ -52,6 +53,7 @@ fn require_pam_yubico() -> PathBuf {
 /// A PAM service `/etc/pam.d/otp-appliance-test-<pid>-<n>` running
 /// pam_yubico alone, with its own debug log; the file is removed on drop.
 struct PamService {
+    pamtester: PathBuf,
     name: String,
     file: PathBuf,
     debug_log: PathBuf,
@@ -72,9 +74,10 @@ impl PamService {
             authfile.display(),
             debug_log.display()
         );
+        let pamtester = require_pam_yubico();
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&file).unwrap();
         // From here on the guard owns the file.
-        let me = Self { name, file, debug_log };
+        let me = Self { pamtester, name, file, debug_log };
         f.write_all(service.as_bytes()).unwrap();
         me
     }
@@ -82,7 +85,7 @@ impl PamService {
     /// `echo INPUT | pamtester -v SERVICE USER authenticate`.
     fn login(&self, user: &str, input: &str) -> Login {
         std::fs::write(&self.debug_log, b"").unwrap();
-        let mut child = Command::new(require_pam_yubico())
+        let mut child = Command::new(&self.pamtester)
             .args(["-v", &self.name, user, "authenticate"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
