@@ -8,15 +8,16 @@
 //! **Bounded answer time.** pam_yubico sets no timeout, so a hung
 //! validator hangs sshd. Each request is answered by its deadline: the
 //! request's `timeout` parameter, capped by the configured ceiling. The
-//! decision (client lookup, KSM, counter compare-and-set) runs on the
-//! blocking pool; when the deadline passes first, the answer is a signed
-//! `BACKEND_ERROR`. The abandoned work may still finish and record the
+//! request is checked on the async worker (parsing, the in-memory client
+//! lookup, the HMAC); the decision (KSM, module, counter compare-and-set)
+//! runs on the blocking pool; when the deadline passes first, the answer is
+//! a `BACKEND_ERROR` signed with the client's key. The abandoned work may still finish and record the
 //! OTP's counters, which spends the OTP: the user presses the key again.
 //! That is the safe side: an OTP is never accepted twice.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use httpd::metrics::{header, Histogram};
@@ -24,7 +25,7 @@ pub use httpd::{HttpOptions, Running};
 use httpd::{Method, Rejection, Reply, Request, StatusCode};
 
 use crate::protocol::{Response, Status, Version};
-use crate::verify::{Checked, Prepared, Verifier};
+use crate::verify::{Prepared, Verifier};
 
 /// A readiness check: `Err` says what is not ready.
 pub type HealthCheck = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -61,9 +62,12 @@ impl httpd::Handler for ValidatorService {
 
     async fn handle(self: Arc<Self>, req: Request) -> Result<Reply, Rejection> {
         let version = Version::from_path(&req.path).ok_or(Rejection::NotFound)?;
-        let form = match req.method {
-            Method::GET => req.query.unwrap_or_default(),
-            Method::POST => String::from_utf8(req.body.to_vec()).unwrap_or_else(|_| "%".to_owned()),
+        // As yubikey-val: the query string, or the form body when the query
+        // is empty.
+        let form = match (req.method, req.query) {
+            (Method::GET, q) => q.unwrap_or_default(),
+            (Method::POST, Some(q)) if !q.is_empty() => q,
+            (Method::POST, _) => String::from_utf8(req.body.to_vec()).unwrap_or_else(|_| "%".to_owned()),
             _ => return Err(Rejection::MethodNotAllowed),
         };
         let response = match httpd::form::pairs(&form) {
@@ -111,39 +115,26 @@ fn status_index(s: Status) -> usize {
 }
 
 impl ValidatorService {
-    /// Decide on the blocking pool, answering by the deadline whatever the
-    /// KSM, module or database do.
+    /// Check the request here (parsing, an in-memory client lookup, the
+    /// HMAC: microseconds), then decide on the blocking pool (KSM, module,
+    /// counter store), answering by the deadline whatever those do. Once
+    /// the client is known, even a missed deadline is signed with its key.
     async fn verify(&self, started: std::time::Instant, pairs: Vec<(String, String)>, version: Version) -> Response {
-        // The request's own timeout can only shorten the ceiling. It is read
-        // here, before the blocking work, so the wait can be bounded by it.
-        let asked = crate::protocol::parse_request(&pairs, version).ok().and_then(|r| r.timeout());
-        let deadline = started + asked.map_or(self.ceiling, |t| t.min(self.ceiling));
-        // What the blocking side has checked so far: enough to sign a
-        // BACKEND_ERROR with the client's key if the deadline passes.
-        let checked: Arc<Mutex<Option<Checked>>> = Arc::default();
-        let slot = checked.clone();
+        let checked = match self.parts.verifier.prepare(&pairs, version, SystemTime::now()) {
+            Prepared::Done(r) => return r,
+            Prepared::Checked(c) => c,
+        };
+        // The request's own timeout can only shorten the ceiling.
+        let deadline = started + checked.deadline(self.ceiling);
         let verifier = self.parts.verifier.clone();
-        let decided = httpd::blocking(deadline, move || match verifier.prepare(&pairs, version, SystemTime::now()) {
-            Prepared::Done(r) => r,
-            Prepared::Checked(c) => {
-                if let Ok(mut s) = slot.lock() {
-                    *s = Some(c.clone());
-                }
-                verifier.complete(&c, SystemTime::now())
-            }
-        })
-        .await;
-        decided.unwrap_or_else(|| {
+        let job = checked.clone();
+        httpd::blocking(deadline, move || verifier.complete(&job, SystemTime::now())).await.unwrap_or_else(|| {
             self.deadline_missed.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
                 waited_ms = started.elapsed().as_millis(),
                 "verify missed its deadline: KSM, security module or database too slow; answering BACKEND_ERROR"
             );
-            let now = SystemTime::now();
-            match checked.lock().ok().and_then(|c| c.clone()) {
-                Some(c) => c.backend_error(now),
-                None => Response::bare(Status::BackendError, now),
-            }
+            checked.backend_error(SystemTime::now())
         })
     }
 }

@@ -1066,7 +1066,6 @@ fn a_saturated_blocking_pool_still_answers_by_the_deadline() {
 /// `prepare` had not run), so ykclient reports a bad server signature
 /// instead of `BACKEND_ERROR`.
 #[test]
-#[ignore = "bug: serve.rs ValidatorService::verify signs deadline BACKEND_ERRORs with the empty key when prepare() never ran"]
 fn a_saturated_blocking_pool_answers_are_signed_with_the_client_key() {
     let (answers, _, key) = saturated_pool_answers();
     let unsigned: Vec<&str> = answers.iter().filter(|a| !a.signed_by(&key)).map(|a| a.body.as_str()).collect();
@@ -1078,7 +1077,6 @@ fn a_saturated_blocking_pool_answers_are_signed_with_the_client_key() {
 /// parameters are in the URL is verified like a GET. Here the query string
 /// of a POST is ignored: the empty body is `MISSING_PARAMETER`.
 #[test]
-#[ignore = "bug: serve.rs ValidatorService::handle ignores the query string of a POST (yubikey-val uses it, falling back to the body only when it is empty)"]
 fn a_post_with_its_parameters_in_the_url_is_read_like_a_get() {
     let site = site(1);
     let key = site.add_client(1);
