@@ -1,8 +1,10 @@
 //! `validator-bench`: the validator (verify 2.0 over HTTP, in-process KSM,
-//! durable SQLite counters with group commit) under closed-loop load of
-//! unique, valid, HMAC-signed requests, once per `synchronous` mode and
-//! concurrency level; optionally the resident memory of the real
-//! `validator serve` binary with a large AEAD store.
+//! durable SQLite counters with group commit), assembled in this process
+//! by `validator::serve::assemble` exactly as `validator serve` assembles
+//! it, under closed-loop load of unique, valid, HMAC-signed requests, once
+//! per `synchronous` mode (a fresh database each) and concurrency level;
+//! optionally the resident memory of the real `validator serve` binary
+//! with a large AEAD store.
 //!
 //! Every answer is checked as a strict client would: `status=OK`, the
 //! request's `otp` and `nonce` echoed, a valid `h` under the client's key,
@@ -26,9 +28,7 @@ use clap::Parser;
 use hsm::soft::format::KdfParams;
 use hsm::soft::SoftHsm;
 use hsm::{Flags, Password};
-use ksm::aead_dir::KeyHandleDir;
 use ksm::store::AeadStore;
-use ksm::Ksm;
 use loadgen::fleet::{self, Fleet, OtpCase};
 use loadgen::harness::{mib, now_unix, proc_mem, tail, target_dir, tee_lines, BigStore, ChildGuard, HarnessError, Mem, STORE_BATCH};
 use loadgen::http::Connection;
@@ -38,9 +38,9 @@ use loadgen::stats::{ms, STALL};
 use loadgen::verify_answer::{self, NonceSource};
 use otp::{KeyHandle, PublicId};
 use validator::clients::SqliteClients;
-use validator::counters::{CounterOptions, SqliteCounters, Synchronous};
-use validator::serve::{self, HealthCheck, HttpOptions, MetricsSource, Parts};
-use validator::verify::{Verifier, VerifyOptions};
+use validator::config::{KsmSource, ServeConfig};
+use validator::counters::Synchronous;
+use validator::serve::{self, HttpOptions};
 use validator::{ClientId, ClientKey};
 
 const KH: KeyHandle = KeyHandle::new(1);
@@ -80,10 +80,6 @@ struct Args {
     /// Stop a level after this many seconds even if requests remain.
     #[arg(long, default_value_t = 60)]
     time_limit_secs: u64,
-    /// The counter store's cap on updates per transaction
-    /// (`CounterOptions::max_batch`); default: the store's own.
-    #[arg(long, value_name = "N")]
-    max_batch: Option<usize>,
     /// The service's async worker threads (`HttpOptions::workers`);
     /// default: the service's own default.
     #[arg(long, value_name = "N")]
@@ -263,21 +259,18 @@ struct Row {
     store: StoreFigures,
 }
 
-/// Warm up, then measure one level between two scrapes.
-fn level(
-    addr: SocketAddr,
-    key: &ClientKey,
-    c: usize,
-    warm: &[OtpCase],
-    cases: &[OtpCase],
-    limit: Duration,
-) -> Result<(Report, u64, StoreFigures)> {
+/// Unmeasured load before a level (connections, caches, thread pools).
+fn warm_up(addr: SocketAddr, key: &ClientKey, c: usize, warm: &[OtpCase], limit: Duration) {
     if !warm.is_empty() {
         let (w, _) = verify_load(addr, key, c, warm, limit);
         if w.summary.errors > 0 {
             eprintln!("  warm-up c={c}: {} errors, e.g. {:?}", w.summary.errors, w.error_examples.first());
         }
     }
+}
+
+/// Measure one level between two scrapes.
+fn level(addr: SocketAddr, key: &ClientKey, c: usize, cases: &[OtpCase], limit: Duration) -> Result<(Report, u64, StoreFigures)> {
     let before = scrape(addr)?;
     let (report, connects) = verify_load(addr, key, c, cases, limit);
     let after = scrape(addr)?;
@@ -455,40 +448,40 @@ fn throughput(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<()> 
         work.path().display()
     );
 
+    let password_file = work.path().join("password");
+    std::fs::write(&password_file, PASSWORD)?;
     let limit = Duration::from_secs(args.time_limit_secs);
     for &mode in &args.synchronous {
         let db = work.path().join(format!("validator-{mode}.db"));
-        let clients = SqliteClients::open(&db, hsm.clone()).context("API clients")?;
-        let client_id = ClientId::new(CLIENT_ID).context("client id")?;
-        let (_, key) = clients.add(Some(client_id), None).context("adding the API client")?;
-        let mut counter_options = CounterOptions { synchronous: mode, ..CounterOptions::default() };
-        if let Some(n) = args.max_batch {
-            counter_options.max_batch = n;
-        }
-        let max_batch = counter_options.max_batch;
-        let counters = Arc::new(SqliteCounters::open_with(&db, counter_options).map_err(|e| anyhow::anyhow!("{e}"))?);
-        let ksm = Arc::new(Ksm::new(hsm.clone(), Box::new(AeadStore::open_existing(&store_path)?), vec![KeyHandleDir::from(KH)]));
-        let verifier = Verifier::new(Arc::new(clients), ksm.clone(), counters.clone(), VerifyOptions::default());
-        // The same parts `validator::serve::assemble` puts together.
-        let (k, c) = (ksm.clone(), counters.clone());
-        let health: Vec<HealthCheck> =
-            vec![Box::new(move || k.health()), Box::new(move || c.check().map_err(|e| format!("counter store: {e}")))];
-        let c = counters.clone();
-        let metrics: Vec<MetricsSource> = vec![Box::new(move |out: &mut String| c.render_metrics(out))];
-        let parts = Parts { verifier: Arc::new(verifier), health, metrics };
-
-        let mut opts = HttpOptions::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+        // The client first, as `validator client add` would.
+        let key = {
+            let clients = SqliteClients::open(&db, hsm.clone()).context("API clients")?;
+            let client_id = ClientId::new(CLIENT_ID).context("client id")?;
+            clients.add(Some(client_id), None).context("adding the API client")?.1
+        };
+        let mut http = HttpOptions::new(SocketAddr::from(([127, 0, 0, 1], 0)));
         if let Some(n) = args.http_workers {
-            opts.workers = n;
+            http.workers = n;
         }
         if let Some(n) = args.http_blocking_threads {
-            opts.max_blocking_threads = n;
+            http.max_blocking_threads = n;
         }
-        let (workers, blocking) = (opts.workers, opts.max_blocking_threads);
-        let running = serve::start(parts, opts).context("starting the validator")?;
+        let (workers, blocking) = (http.workers, http.max_blocking_threads);
+        // What `validator serve --db … --keystore … --password-file … --store …
+        // --synchronous MODE` runs, assembled by the same function.
+        let config = ServeConfig {
+            db: db.clone(),
+            synchronous: mode,
+            keystore: hsm.path().to_path_buf(),
+            password_file: Some(password_file.clone()),
+            ksm: KsmSource::Store { path: store_path.clone(), key_handles: Vec::new() },
+            http: http.clone(),
+        };
+        let parts = serve::assemble(&config).map_err(|e| anyhow::anyhow!("assembling the validator: {e}"))?;
+        let running = serve::start(parts, http).context("starting the validator")?;
         let addr = running.local_addr();
         println!(
-            "validator: synchronous={mode}: http://{addr}/wsapi/2.0/verify (in this process; fresh database; workers {}, max blocking threads {blocking}, max batch {max_batch})",
+            "validator: synchronous={mode}: http://{addr}/wsapi/2.0/verify (serve::assemble + serve::start in this process; fresh database; workers {}, max blocking threads {blocking})",
             if workers == 0 { "= CPUs".to_owned() } else { workers.to_string() }
         );
         let result = (|| -> Result<()> {
@@ -496,7 +489,8 @@ fn throughput(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<()> 
             for &c in &args.concurrency {
                 let warm = fleet.otps(args.warmup)?;
                 let cases = fleet.otps(args.requests_per_level)?;
-                let (report, connects, store) = level(addr, &key, c, &warm, &cases, limit)?;
+                warm_up(addr, &key, c, &warm, limit);
+                let (report, connects, store) = level(addr, &key, c, &cases, limit)?;
                 let s = &report.summary;
                 eprintln!(
                     "  sync={mode:<6} c={c:<3} {:>8.0} validations/s  p99 {} ms  errors {}  mean batch {}",
@@ -509,10 +503,8 @@ fn throughput(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<()> 
             }
             Ok(())
         })();
+        // Joins the service, and with its parts the counter writer.
         running.shutdown();
-        // The service's parts are gone with it; this joins the writer.
-        drop(ksm);
-        drop(counters);
         result?;
     }
     Ok(())
@@ -619,7 +611,7 @@ fn memory(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<MemoryFi
     check_health(addr)?;
     let idle = proc_mem(guard.pid())?;
     let c = args.concurrency.iter().copied().max().unwrap_or(32);
-    let (report, connects, store) = level(addr, &key, c, &[], &cases, Duration::from_secs(args.time_limit_secs))?;
+    let (report, connects, store) = level(addr, &key, c, &cases, Duration::from_secs(args.time_limit_secs))?;
     let loaded = proc_mem(guard.pid())?;
     let pid = guard.pid();
     guard.stop();
