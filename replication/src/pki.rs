@@ -431,6 +431,12 @@ pub struct Identity {
     key: Zeroizing<PrivateKeyDer<'static>>,
 }
 
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Self { cert: self.cert.clone(), key: Zeroizing::new(self.key.clone_key()) }
+    }
+}
+
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Identity").field("fingerprint", &self.fingerprint()).field("key", &"REDACTED").finish()

@@ -42,7 +42,8 @@
 //! keep-alives ([`Settings::keep_alive`]) and the idle timeout
 //! ([`Settings::idle_timeout`]) detect dead peers; a peer that restarts
 //! with the same identity answers packets of the old connection with a
-//! stateless reset (the reset key is derived from the site key), so the
+//! stateless reset (the reset and connection-ID keys are derived from the
+//! site key), so the
 //! first request after a restart fails fast with
 //! [`RpcError::ConnectionLost`] and the next one reconnects. Requests are
 //! not retried here: only the caller knows whether a request may be
@@ -53,13 +54,14 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{ConnectionError, ReadError, ReadExactError, VarInt, WriteError};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerifier};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -373,12 +375,35 @@ where
 
 type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
 
+/// Connection counters of an [`Endpoint`] since it was bound.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Connections we dialled that completed and were authorized.
+    pub dialled: u64,
+    /// Incoming connections that completed and were authorized.
+    pub accepted: u64,
+    /// Peers refused by our checks, either way (CA or authorization rule).
+    pub refused: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    dialled: AtomicU64,
+    accepted: AtomicU64,
+    refused: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
 struct Inner {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
     trust: Arc<Trust>,
     settings: Settings,
     connections: Mutex<HashMap<Peer, Slot>>,
+    counters: Arc<Counters>,
 }
 
 /// A site's QUIC endpoint: requests out, [`serve`](Self::serve) in. Cheap
@@ -404,6 +429,7 @@ fn provider() -> Arc<CryptoProvider> {
 struct AuthorizingClientVerifier {
     webpki: Arc<dyn ClientCertVerifier>,
     trust: Arc<Trust>,
+    counters: Arc<Counters>,
 }
 
 impl ClientCertVerifier for AuthorizingClientVerifier {
@@ -426,11 +452,13 @@ impl ClientCertVerifier for AuthorizingClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let verified = self.webpki.verify_client_cert(end_entity, intermediates, now).inspect_err(|e| {
+            bump(&self.counters.refused);
             tracing::warn!(fingerprint = %Fingerprint::of(end_entity), error = %e, "client certificate refused");
         })?;
         match self.trust.authorize(end_entity) {
             Ok(_) => Ok(verified),
             Err(refusal) => {
+                bump(&self.counters.refused);
                 tracing::warn!(
                     fingerprint = %refusal.fingerprint,
                     names = ?refusal.names,
@@ -464,18 +492,84 @@ impl ClientCertVerifier for AuthorizingClientVerifier {
     }
 }
 
-/// The QUIC stateless-reset key, stable across restarts of the same site,
-/// so that a restarted peer resets connections it no longer knows.
-fn reset_key(identity: &Identity) -> Arc<dyn quinn::crypto::HmacKey> {
-    let key = identity.key();
-    let mut h = Sha256::new();
-    h.update(b"otp-appliance-repl/1 stateless reset key\0");
-    h.update(key.secret_der());
-    let seed = Zeroizing::new(<[u8; 32]>::from(h.finalize()));
-    Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, seed.as_ref()))
+/// The client side's server verifier: WebPKI (CA, server auth EKU, the
+/// dialled name), counting refusals. The rules are applied after the
+/// handshake, in [`Endpoint::request`], to report a typed error.
+#[derive(Debug)]
+struct CountingServerVerifier {
+    webpki: Arc<dyn ServerCertVerifier>,
+    counters: Arc<Counters>,
 }
 
-fn tls_configs(identity: &Identity, trust: &Arc<Trust>) -> Result<(rustls::ServerConfig, rustls::ClientConfig), Error> {
+impl ServerCertVerifier for CountingServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now).inspect_err(|e| {
+            bump(&self.counters.refused);
+            tracing::warn!(fingerprint = %Fingerprint::of(end_entity), error = %e, "server certificate refused");
+        })
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// Per-site secrets derived from the site key, stable across restarts:
+/// the QUIC stateless-reset key, and the key of the connection-ID
+/// generator that tells our own connection IDs from junk. Both must survive
+/// a restart so that a restarted peer recognises packets of connections it
+/// has forgotten and resets them, instead of leaving them to the idle
+/// timeout.
+fn derived_endpoint_config(identity: &Identity) -> quinn::EndpointConfig {
+    let key = identity.key();
+    let derive = |label: &[u8]| {
+        let mut h = Sha256::new();
+        h.update(b"otp-appliance-repl/1 ");
+        h.update(label);
+        h.update([0u8]);
+        h.update(key.secret_der());
+        Zeroizing::new(<[u8; 32]>::from(h.finalize()))
+    };
+    let reset = derive(b"stateless reset key");
+    let mut config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref())));
+    let cid = derive(b"connection id key");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    config
+}
+
+fn tls_configs(
+    identity: &Identity,
+    trust: &Arc<Trust>,
+    counters: &Arc<Counters>,
+) -> Result<(rustls::ServerConfig, rustls::ClientConfig), Error> {
     let tls_err = |e: rustls::Error| Error::Tls(e.to_string());
     let provider = provider();
     let mut roots = RootCertStore::empty();
@@ -484,7 +578,7 @@ fn tls_configs(identity: &Identity, trust: &Arc<Trust>) -> Result<(rustls::Serve
 
     let webpki_client =
         WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build().map_err(|e| Error::Tls(e.to_string()))?;
-    let verifier = Arc::new(AuthorizingClientVerifier { webpki: webpki_client, trust: trust.clone() });
+    let verifier = Arc::new(AuthorizingClientVerifier { webpki: webpki_client, trust: trust.clone(), counters: counters.clone() });
     let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
@@ -498,8 +592,11 @@ fn tls_configs(identity: &Identity, trust: &Arc<Trust>) -> Result<(rustls::Serve
     server.send_tls13_tickets = 0;
     server.session_storage = Arc::new(NoServerSessionStorage {});
 
-    let server_verifier: Arc<dyn ServerCertVerifier> =
+    let webpki_server: Arc<dyn ServerCertVerifier> =
         WebPkiServerVerifier::builder_with_provider(roots, provider.clone()).build().map_err(|e| Error::Tls(e.to_string()))?;
+    // `dangerous()` only because the verifier is a wrapper: it is WebPKI
+    // with our CA as the only root, unchanged.
+    let server_verifier = Arc::new(CountingServerVerifier { webpki: webpki_server, counters: counters.clone() });
     let mut client = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
@@ -520,7 +617,8 @@ impl Endpoint {
     pub fn bind(config: EndpointConfig) -> Result<Self, Error> {
         config.settings.check()?;
         let trust = Arc::new(config.trust);
-        let (server_tls, client_tls) = tls_configs(&config.identity, &trust)?;
+        let counters = Arc::new(Counters::default());
+        let (server_tls, client_tls) = tls_configs(&config.identity, &trust, &counters)?;
         let transport = Arc::new(config.settings.transport()?);
 
         let server_crypto = QuicServerConfig::try_from(server_tls).map_err(|e| Error::Tls(e.to_string()))?;
@@ -533,12 +631,21 @@ impl Endpoint {
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport);
 
-        let endpoint_config = quinn::EndpointConfig::new(reset_key(&config.identity));
+        let endpoint_config = derived_endpoint_config(&config.identity);
         let bind_err = |source| Error::Bind { addr: config.bind, source };
         Handle::try_current().map_err(|e| bind_err(std::io::Error::other(e)))?;
         let socket = std::net::UdpSocket::bind(config.bind).map_err(bind_err)?;
         let endpoint = quinn::Endpoint::new(endpoint_config, Some(server), socket, Arc::new(quinn::TokioRuntime)).map_err(bind_err)?;
-        Ok(Self { inner: Arc::new(Inner { endpoint, client, trust, settings: config.settings, connections: Mutex::new(HashMap::new()) }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                endpoint,
+                client,
+                trust,
+                settings: config.settings,
+                connections: Mutex::new(HashMap::new()),
+                counters,
+            }),
+        })
     }
 
     /// The bound address.
@@ -549,6 +656,16 @@ impl Endpoint {
     /// The settings in force.
     pub fn settings(&self) -> &Settings {
         &self.inner.settings
+    }
+
+    /// Connection counters since the endpoint was bound.
+    pub fn stats(&self) -> Stats {
+        let c = &self.inner.counters;
+        Stats {
+            dialled: c.dialled.load(Ordering::Relaxed),
+            accepted: c.accepted.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+        }
     }
 
     /// Closes every connection (peers see [`codes::SHUTDOWN`]) and stops
@@ -616,10 +733,12 @@ impl Endpoint {
         let leaf = leaf_certificate(&conn).ok_or_else(|| RpcError::Tls("peer presented no certificate".into()))?;
         match self.inner.trust.authorize(&leaf) {
             Ok(identity) => {
+                bump(&self.inner.counters.dialled);
                 tracing::info!(%peer, fingerprint = %identity.fingerprint, "connected");
                 Ok(conn)
             }
             Err(refusal) => {
+                bump(&self.inner.counters.refused);
                 conn.close(codes::NOT_AUTHORIZED, b"not authorized");
                 tracing::warn!(%peer, fingerprint = %refusal.fingerprint, names = ?refusal.names,
                     "peer certificate from our CA matches no authorization rule: refused");
@@ -651,11 +770,13 @@ impl Endpoint {
                     Some(Ok(identity)) => identity,
                     _ => {
                         // The verifier already refused these; defence in depth.
+                        bump(&inner.counters.refused);
                         conn.close(codes::NOT_AUTHORIZED, b"not authorized");
                         tracing::warn!(%remote, "connection without an authorized certificate closed");
                         return;
                     }
                 };
+                bump(&inner.counters.accepted);
                 tracing::info!(%remote, peer = %identity.name, fingerprint = %identity.fingerprint, "peer connected");
                 serve_connection(conn, identity, handler, inner.settings.clone()).await;
             });
