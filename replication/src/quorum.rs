@@ -47,6 +47,12 @@
 //! (write-all) the origin is in every quorum, and [`Event::Superseded`]
 //! makes the order hold for the answers themselves: a pending request is
 //! refused as soon as a higher value for its key is stored at its origin.
+//! With a witness the quorums of two requests may meet only at a third
+//! node, so for two *concurrent* requests the lower one's `OK` can still be
+//! delivered after the higher one's (both compare-and-sets were in order at
+//! the meeting node; only the answer was late). Closing that would cost a
+//! second round trip; a request that starts after an `OK` is always
+//! ordered.
 //!
 //! # The decision for a request of this site
 //!
@@ -337,7 +343,7 @@ impl QuorumConfig {
         Self { peers: vec![site_a, site_b], witness: None, required: 2, deadline, policy: Policy::FailClosed, resend_every: None }
     }
 
-    /// Every node but `site`, peers first.
+    /// The other nodes of the group: the peers, then the witness.
     pub fn others(&self) -> impl Iterator<Item = SiteId> + '_ {
         self.peers.iter().copied().chain(self.witness)
     }
@@ -742,6 +748,7 @@ impl Machine {
 
     /// Process one input at time `now` (monotonic; never earlier than a
     /// previous call's) and return what to do, in order.
+    #[must_use]
     pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Action> {
         let mut out = Vec::new();
         if self.armed.is_some_and(|at| at <= now) {

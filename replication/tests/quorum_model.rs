@@ -1073,7 +1073,7 @@ fn duplicates_late_replies_and_strangers_are_ignored() {
 
     // A reply exactly at the deadline is too late.
     let mut a = Machine::new(A, QuorumConfig::two_sites(B, DEADLINE)).unwrap();
-    a.handle(t, Input::LocalAccepted { req_id: RequestId(7), proposal: p, sync_level: None, timeout: None });
+    let _ = a.handle(t, Input::LocalAccepted { req_id: RequestId(7), proposal: p, sync_level: None, timeout: None });
     let out = a.handle(t + DEADLINE, Input::Message { from: B, message: ack });
     assert_eq!(out.last(), Some(&Action::Answer { req_id: RequestId(7), verdict: Verdict::NotEnoughAnswers { sl: 50 } }));
 }
@@ -1084,10 +1084,10 @@ fn a_higher_value_stored_meanwhile_supersedes_a_pending_request() {
     let low = otp(1, 3, 0);
     let high = otp(1, 3, 1);
     let mut a = Machine::new(A, QuorumConfig::two_sites(B, DEADLINE)).unwrap();
-    a.handle(t, Input::LocalAccepted { req_id: RequestId(1), proposal: proposal(&low, "n1"), sync_level: None, timeout: None });
+    let _ = a.handle(t, Input::LocalAccepted { req_id: RequestId(1), proposal: proposal(&low, "n1"), sync_level: None, timeout: None });
     // B's request for a higher value is stored at A while A's waits.
     let req = Message::CasRequest { req_id: RequestId(50), origin: B, proposal: proposal(&high, "n2") };
-    a.handle(t + ms(1), Input::Message { from: B, message: req });
+    let _ = a.handle(t + ms(1), Input::Message { from: B, message: req });
     let out = a.handle(t + ms(2), Input::PeerCasDone { origin: B, req_id: RequestId(50), result: PeerCasResult::Stored });
     assert!(out.contains(&Action::Answer { req_id: RequestId(1), verdict: Verdict::Replayed }), "{out:?}");
     assert!(out.iter().any(|x| matches!(x, Action::Event(Event::Superseded { req_id: RequestId(1), .. }))));
