@@ -997,3 +997,55 @@ impl BlockingClient {
         self.handle.block_on(self.endpoint.request(peer, request, deadline))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::pki::Ca;
+
+    #[test]
+    fn tls_configs_have_no_early_data_and_one_alpn() {
+        // TLS 1.2 is not even compiled in: rustls' `tls12` feature is off.
+        let ca = Ca::generate("t", Duration::from_secs(86_400)).unwrap();
+        let identity = ca.issue("auth1", Duration::from_secs(86_400)).unwrap().identity().unwrap();
+        let trust = Arc::new(Trust::new(ca.cert_der().clone(), vec![PeerRule::name("auth2")]).unwrap());
+        let (server, client) = tls_configs(&identity, &trust, &Arc::new(Counters::default())).unwrap();
+        assert_eq!(server.max_early_data_size, 0, "no 0-RTT");
+        assert_eq!(server.send_tls13_tickets, 0, "no resumption");
+        assert!(!client.enable_early_data);
+        assert_eq!(server.alpn_protocols, [ALPN.to_vec()]);
+        assert_eq!(client.alpn_protocols, [ALPN.to_vec()]);
+        assert!(client.client_auth_cert_resolver.has_certs());
+    }
+
+    #[test]
+    fn rules() {
+        let fp = Fingerprint::of(b"cert");
+        let names = vec!["auth1".to_string()];
+        assert!(PeerRule::name("auth1").matches(&fp, &names));
+        assert!(PeerRule::name("AUTH1").matches(&fp, &names), "DNS names ignore case");
+        assert!(!PeerRule::name("auth2").matches(&fp, &names));
+        assert!(PeerRule::pin(fp).matches(&fp, &[]));
+        assert!(!PeerRule::pin(Fingerprint::of(b"other")).matches(&fp, &names));
+        assert!(PeerRule::name_and_pin("auth1", fp).matches(&fp, &names));
+        assert!(!PeerRule::name_and_pin("auth1", fp).matches(&Fingerprint::of(b"other"), &names));
+        assert!(!PeerRule::name_and_pin("auth2", fp).matches(&fp, &names));
+    }
+
+    #[test]
+    fn alerts_are_classified() {
+        let closed = |alert: u8| {
+            connection_error(ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+                error_code: quinn::TransportErrorCode::crypto(alert),
+                frame_type: None,
+                reason: Bytes::new(),
+            }))
+        };
+        assert!(matches!(closed(48), RpcError::RefusedByPeer(m) if m.contains("unknown CA")));
+        assert!(matches!(closed(49), RpcError::RefusedByPeer(m) if m.contains("access denied")));
+        assert!(matches!(closed(120), RpcError::Tls(m) if m.contains("ALPN")));
+        assert_eq!(connection_error(ConnectionError::LocallyClosed), RpcError::Closed);
+        assert!(matches!(connection_error(ConnectionError::TimedOut), RpcError::ConnectionLost(_)));
+    }
+}
