@@ -323,8 +323,10 @@ fn a_peer_that_restarts_is_reconnected_to() {
     });
 
     // 2. A crash: no goodbye. The restarted B (same key, hence the same
-    // stateless-reset key) resets the old connection on its first packet,
-    // long before the 10 s idle timeout would notice.
+    // stateless-reset and connection-ID keys) resets the old connection on
+    // its first packet, long before the 10 s idle timeout would notice.
+    // (Now and then the dying runtime still gets a close out, and A knows
+    // before it asks: then the first request simply dials again.)
     let b = Crashable::start(addr, &b_identity, &b_trust, calls.clone());
     ask(b"three").unwrap();
     assert_eq!(a.stats().dialled, 3);
@@ -332,16 +334,19 @@ fn a_peer_that_restarts_is_reconnected_to() {
     let b = Crashable::start(addr, &b_identity, &b_trust, calls.clone());
     let start = Instant::now();
     let first = ask(b"four");
-    let first_took = start.elapsed();
-    eprintln!("first request after the crash: {first:?} in {first_took:?}");
-    match &first {
-        Err(RpcError::ConnectionLost(m)) => assert!(m.contains("reset"), "{m}"),
-        other => panic!("expected a stateless reset, got {other:?}"),
-    }
-    assert!(first_took < Duration::from_secs(2), "{first_took:?}");
+    eprintln!("first request after the crash: {first:?} after {:?}", start.elapsed());
+    let answered_four = match &first {
+        Ok(reply) => reply.ends_with(b"| four"),
+        Err(RpcError::ConnectionLost(m)) => {
+            assert!(m.contains("reset by the peer"), "{m}");
+            false
+        }
+        Err(other) => panic!("expected a stateless reset, got {other:?}"),
+    };
     assert!(ask(b"five").unwrap().ends_with(b"| five"));
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
     assert_eq!(a.stats().dialled, 4, "reconnected after the crash");
-    assert_eq!(calls.load(Ordering::SeqCst), 4, "one, two, three, five");
+    assert_eq!(calls.load(Ordering::SeqCst), 4 + usize::from(answered_four), "one, two, three, (four,) five");
     b.crash();
     drop(a);
     main.shutdown_timeout(Duration::from_secs(1));
