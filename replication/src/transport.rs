@@ -692,6 +692,12 @@ impl Endpoint {
             exchange(&conn, request, max).await
         };
         match tokio::time::timeout_at(deadline.into(), work).await {
+            Ok(Err(e @ RpcError::RefusedByPeer(_))) => {
+                // TLS 1.3: the handshake looked fine to us; this is the
+                // first sign that the peer does not accept our certificate.
+                tracing::warn!(%peer, error = %e, "request refused: the peer does not accept our certificate");
+                Err(e)
+            }
             Ok(result) => result,
             Err(_) => Err(RpcError::Timeout),
         }
