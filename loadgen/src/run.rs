@@ -158,7 +158,7 @@ mod tests {
             workers.fetch_add(1, Ordering::Relaxed);
             |j: &u64| {
                 sum.fetch_add(*j, Ordering::Relaxed);
-                if j % 100 == 0 {
+                if j.is_multiple_of(100) {
                     Err(format!("job {j}"))
                 } else {
                     Ok(())
@@ -236,7 +236,7 @@ mod tests {
         let (report, connects) = over_http(addr, 2, &jobs, None, Duration::from_secs(5), |_| {
             |conn: &mut Connection, job: &u32| {
                 let r = conn.get(&format!("/x?{job}")).map_err(|e| e.to_string())?;
-                if job % 50 == 0 {
+                if job.is_multiple_of(50) {
                     return Err("every fiftieth fails".to_owned());
                 }
                 (r.body == b"ok").then_some(()).ok_or_else(|| "wrong body".to_owned())

@@ -637,9 +637,9 @@ fn memory(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<MemoryFi
 
 /// 1000000 as `1M`, 2500 as `2500`.
 fn short_count(n: u64) -> String {
-    if n >= 1_000_000 && n % 1_000_000 == 0 {
+    if n >= 1_000_000 && n.is_multiple_of(1_000_000) {
         format!("{}M", n / 1_000_000)
-    } else if n >= 1000 && n % 1000 == 0 {
+    } else if n >= 1000 && n.is_multiple_of(1000) {
         format!("{}k", n / 1000)
     } else {
         n.to_string()
