@@ -584,7 +584,7 @@ fn parse_row(text: &str) -> Result<Option<(PublicId, YubiKeySecrets)>, String> {
     if public_id.to_number() == 0 {
         return Ok(None);
     }
-    if uid.is_empty() || uid.len() > 12 || uid.len() % 2 != 0 || !uid.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if uid.is_empty() || uid.len() > 12 || !uid.len().is_multiple_of(2) || !uid.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!("public id {public_id}: uid must be 2 to 12 hex digits (12 in YK-KSM exports)"));
     }
     if key.len() != 32 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -35,7 +35,7 @@ pub fn encode(bytes: &[u8]) -> String {
 /// This is the allocation-free form used on the hot path.
 pub fn decode_into(text: &str, out: &mut [u8]) -> Result<(), Error> {
     let raw = text.as_bytes();
-    if raw.len() % 2 != 0 {
+    if !raw.len().is_multiple_of(2) {
         return Err(Error::ModhexOddLength { len: text.chars().count() });
     }
     if out.len() != raw.len() / 2 {
@@ -52,7 +52,7 @@ pub fn decode_into(text: &str, out: &mut [u8]) -> Result<(), Error> {
 /// Decode a modhex string into bytes.
 pub fn decode(text: &str) -> Result<Vec<u8>, Error> {
     let raw = text.as_bytes();
-    if raw.len() % 2 != 0 {
+    if !raw.len().is_multiple_of(2) {
         // Report the first bad character before the length, if there is one:
         // that is the more useful message for a mistyped string.
         if let Some(pos) = raw.iter().position(|&c| nibble(c).is_none()) {

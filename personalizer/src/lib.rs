@@ -71,7 +71,7 @@ pub fn generate(
     params: &GenerateParams,
     mut progress: impl FnMut(&Generated),
 ) -> Result<Vec<Generated>, Error> {
-    if params.public_id_chars % 2 != 0 || !(2..=12).contains(&params.public_id_chars) {
+    if !params.public_id_chars.is_multiple_of(2) || !(2..=12).contains(&params.public_id_chars) {
         return Err(Error::Usage(format!("--public-id-chars must be even and 2 to 12, not {}", params.public_id_chars)));
     }
     if params.start.0 == 0 {

@@ -152,7 +152,7 @@ fn parse_id(raw: &str) -> Result<(String, bool), String> {
         return Err(format!("{raw:?} is not a public id: {c:?} is not a modhex character ({MODHEX})"));
     }
     // ASCII from here on: bytes are characters.
-    if !(2..=16).contains(&folded.len()) || folded.len() % 2 != 0 {
+    if !(2..=16).contains(&folded.len()) || !folded.len().is_multiple_of(2) {
         return Err(format!("{raw:?} is not a public id: it must have 2 to 16 modhex characters, an even number"));
     }
     let changed = folded != raw;
