@@ -275,7 +275,30 @@ struct Stats {
 /// answer.
 struct Job {
     updates: Vec<CounterUpdate>,
-    reply: SyncSender<Result<Vec<CasOutcome>, BackendFailure>>,
+    reply: Reply,
+}
+
+type Answer = Result<Vec<CasOutcome>, BackendFailure>;
+
+/// Where the writer answers: a thread blocked in [`SqliteCounters::submit`],
+/// or a task awaiting [`CounterStore::compare_and_set_async`].
+enum Reply {
+    Blocking(SyncSender<Answer>),
+    Async(tokio::sync::oneshot::Sender<Answer>),
+}
+
+impl Reply {
+    /// A caller that gave up is no longer listening: fine.
+    fn send(self, answer: Answer) {
+        match self {
+            Self::Blocking(s) => {
+                let _ = s.send(answer);
+            }
+            Self::Async(s) => {
+                let _ = s.send(answer);
+            }
+        }
+    }
 }
 
 /// The SQLite counter store. See the [module docs](self).
@@ -401,7 +424,9 @@ impl SqliteCounters {
         let started = Instant::now();
         let (reply, answer) = mpsc::sync_channel(1);
         let sender = self.sender.as_ref().ok_or_else(|| BackendFailure("counter store: closed".to_owned()))?;
-        sender.send(Job { updates, reply }).map_err(|_| BackendFailure("counter store: the writer thread has stopped".to_owned()))?;
+        sender
+            .send(Job { updates, reply: Reply::Blocking(reply) })
+            .map_err(|_| BackendFailure("counter store: the writer thread has stopped".to_owned()))?;
         let result = match answer.recv_timeout(self.options.reply_timeout) {
             Ok(result) => result,
             Err(RecvTimeoutError::Timeout) => Err(BackendFailure(format!(
@@ -523,6 +548,36 @@ impl SqliteCounters {
 }
 
 impl CounterStore for SqliteCounters {
+    /// Queue the update; the writer answers the awaiting task itself after
+    /// COMMIT, so no thread waits through the transaction and its fsync.
+    /// The caller bounds the wait (the request deadline); dropping the
+    /// future leaves the update to be committed (a burned OTP, never a
+    /// double acceptance).
+    fn compare_and_set_async(&self, u: &CounterUpdate) -> crate::CasFuture {
+        let started = Instant::now();
+        let stats = self.stats.clone();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let queued = match self.sender.as_ref() {
+            None => Err(BackendFailure("counter store: closed".to_owned())),
+            Some(s) => s
+                .send(Job { updates: vec![u.clone()], reply: Reply::Async(reply) })
+                .map_err(|_| BackendFailure("counter store: the writer thread has stopped".to_owned())),
+        };
+        Box::pin(async move {
+            queued?;
+            let result = match answer.await {
+                Ok(Ok(outcomes)) => match outcomes.as_slice() {
+                    [one] => Ok(*one),
+                    _ => Err(BackendFailure(format!("counter store: {} outcomes for one update", outcomes.len()))),
+                },
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(BackendFailure("counter store: the writer thread stopped before answering".to_owned())),
+            };
+            stats.cas.observe(started.elapsed());
+            result
+        })
+    }
+
     fn compare_and_set(&self, u: &CounterUpdate) -> Result<CasOutcome, BackendFailure> {
         let outcomes = self.submit(vec![u.clone()])?;
         match outcomes.as_slice() {
@@ -562,7 +617,7 @@ fn writer_loop(conn: &Connection, jobs: &Receiver<Job>, max_batch: usize, stats:
         if updates == 0 {
             // Liveness probes only.
             for job in batch.drain(..) {
-                let _ = job.reply.send(Ok(Vec::new()));
+                job.reply.send(Ok(Vec::new()));
             }
             continue;
         }
@@ -578,8 +633,7 @@ fn writer_loop(conn: &Connection, jobs: &Receiver<Job>, max_batch: usize, stats:
                         };
                         counter.fetch_add(1, Ordering::Relaxed);
                     }
-                    // A caller that gave up is no longer listening: fine.
-                    let _ = job.reply.send(Ok(outcome));
+                    job.reply.send(Ok(outcome));
                 }
             }
             Err(e) => {
@@ -587,7 +641,7 @@ fn writer_loop(conn: &Connection, jobs: &Receiver<Job>, max_batch: usize, stats:
                 stats.failed_updates.fetch_add(updates as u64, Ordering::Relaxed);
                 tracing::error!(error = %e, updates, "counter-store transaction failed; every update in it answered as a backend failure");
                 for job in batch.drain(..) {
-                    let _ = job.reply.send(Err(BackendFailure(format!("counter store: {e}"))));
+                    job.reply.send(Err(BackendFailure(format!("counter store: {e}"))));
                 }
             }
         }

@@ -157,8 +157,18 @@ pub enum CasOutcome {
     ReplayedOtp,
 }
 
+/// A compare-and-set's answer, to await.
+pub type CasFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<CasOutcome, BackendFailure>> + Send>>;
+
 /// The durable counter state, one row per public id.
 pub trait CounterStore: Send + Sync {
+    /// [`Self::compare_and_set`] for async callers: the same contract, but
+    /// no thread has to wait for the answer. The default decides in the
+    /// call (fine for in-memory stores).
+    fn compare_and_set_async(&self, u: &CounterUpdate) -> CasFuture {
+        Box::pin(std::future::ready(self.compare_and_set(u)))
+    }
+
     /// Atomically record `u` if its counters are strictly greater than the
     /// stored ones. Returns only after the outcome is durable (fsynced):
     /// `Accepted` may be answered `OK` at once.

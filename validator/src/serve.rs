@@ -127,15 +127,36 @@ impl ValidatorService {
         // The request's own timeout can only shorten the ceiling.
         let deadline = started + checked.deadline(self.ceiling);
         let verifier = self.parts.verifier.clone();
-        let job = checked.clone();
-        httpd::blocking(deadline, move || verifier.complete(&job, SystemTime::now())).await.unwrap_or_else(|| {
+        let missed = || {
             self.deadline_missed.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
                 waited_ms = started.elapsed().as_millis(),
                 "verify missed its deadline: KSM, security module or database too slow; answering BACKEND_ERROR"
             );
             checked.backend_error(SystemTime::now())
-        })
+        };
+        // The KSM: in place when it cannot block (the soft keystore), else
+        // on the blocking pool under the deadline.
+        let decoded = if verifier.inline_decode() {
+            verifier.decode(&checked, SystemTime::now())
+        } else {
+            let (v, job) = (verifier.clone(), checked.clone());
+            match httpd::blocking(deadline, move || v.decode(&job, SystemTime::now())).await {
+                Some(d) => d,
+                None => return missed(),
+            }
+        };
+        let decoded = match decoded {
+            Ok(d) => d,
+            Err(r) => return checked.sign(r),
+        };
+        // The compare-and-set: the counter writer answers this task after
+        // its COMMIT; no thread waits through the fsync.
+        let cas = verifier.counter_store().compare_and_set_async(&decoded.update);
+        match tokio::time::timeout_at(deadline.into(), cas).await {
+            Ok(cas) => checked.sign(verifier.conclude(&checked, &decoded, cas, SystemTime::now())),
+            Err(_) => missed(),
+        }
     }
 }
 
@@ -167,6 +188,8 @@ pub fn assemble(config: &crate::config::ServeConfig) -> Result<Parts, String> {
         Ok(usable)
     };
     let mut health: Vec<HealthCheck> = Vec::new();
+    // The in-process KSM over the soft keystore never blocks for long.
+    let inline_decode = matches!(config.ksm, KsmSource::Store { .. } | KsmSource::Dir { .. });
     let decoder: Arc<dyn crate::OtpDecoder> = match &config.ksm {
         KsmSource::Store { path, key_handles } => {
             let store = ksm::store::AeadStore::open_existing(path).map_err(|e| e.to_string())?;
@@ -187,6 +210,7 @@ pub fn assemble(config: &crate::config::ServeConfig) -> Result<Parts, String> {
     health.push(Box::new(move || c.check().map_err(|e| e.to_string())));
     let c = counters.clone();
     let metrics: Vec<MetricsSource> = vec![Box::new(move |out: &mut String| c.render_metrics(out))];
-    let verifier = Verifier::new(Arc::new(clients), decoder, counters, crate::verify::VerifyOptions::default());
+    let verifier =
+        Verifier::new(Arc::new(clients), decoder, counters, crate::verify::VerifyOptions::default()).with_inline_decode(inline_decode);
     Ok(Parts { verifier: Arc::new(verifier), health, metrics })
 }

@@ -151,6 +151,12 @@ impl Checked {
         Response::bare(Status::BackendError, now).signed_with(Some(self.key.clone()))
     }
 
+    /// Sign an answer to this request with the client's key.
+    #[must_use]
+    pub fn sign(&self, r: Response) -> Response {
+        r.signed_with(Some(self.key.clone()))
+    }
+
     /// The request's own `timeout`, if it gave one.
     #[must_use]
     pub fn timeout(&self) -> Option<Duration> {
@@ -184,6 +190,7 @@ pub struct Verifier {
     counters: Arc<dyn CounterStore>,
     peers: Arc<dyn PeerSync>,
     options: VerifyOptions,
+    inline_decode: bool,
 }
 
 impl Verifier {
@@ -195,7 +202,23 @@ impl Verifier {
         counters: Arc<dyn CounterStore>,
         options: VerifyOptions,
     ) -> Self {
-        Self { clients, decoder, counters, peers: Arc::new(NoPeers), options }
+        Self { clients, decoder, counters, peers: Arc::new(NoPeers), options, inline_decode: false }
+    }
+
+    /// The decoder never blocks (the in-process KSM over the software
+    /// keystore: memory and a local SQLite read, microseconds), so an async
+    /// caller may run [`Self::decode`] in place rather than on a blocking
+    /// pool. Off by default: remote KSMs and hardware modules block.
+    #[must_use]
+    pub fn with_inline_decode(mut self, inline: bool) -> Self {
+        self.inline_decode = inline;
+        self
+    }
+
+    /// See [`Self::with_inline_decode`].
+    #[must_use]
+    pub fn inline_decode(&self) -> bool {
+        self.inline_decode
     }
 
     /// Sync accepted OTPs with these peers.
@@ -272,17 +295,28 @@ impl Verifier {
     }
 
     fn decide(&self, checked: &Checked, now: SystemTime) -> Response {
+        let decoded = match self.decode(checked, now) {
+            Ok(d) => d,
+            Err(r) => return r,
+        };
+        let cas = self.counters.compare_and_set(&decoded.update);
+        self.conclude(checked, &decoded, cas, now)
+    }
+
+    /// Phase 2, first half: the KSM (blocking unless
+    /// [`Self::inline_decode`]). `Err` is the answer, unsigned.
+    pub fn decode(&self, checked: &Checked, now: SystemTime) -> Result<Decoded, Response> {
         let client = checked.client_id;
         let public_id = checked.otp.public_id();
         let decoded = match self.decoder.decode(&checked.otp.to_string()) {
             Ok(d) => d,
             Err(e) if e.is_backend_failure() => {
                 tracing::error!(%client, %public_id, error = %e, detail = %e.detail(), "BACKEND_ERROR: OTP decryption failed");
-                return Response::bare(Status::BackendError, now);
+                return Err(Response::bare(Status::BackendError, now));
             }
             Err(e) => {
                 tracing::info!(%client, %public_id, error = %e, detail = %e.detail(), "BAD_OTP");
-                return Response::bare(Status::BadOtp, now);
+                return Err(Response::bare(Status::BadOtp, now));
             }
         };
         let update = CounterUpdate {
@@ -293,7 +327,24 @@ impl Verifier {
             nonce: checked.nonce.clone(),
             now: unix_seconds(now),
         };
-        match self.counters.compare_and_set(&update) {
+        Ok(Decoded { decoded, update })
+    }
+
+    /// The counter store, for [`CounterStore::compare_and_set_async`] of
+    /// [`Decoded::update`].
+    #[must_use]
+    pub fn counter_store(&self) -> &Arc<dyn CounterStore> {
+        &self.counters
+    }
+
+    /// Phase 2, second half: the answer given the compare-and-set's
+    /// outcome, after the sync peers (which may block once there are
+    /// any). Unsigned; see [`Checked::sign`].
+    pub fn conclude(&self, checked: &Checked, d: &Decoded, cas: Result<CasOutcome, BackendFailure>, now: SystemTime) -> Response {
+        let client = checked.client_id;
+        let Decoded { decoded, update } = d;
+        let public_id = update.public_id;
+        match cas {
             Ok(CasOutcome::Accepted) => {}
             Ok(CasOutcome::ReplayedRequest) => {
                 tracing::info!(%client, %public_id, counters = %update.counters, "REPLAYED_REQUEST");
@@ -309,9 +360,9 @@ impl Verifier {
             }
         }
         let level = self.options.resolve(checked.sync_level);
-        match self.peers.sync(&update, level, checked.timeout) {
+        match self.peers.sync(update, level, checked.timeout) {
             Ok(SyncOutcome::Synced { sl }) => {
-                let session = checked.timestamp.then(|| SessionFields::from_decode(&decoded));
+                let session = checked.timestamp.then(|| SessionFields::from_decode(decoded));
                 Response::ok(&checked.echo, sl, session, now)
             }
             Ok(SyncOutcome::NotEnoughAnswers { sl }) => {
@@ -328,6 +379,16 @@ impl Verifier {
             }
         }
     }
+}
+
+/// A decoded OTP and the counter update it asks for (phase 2, between
+/// [`Verifier::decode`] and [`Verifier::conclude`]).
+#[derive(Clone, Debug)]
+pub struct Decoded {
+    /// What the KSM said.
+    pub decoded: otp::OtpDecode,
+    /// What to record.
+    pub update: CounterUpdate,
 }
 
 /// Unix seconds, negative before 1970, saturating.
