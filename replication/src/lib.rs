@@ -8,9 +8,13 @@
 //! - [`transport`]: quinn with rustls (ring), mutual TLS plus a pinned
 //!   authorization check, one bidirectional stream per request, a deadline
 //!   on every request.
+//! - [`wire`]: the versioned, bounded binary codec of [`quorum::Message`].
+//! - [`node`]: the async driver of one site (machine, transport, peers, store).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod node;
 pub mod pki;
 pub mod quorum;
 pub mod transport;
+pub mod wire;

@@ -1,0 +1,770 @@
+//! The async driver of one site: the [`quorum::Machine`](crate::quorum::Machine)
+//! on the QUIC [`transport`](crate::transport).
+//!
+//! This module makes no decision of its own: it carries out the machine's
+//! [`Action`]s and feeds back what happened.
+//!
+//! - One tokio task owns the machine and processes one input at a time
+//!   (submissions, peers' requests and replies, compare-and-set results,
+//!   timer ticks), with `now` from the monotonic clock.
+//! - [`Action::Send`] of a [`Message::CasRequest`] becomes one RPC
+//!   ([`Endpoint::request`]) with the machine's deadline; the reply decodes
+//!   ([`wire`](crate::wire)) to a [`Message::CasReply`] that goes back in as
+//!   [`Input::Message`]. An RPC error or timeout is simply no reply: the
+//!   machine's deadline decides.
+//! - An incoming RPC carrying a `CasRequest` is fed to the machine, and the
+//!   RPC's answer is the `CasReply` the machine emits for that
+//!   `(origin, request id)`, whether at once (its duplicate cache) or after
+//!   the durable compare-and-set. A request the machine drops (unknown
+//!   sender, origin mismatch, a request id reused) is answered with an
+//!   empty frame, which the caller reads as no reply.
+//! - [`Action::DurableCas`] runs the embedder's blocking [`DurableCas`] on
+//!   tokio's blocking pool; a panic there counts as
+//!   [`PeerCasResult::Failed`].
+//! - The timer is the machine's [`Machine::next_wakeup`](crate::quorum::Machine::next_wakeup)
+//!   (what [`Action::SetTimer`] announces): the task sleeps until then and
+//!   feeds [`Input::Tick`].
+//! - A peer whose RPC fails is marked down; the first successful RPC after
+//!   that marks it up and feeds [`Input::PeerUp`], so that outstanding
+//!   requests are sent to it again.
+//!
+//! Request ids start from a random 64-bit base at every start, so that they
+//! do not repeat across restarts (see [`quorum`](crate::quorum)'s
+//! idempotency notes).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::quorum::{
+    Action, ConfigError, Event, IgnoredReason, Input, Machine, Message, PeerCasResult, Proposal, QuorumConfig, RequestId, SiteId, Verdict,
+};
+use crate::transport::{Endpoint, Peer, PeerIdentity, RpcError};
+use crate::wire;
+
+/// Capacity of the [`NodeEvent`] channel; a subscriber that falls further
+/// behind loses the oldest events (the counters in [`Metrics`] do not).
+pub const EVENT_CAPACITY: usize = 1024;
+
+/// The embedder's durable counter store, as a peer sees it.
+///
+/// Blocking: the node runs it on tokio's blocking pool. It must apply
+/// [`quorum::peer_cas`](crate::quorum::peer_cas) to the stored record of
+/// `proposal.public_id` atomically with the write, and return only once the
+/// result is durable (after the fsync): the origin counts the answer as
+/// this node holding the counters.
+pub trait DurableCas: Send + Sync + 'static {
+    /// The durable compare-and-set of a peer's request.
+    fn peer_cas(&self, origin: SiteId, proposal: &Proposal) -> PeerCasResult;
+}
+
+/// What [`Node::start`] needs besides the endpoint and the store.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This node.
+    pub site: SiteId,
+    /// The replication group and its rule.
+    pub quorum: QuorumConfig,
+    /// How to reach every other node of the group; the name must be the one
+    /// the transport authorizes for that node (its certificate's name).
+    pub peers: BTreeMap<SiteId, Peer>,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The quorum configuration is refused.
+    #[error("replication group: {0}")]
+    Config(#[from] ConfigError),
+    /// A node of the group has no entry in the peer table.
+    #[error("no address for {0}, a node of the replication group")]
+    MissingPeer(SiteId),
+    /// The peer table names a node outside the group.
+    #[error("{0} is in the peer table but not in the replication group")]
+    UnknownPeer(SiteId),
+    /// Two nodes share a name, so an incoming request could not be told apart.
+    #[error("two nodes are named {0:?}")]
+    DuplicatePeerName(String),
+    /// Not called from within a tokio runtime.
+    #[error("no tokio runtime: {0}")]
+    NoRuntime(String),
+}
+
+/// Whether a peer answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reachability {
+    /// No request sent yet.
+    Unknown,
+    /// Its last RPC succeeded.
+    Up,
+    /// Its last RPC failed.
+    Down,
+}
+
+/// One peer as this node sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// The node.
+    pub site: SiteId,
+    /// Its name and address.
+    pub peer: Peer,
+    /// Up, down, or not tried yet.
+    pub reachability: Reachability,
+    /// Since when (`None` while unknown).
+    pub since: Option<Instant>,
+    /// Round-trip time of the last successful request, the peer's durable
+    /// compare-and-set included.
+    pub last_rtt: Option<Duration>,
+    /// Successful requests.
+    pub replies: u64,
+    /// Their total round-trip time (divide by `replies` for the mean).
+    pub rtt_total: Duration,
+    /// Failed requests (errors and timeouts).
+    pub failures: u64,
+    /// The last failure.
+    pub last_error: Option<RpcError>,
+}
+
+/// Counters since the node started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Metrics {
+    /// Requests of this site submitted.
+    pub submitted: u64,
+    /// Answered [`Verdict::Accepted`].
+    pub accepted: u64,
+    /// Answered [`Verdict::Replayed`].
+    pub replayed: u64,
+    /// Answered [`Verdict::NotEnoughAnswers`] (including submissions a
+    /// stopped node could not take).
+    pub not_enough_answers: u64,
+    /// Answered [`Verdict::AcceptedAtRisk`].
+    pub accepted_at_risk: u64,
+    /// [`Event::QuorumFailed`]: requests that missed their quorum and failed
+    /// closed.
+    pub quorum_failures: u64,
+    /// Peers' compare-and-set requests received.
+    pub peer_requests: u64,
+    /// Durable compare-and-sets run for peers that failed.
+    pub peer_cas_failures: u64,
+    /// Outgoing RPCs that failed (errors and timeouts).
+    pub rpc_failures: u64,
+    /// Messages that could not be encoded or decoded.
+    pub bad_messages: u64,
+    /// Transitions of a peer to up.
+    pub peer_up: u64,
+    /// Transitions of a peer to down.
+    pub peer_down: u64,
+}
+
+/// Something that happened at this node, for logs and alerts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NodeEvent {
+    /// A peer answered after being down or unknown.
+    PeerUp {
+        /// The peer.
+        site: SiteId,
+    },
+    /// A request to a peer failed.
+    PeerDown {
+        /// The peer.
+        site: SiteId,
+        /// Why.
+        error: RpcError,
+    },
+    /// An event of the state machine (quorum failures, accept-at-risk,
+    /// refusals …).
+    Machine(Event),
+}
+
+#[derive(Default)]
+struct AtomicMetrics {
+    submitted: AtomicU64,
+    accepted: AtomicU64,
+    replayed: AtomicU64,
+    not_enough_answers: AtomicU64,
+    accepted_at_risk: AtomicU64,
+    quorum_failures: AtomicU64,
+    peer_requests: AtomicU64,
+    peer_cas_failures: AtomicU64,
+    rpc_failures: AtomicU64,
+    bad_messages: AtomicU64,
+    peer_up: AtomicU64,
+    peer_down: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl AtomicMetrics {
+    fn snapshot(&self) -> Metrics {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Metrics {
+            submitted: get(&self.submitted),
+            accepted: get(&self.accepted),
+            replayed: get(&self.replayed),
+            not_enough_answers: get(&self.not_enough_answers),
+            accepted_at_risk: get(&self.accepted_at_risk),
+            quorum_failures: get(&self.quorum_failures),
+            peer_requests: get(&self.peer_requests),
+            peer_cas_failures: get(&self.peer_cas_failures),
+            rpc_failures: get(&self.rpc_failures),
+            bad_messages: get(&self.bad_messages),
+            peer_up: get(&self.peer_up),
+            peer_down: get(&self.peer_down),
+        }
+    }
+
+    fn verdict(&self, verdict: Verdict) {
+        match verdict {
+            Verdict::Accepted { .. } => bump(&self.accepted),
+            Verdict::Replayed => bump(&self.replayed),
+            Verdict::NotEnoughAnswers { .. } => bump(&self.not_enough_answers),
+            Verdict::AcceptedAtRisk { .. } => bump(&self.accepted_at_risk),
+        }
+    }
+}
+
+/// State shared by the node handle, the driver task and the RPC tasks.
+struct Shared {
+    site: SiteId,
+    metrics: AtomicMetrics,
+    peers: Mutex<BTreeMap<SiteId, PeerStatus>>,
+    events: broadcast::Sender<NodeEvent>,
+}
+
+impl Shared {
+    fn emit(&self, event: NodeEvent) {
+        // No subscriber is fine.
+        let _ = self.events.send(event);
+    }
+
+    fn with_peer<T>(&self, site: SiteId, f: impl FnOnce(&mut PeerStatus) -> T) -> Option<T> {
+        let mut peers = self.peers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        peers.get_mut(&site).map(f)
+    }
+
+    /// Records a reply; true if the peer was down before (not merely
+    /// unknown), so that the machine resends to it.
+    fn peer_answered(&self, site: SiteId, rtt: Duration) -> bool {
+        let before = self.with_peer(site, |p| {
+            let before = p.reachability;
+            if before != Reachability::Up {
+                p.reachability = Reachability::Up;
+                p.since = Some(Instant::now());
+            }
+            p.last_rtt = Some(rtt);
+            p.replies += 1;
+            p.rtt_total = p.rtt_total.saturating_add(rtt);
+            before
+        });
+        match before {
+            Some(Reachability::Up) | None => false,
+            Some(before) => {
+                bump(&self.metrics.peer_up);
+                tracing::info!(node = %self.site, peer = %site, rtt_us = rtt.as_micros(), "peer up");
+                self.emit(NodeEvent::PeerUp { site });
+                before == Reachability::Down
+            }
+        }
+    }
+
+    fn peer_failed(&self, site: SiteId, error: RpcError) {
+        bump(&self.metrics.rpc_failures);
+        let before = self.with_peer(site, |p| {
+            let before = p.reachability;
+            if before != Reachability::Down {
+                p.reachability = Reachability::Down;
+                p.since = Some(Instant::now());
+            }
+            p.failures += 1;
+            p.last_error = Some(error.clone());
+            before
+        });
+        if before.is_some_and(|b| b != Reachability::Down) {
+            bump(&self.metrics.peer_down);
+            tracing::warn!(node = %self.site, peer = %site, %error, "peer down");
+            self.emit(NodeEvent::PeerDown { site, error });
+        } else {
+            tracing::debug!(node = %self.site, peer = %site, %error, "request to peer failed");
+        }
+    }
+}
+
+enum Command {
+    Submit { req_id: RequestId, proposal: Proposal, sync_level: Option<u8>, timeout: Option<Duration>, reply: oneshot::Sender<Verdict> },
+    Incoming { from: SiteId, message: Message, waiter: oneshot::Sender<Bytes> },
+    Reply { from: SiteId, message: Message },
+    CasDone { origin: SiteId, req_id: RequestId, result: PeerCasResult },
+    PeerUp { site: SiteId },
+    Shutdown,
+}
+
+/// One site's counter replication, running. See the module docs.
+///
+/// Dropping it stops the node and closes its endpoint, as
+/// [`shutdown`](Self::shutdown) does without waiting.
+pub struct Node {
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+    endpoint: Endpoint,
+    next_req_id: AtomicU64,
+    /// The verdict when the node cannot take a request: fail closed, with
+    /// this site alone holding the counters.
+    fallback: Verdict,
+    driver: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node").field("site", &self.shared.site).field("endpoint", &self.endpoint).finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Starts the node: the driver task, and [`Endpoint::serve`] answering
+    /// peers' requests on `endpoint` (already bound, with this site's
+    /// identity and the peers' authorization rules). Must be called from
+    /// within a tokio runtime.
+    pub fn start<S: DurableCas>(config: NodeConfig, endpoint: Endpoint, store: Arc<S>) -> Result<Self, Error> {
+        tokio::runtime::Handle::try_current().map_err(|e| Error::NoRuntime(e.to_string()))?;
+        let NodeConfig { site, quorum, peers } = config;
+        let machine = Machine::new(site, quorum.clone())?;
+        for other in quorum.others() {
+            if !peers.contains_key(&other) {
+                return Err(Error::MissingPeer(other));
+            }
+        }
+        let mut by_name = HashMap::new();
+        for (id, peer) in &peers {
+            if !quorum.others().any(|o| o == *id) {
+                return Err(Error::UnknownPeer(*id));
+            }
+            if by_name.insert(peer.name.to_ascii_lowercase(), *id).is_some() {
+                return Err(Error::DuplicatePeerName(peer.name.clone()));
+            }
+        }
+        let statuses = peers
+            .iter()
+            .map(|(id, peer)| {
+                let status = PeerStatus {
+                    site: *id,
+                    peer: peer.clone(),
+                    reachability: Reachability::Unknown,
+                    since: None,
+                    last_rtt: None,
+                    replies: 0,
+                    rtt_total: Duration::ZERO,
+                    failures: 0,
+                    last_error: None,
+                };
+                (*id, status)
+            })
+            .collect();
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let shared = Arc::new(Shared { site, metrics: AtomicMetrics::default(), peers: Mutex::new(statuses), events });
+        let (commands, rx) = mpsc::unbounded_channel();
+
+        let fallback = Verdict::NotEnoughAnswers { sl: u8::try_from(100 / quorum.group_size()).unwrap_or(100) };
+        let driver = Driver {
+            machine,
+            deadline: quorum.deadline,
+            peers,
+            endpoint: endpoint.clone(),
+            store,
+            shared: shared.clone(),
+            commands: commands.clone(),
+            submits: HashMap::new(),
+            incoming: HashMap::new(),
+            next_waiter: 0,
+        };
+        let driver = tokio::spawn(driver.run(rx));
+
+        let by_name = Arc::new(by_name);
+        let handler_commands = commands.clone();
+        let handler_shared = shared.clone();
+        let handler = move |peer: PeerIdentity, request: Bytes| {
+            let from = by_name.get(&peer.name.to_ascii_lowercase()).copied();
+            let commands = handler_commands.clone();
+            let shared = handler_shared.clone();
+            async move { serve_request(&shared, &commands, from, &peer, &request).await }
+        };
+        tokio::spawn(endpoint.clone().serve(handler));
+
+        tracing::info!(node = %site, group = quorum.group_size(), required = quorum.required, deadline = ?quorum.deadline, "replication node started");
+        Ok(Self { shared, commands, endpoint, next_req_id: AtomicU64::new(random_base()), fallback, driver: Some(driver) })
+    }
+
+    /// This node.
+    #[must_use]
+    pub fn site(&self) -> SiteId {
+        self.shared.site
+    }
+
+    /// The endpoint the node serves and sends on.
+    #[must_use]
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Replicates `proposal`, which this site's durable compare-and-set has
+    /// just accepted, and resolves to the machine's verdict: at the latest
+    /// at the request's deadline (`timeout`, capped by the configured
+    /// deadline). `sync_level` and `timeout` are the verify request's `sl`
+    /// and `timeout`.
+    ///
+    /// The request starts now, not when the future is first polled;
+    /// dropping the future does not cancel it. A stopped node answers
+    /// [`Verdict::NotEnoughAnswers`] (fail closed).
+    pub fn submit(
+        &self,
+        proposal: Proposal,
+        sync_level: Option<u8>,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Verdict> + Send + 'static {
+        bump(&self.shared.metrics.submitted);
+        let req_id = RequestId(self.next_req_id.fetch_add(1, Ordering::Relaxed));
+        let (reply, answer) = oneshot::channel();
+        let sent = self.commands.send(Command::Submit { req_id, proposal, sync_level, timeout, reply }).is_ok();
+        let fallback = self.fallback;
+        let shared = self.shared.clone();
+        async move {
+            let verdict = if sent { answer.await.ok() } else { None };
+            verdict.unwrap_or_else(|| {
+                bump(&shared.metrics.not_enough_answers);
+                tracing::warn!(node = %shared.site, %req_id, "replication node stopped: failing closed");
+                fallback
+            })
+        }
+    }
+
+    /// Counters since the start.
+    #[must_use]
+    pub fn metrics(&self) -> Metrics {
+        self.shared.metrics.snapshot()
+    }
+
+    /// The peers' state, in site order.
+    #[must_use]
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let peers = self.shared.peers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        peers.values().cloned().collect()
+    }
+
+    /// Events from now on (peers up and down, the machine's events).
+    #[must_use]
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// Stops the node: pending submissions fail closed, the endpoint closes
+    /// (peers see their connections closed) and this waits for both.
+    pub async fn shutdown(mut self) {
+        let _ = self.commands.send(Command::Shutdown);
+        self.endpoint.close();
+        if let Some(driver) = self.driver.take() {
+            let _ = driver.await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.driver.is_some() {
+            let _ = self.commands.send(Command::Shutdown);
+            self.endpoint.close();
+        }
+    }
+}
+
+/// A random starting point for request ids: a restarted node does not
+/// reuse the ids of its previous life (a collision needs two bases within
+/// the number of requests of each other, out of 2^64).
+fn random_base() -> u64 {
+    let rng = ring::rand::SystemRandom::new();
+    match ring::rand::generate::<[u8; 8]>(&rng) {
+        Ok(bytes) => u64::from_be_bytes(bytes.expose()),
+        Err(_) => {
+            // No OS randomness: fall back to the clock, in nanoseconds.
+            let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+            tracing::warn!("no OS randomness for request ids; using the clock");
+            (nanos & u128::from(u64::MAX)) as u64
+        }
+    }
+}
+
+/// The transport handler: one peer's request in, the reply frame out (an
+/// empty frame for no reply).
+async fn serve_request(
+    shared: &Shared,
+    commands: &mpsc::UnboundedSender<Command>,
+    from: Option<SiteId>,
+    peer: &PeerIdentity,
+    request: &[u8],
+) -> Bytes {
+    let Some(from) = from else {
+        // The transport authorized it, but it is not in our peer table.
+        tracing::warn!(node = %shared.site, peer = %peer.name, "request from an authorized peer that is not in the group: ignored");
+        return Bytes::new();
+    };
+    let message = match wire::decode(request) {
+        Ok(message @ Message::CasRequest { .. }) => message,
+        Ok(Message::CasReply { .. }) => {
+            bump(&shared.metrics.bad_messages);
+            tracing::warn!(node = %shared.site, peer = %from, "a reply sent as a request: ignored");
+            return Bytes::new();
+        }
+        Err(error) => {
+            bump(&shared.metrics.bad_messages);
+            tracing::warn!(node = %shared.site, peer = %from, %error, "undecodable request: ignored");
+            return Bytes::new();
+        }
+    };
+    bump(&shared.metrics.peer_requests);
+    let (waiter, reply) = oneshot::channel();
+    if commands.send(Command::Incoming { from, message, waiter }).is_err() {
+        return Bytes::new();
+    }
+    // The transport's server deadline bounds this wait.
+    reply.await.unwrap_or_default()
+}
+
+type Waiters = Vec<(u64, oneshot::Sender<Bytes>)>;
+
+/// The task that owns the machine.
+struct Driver<S> {
+    machine: Machine,
+    deadline: Duration,
+    peers: BTreeMap<SiteId, Peer>,
+    endpoint: Endpoint,
+    store: Arc<S>,
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedSender<Command>,
+    /// This site's requests waiting for their verdict.
+    submits: HashMap<RequestId, oneshot::Sender<Verdict>>,
+    /// Peers' requests waiting for the machine's reply, by (origin, id).
+    incoming: HashMap<(SiteId, RequestId), Waiters>,
+    next_waiter: u64,
+}
+
+impl<S: DurableCas> Driver<S> {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        loop {
+            let command = match self.machine.next_wakeup() {
+                Some(at) => tokio::select! {
+                    command = rx.recv() => command,
+                    () = tokio::time::sleep_until(at.into()) => {
+                        let actions = self.machine.handle(Instant::now(), Input::Tick);
+                        self.execute(actions);
+                        continue;
+                    }
+                },
+                None => rx.recv().await,
+            };
+            match command {
+                None | Some(Command::Shutdown) => break,
+                Some(command) => self.command(command),
+            }
+        }
+        tracing::info!(node = %self.shared.site, pending = self.submits.len(), "replication node stopped");
+    }
+
+    fn command(&mut self, command: Command) {
+        let now = Instant::now();
+        match command {
+            Command::Submit { req_id, proposal, sync_level, timeout, reply } => {
+                self.submits.insert(req_id, reply);
+                let actions = self.machine.handle(now, Input::LocalAccepted { req_id, proposal, sync_level, timeout });
+                self.execute(actions);
+            }
+            Command::Incoming { from, message, waiter } => {
+                let Message::CasRequest { req_id, .. } = &message else { return };
+                let key = (from, *req_id);
+                let id = self.next_waiter;
+                self.next_waiter += 1;
+                let waiters = self.incoming.entry(key).or_default();
+                waiters.retain(|(_, w)| !w.is_closed());
+                waiters.push((id, waiter));
+                let actions = self.machine.handle(now, Input::Message { from, message });
+                let dropped = actions.iter().any(|a| matches!(a, Action::Event(Event::Ignored { .. })));
+                self.execute(actions);
+                if dropped {
+                    // No reply will come for it: answer with an empty frame.
+                    if let Some(waiters) = self.incoming.get_mut(&key) {
+                        waiters.retain(|(w, _)| *w != id);
+                        if waiters.is_empty() {
+                            self.incoming.remove(&key);
+                        }
+                    }
+                }
+            }
+            Command::Reply { from, message } => {
+                let actions = self.machine.handle(now, Input::Message { from, message });
+                self.execute(actions);
+            }
+            Command::CasDone { origin, req_id, result } => {
+                let actions = self.machine.handle(now, Input::PeerCasDone { origin, req_id, result });
+                self.execute(actions);
+            }
+            Command::PeerUp { site } => {
+                let actions = self.machine.handle(now, Input::PeerUp { site });
+                self.execute(actions);
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn execute(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Send { to, message: message @ Message::CasRequest { .. } } => self.send_request(to, message),
+                Action::Send { to, message: message @ Message::CasReply { .. } } => self.send_reply(to, &message),
+                Action::DurableCas { origin, req_id, proposal } => self.durable_cas(origin, req_id, proposal),
+                Action::Answer { req_id, verdict } => {
+                    self.shared.metrics.verdict(verdict);
+                    match self.submits.remove(&req_id) {
+                        Some(reply) => {
+                            // The submitter may have dropped its future.
+                            let _ = reply.send(verdict);
+                        }
+                        None => tracing::error!(node = %self.shared.site, %req_id, ?verdict, "verdict for no submission"),
+                    }
+                }
+                // The run loop sleeps until `Machine::next_wakeup`, which is
+                // what this announces.
+                Action::SetTimer { .. } => {}
+                Action::Event(event) => self.event(event),
+            }
+        }
+    }
+
+    fn send_request(&self, to: SiteId, message: Message) {
+        let Some(peer) = self.peers.get(&to).cloned() else {
+            tracing::error!(node = %self.shared.site, peer = %to, "no address for peer");
+            return;
+        };
+        let request = match wire::encode(&message) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                // Fails closed at the deadline.
+                bump(&self.shared.metrics.bad_messages);
+                tracing::error!(node = %self.shared.site, peer = %to, %error, "request cannot be encoded");
+                return;
+            }
+        };
+        let started = Instant::now();
+        let deadline = started.checked_add(self.deadline).unwrap_or(started);
+        let endpoint = self.endpoint.clone();
+        let shared = self.shared.clone();
+        let commands = self.commands.clone();
+        tokio::spawn(async move {
+            match endpoint.request(&peer, request, deadline).await {
+                Ok(reply) => {
+                    if shared.peer_answered(to, started.elapsed()) {
+                        let _ = commands.send(Command::PeerUp { site: to });
+                    }
+                    match wire::decode(&reply) {
+                        Ok(message @ Message::CasReply { .. }) => {
+                            let _ = commands.send(Command::Reply { from: to, message });
+                        }
+                        Ok(Message::CasRequest { .. }) => {
+                            bump(&shared.metrics.bad_messages);
+                            tracing::warn!(node = %shared.site, peer = %to, "peer answered with a request: ignored");
+                        }
+                        Err(_) if reply.is_empty() => {
+                            tracing::debug!(node = %shared.site, peer = %to, "peer gave no reply");
+                        }
+                        Err(error) => {
+                            bump(&shared.metrics.bad_messages);
+                            tracing::warn!(node = %shared.site, peer = %to, %error, "undecodable reply: ignored");
+                        }
+                    }
+                }
+                Err(error) => shared.peer_failed(to, error),
+            }
+        });
+    }
+
+    fn send_reply(&mut self, to: SiteId, message: &Message) {
+        let Message::CasReply { req_id, .. } = message else { return };
+        let Some(waiters) = self.incoming.remove(&(to, *req_id)) else {
+            // The peer's RPC is gone (its deadline); it gets no reply.
+            tracing::debug!(node = %self.shared.site, peer = %to, %req_id, "reply with no request waiting: dropped");
+            return;
+        };
+        match wire::encode(message) {
+            Ok(bytes) => {
+                for (_, waiter) in waiters {
+                    let _ = waiter.send(bytes.clone());
+                }
+            }
+            Err(error) => {
+                bump(&self.shared.metrics.bad_messages);
+                tracing::error!(node = %self.shared.site, peer = %to, %error, "reply cannot be encoded");
+            }
+        }
+    }
+
+    fn durable_cas(&self, origin: SiteId, req_id: RequestId, proposal: Proposal) {
+        let store = self.store.clone();
+        let commands = self.commands.clone();
+        let site = self.shared.site;
+        tokio::spawn(async move {
+            let result = match tokio::task::spawn_blocking(move || store.peer_cas(origin, &proposal)).await {
+                Ok(result) => result,
+                Err(error) => {
+                    tracing::error!(node = %site, peer = %origin, %req_id, %error, "durable compare-and-set panicked");
+                    PeerCasResult::Failed
+                }
+            };
+            let _ = commands.send(Command::CasDone { origin, req_id, result });
+        });
+    }
+
+    fn event(&self, event: Event) {
+        let node = self.shared.site;
+        let metrics = &self.shared.metrics;
+        match &event {
+            Event::QuorumFailed { req_id, public_id, counters, acks, required } => {
+                bump(&metrics.quorum_failures);
+                tracing::warn!(%node, %req_id, %public_id, %counters, acks, required, "quorum not reached: failing closed");
+            }
+            Event::AcceptedAtRisk { req_id, public_id, counters, acks, required, .. } => {
+                tracing::warn!(%node, %req_id, %public_id, %counters, acks, required, "quorum not reached: ACCEPTED AT RISK");
+            }
+            Event::PeerRefused { req_id, from, public_id, counters, stored } => {
+                tracing::info!(%node, %req_id, peer = %from, %public_id, %counters, %stored, "peer refused: replayed");
+            }
+            Event::Superseded { req_id, public_id, counters, by } => {
+                tracing::info!(%node, %req_id, %public_id, %counters, %by, "superseded by higher counters");
+            }
+            Event::RefusedPeerRequest { origin, req_id, public_id, counters, stored } => {
+                tracing::info!(%node, peer = %origin, %req_id, %public_id, %counters, %stored, "refused a peer's compare-and-set");
+            }
+            Event::PeerCasFailed { origin, req_id } => {
+                bump(&metrics.peer_cas_failures);
+                tracing::warn!(%node, peer = %origin, %req_id, "durable compare-and-set for a peer failed");
+            }
+            Event::PeerReportedFailure { req_id, from } => {
+                tracing::warn!(%node, peer = %from, %req_id, "peer's store failed our request");
+            }
+            Event::Ignored { from, reason } => match reason {
+                IgnoredReason::ReplyMismatch | IgnoredReason::UnexpectedCasResult | IgnoredReason::DuplicateLocalRequest => {
+                    tracing::debug!(%node, peer = %from, ?reason, "input ignored");
+                }
+                _ => tracing::warn!(%node, peer = %from, ?reason, "message ignored"),
+            },
+        }
+        self.shared.emit(NodeEvent::Machine(event));
+    }
+}
