@@ -69,10 +69,14 @@ use std::time::{Duration, Instant};
 
 use httpd::metrics::{header, Histogram};
 use otp::{Counters, PublicId};
+use replication::quorum::{self, OtpDigest, PeerCasResult, Proposal};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::{BackendFailure, CasOutcome, CounterStore, CounterUpdate};
 
+/// Tables created when missing. `counters.otp_digest` is declared here for
+/// a new database; a database of the previous schema gets it from
+/// [`MIGRATE_DIGEST`] (see [`migrate`]).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS counters (
     public_id   TEXT    NOT NULL PRIMARY KEY,
@@ -82,19 +86,54 @@ CREATE TABLE IF NOT EXISTS counters (
     low         INTEGER NOT NULL,
     nonce       TEXT    NOT NULL,
     modified    INTEGER NOT NULL,
-    created     INTEGER NOT NULL
+    created     INTEGER NOT NULL,
+    otp_digest  BLOB    NOT NULL DEFAULT X'0000000000000000000000000000000000000000000000000000000000000000'
+) STRICT, WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    public_id   TEXT    NOT NULL,
+    counter     INTEGER NOT NULL,
+    session_use INTEGER NOT NULL,
+    nonce       TEXT    NOT NULL,
+    otp_digest  BLOB    NOT NULL,
+    modified    INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS peer_cursors (
+    peer        TEXT    NOT NULL PRIMARY KEY,
+    acked_seq   INTEGER NOT NULL
 ) STRICT, WITHOUT ROWID;
 ";
 
+/// The migration from the schema without OTP digests: rows written before
+/// it carry 32 zero bytes (no OTP hashes to that), which never match a
+/// real request's digest.
+const MIGRATE_DIGEST: &str =
+    "ALTER TABLE counters ADD COLUMN otp_digest BLOB NOT NULL DEFAULT X'0000000000000000000000000000000000000000000000000000000000000000'";
+
 /// The compare-and-set: insert, or update only if strictly greater
 /// (row values compare lexicographically). `created` is set on insert only.
-const UPSERT: &str = "INSERT INTO counters (public_id, counter, session_use, high, low, nonce, modified, created) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7) \
+const UPSERT: &str = "INSERT INTO counters (public_id, counter, session_use, high, low, nonce, modified, created, otp_digest) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8) \
      ON CONFLICT (public_id) DO UPDATE SET counter = excluded.counter, session_use = excluded.session_use, \
-     high = excluded.high, low = excluded.low, nonce = excluded.nonce, modified = excluded.modified \
+     high = excluded.high, low = excluded.low, nonce = excluded.nonce, modified = excluded.modified, \
+     otp_digest = excluded.otp_digest \
      WHERE (excluded.counter, excluded.session_use) > (counters.counter, counters.session_use)";
-const SELECT_VERDICT: &str = "SELECT counter, session_use, nonce FROM counters WHERE public_id = ?1";
-const SELECT_ROW: &str = "SELECT counter, session_use, high, low, nonce, modified, created FROM counters WHERE public_id = ?1";
+/// The max merge of a peer's outbox row: strictly greater counters win; at
+/// equal counters the greater (nonce, digest) wins, so that the result does
+/// not depend on the order rows arrive in. The timestamp of a peer's OTP is
+/// not replicated: `high` and `low` become 0.
+const MERGE: &str = "INSERT INTO counters (public_id, counter, session_use, high, low, nonce, modified, created, otp_digest) \
+     VALUES (?1, ?2, ?3, 0, 0, ?4, ?5, ?5, ?6) \
+     ON CONFLICT (public_id) DO UPDATE SET counter = excluded.counter, session_use = excluded.session_use, \
+     high = 0, low = 0, nonce = excluded.nonce, modified = excluded.modified, otp_digest = excluded.otp_digest \
+     WHERE (excluded.counter, excluded.session_use, excluded.nonce, excluded.otp_digest) \
+     > (counters.counter, counters.session_use, counters.nonce, counters.otp_digest)";
+const APPEND_OUTBOX: &str =
+    "INSERT INTO outbox (public_id, counter, session_use, nonce, otp_digest, modified) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+const SELECT_VERDICT: &str = "SELECT counter, session_use, nonce, otp_digest FROM counters WHERE public_id = ?1";
+const SELECT_ROW: &str = "SELECT counter, session_use, high, low, nonce, modified, created, otp_digest FROM counters WHERE public_id = ?1";
+const SELECT_OUTBOX: &str = "SELECT seq, public_id, counter, session_use, nonce, otp_digest, modified FROM outbox \
+     WHERE seq > ?1 ORDER BY seq LIMIT ?2";
 
 /// Default busy timeout: how long a write waits for another process's
 /// write transaction on the same file (e.g. `validator client add`).
@@ -187,6 +226,9 @@ pub struct StoredCounters {
     pub modified: i64,
     /// When the YubiKey was first seen (Unix seconds).
     pub created: i64,
+    /// The OTP digest of the request that was accepted (zero bytes for a
+    /// row written before digests were stored).
+    pub otp_digest: [u8; 32],
 }
 
 /// A snapshot of the writer's figures.
@@ -209,6 +251,12 @@ pub struct CounterStats {
     pub failed_updates: u64,
     /// Largest committed batch.
     pub max_batch: u64,
+    /// Peer compare-and-sets that stored the proposal.
+    pub peer_stored: u64,
+    /// Peer compare-and-sets that found the same request.
+    pub peer_same_request: u64,
+    /// Peer compare-and-sets answered stale.
+    pub peer_stale: u64,
 }
 
 impl CounterStats {
@@ -262,6 +310,9 @@ struct Stats {
     replayed_request: AtomicU64,
     replayed_otp: AtomicU64,
     failed_updates: AtomicU64,
+    peer_stored: AtomicU64,
+    peer_same_request: AtomicU64,
+    peer_stale: AtomicU64,
     batch_sizes: SizeHistogram,
     /// The `COMMIT` alone (the fsync).
     commit: Histogram,
@@ -271,14 +322,46 @@ struct Stats {
     cas: Histogram,
 }
 
-/// One caller's work: its updates (none for a liveness probe) and where to
-/// answer.
+/// One caller's work and where to answer.
 struct Job {
-    updates: Vec<CounterUpdate>,
+    work: Work,
     reply: Reply,
 }
 
-type Answer = Result<Vec<CasOutcome>, BackendFailure>;
+/// A transaction of its own, run by the writer (merge, cursor, compaction).
+type AloneFn = Box<dyn FnOnce(&Connection) -> Result<Done, String> + Send>;
+
+/// What the writer is asked to do.
+enum Work {
+    /// Local compare-and-sets, in order (none: a liveness probe); grouped
+    /// with other callers' in one transaction.
+    Local(Vec<CounterUpdate>),
+    /// A peer's compare-and-set; grouped like local updates.
+    Peer { proposal: Proposal, now: i64 },
+    /// Its own transaction, never grouped.
+    Alone(AloneFn),
+}
+
+impl Work {
+    /// The updates it adds to a group-commit batch.
+    fn len(&self) -> usize {
+        match self {
+            Self::Local(u) => u.len(),
+            Self::Peer { .. } => 1,
+            Self::Alone(_) => 0,
+        }
+    }
+}
+
+/// What the writer answers, after COMMIT.
+enum Done {
+    Local(Vec<CasOutcome>),
+    Peer(PeerCasResult),
+    Merged(MergeCounts),
+    Count(u64),
+}
+
+type Answer = Result<Done, BackendFailure>;
 
 /// Where the writer answers: a thread blocked in [`SqliteCounters::submit`],
 /// or a task awaiting [`CounterStore::compare_and_set_async`].
@@ -299,6 +382,33 @@ impl Reply {
             }
         }
     }
+}
+
+/// One row of the outbox: a change accepted here (a local accept or a
+/// peer's compare-and-set that stored), for peers to pull.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// Position in the outbox: increasing in commit order, never reused.
+    pub seq: u64,
+    /// The YubiKey.
+    pub public_id: PublicId,
+    /// The counters stored.
+    pub counters: Counters,
+    /// The nonce of the request that stored them.
+    pub nonce: String,
+    /// The OTP digest of that request.
+    pub otp_digest: OtpDigest,
+    /// When they were stored (Unix seconds).
+    pub modified: i64,
+}
+
+/// What [`SqliteCounters::merge_max`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MergeCounts {
+    /// Rows that changed the stored state (greater counters, or a new key).
+    pub applied: u64,
+    /// Rows that changed nothing (not greater than what is stored).
+    pub unchanged: u64,
 }
 
 /// The SQLite counter store. See the [module docs](self).
@@ -360,6 +470,38 @@ pub(crate) fn open_read_only(path: &Path, busy: Duration) -> Result<Connection, 
     Ok(conn)
 }
 
+/// Create the tables that are missing and bring a database of the previous
+/// schema (no `counters.otp_digest`) up to date, in one write transaction
+/// (two processes opening one old file at once migrate it once).
+fn migrate(conn: &Connection) -> Result<(), String> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| format!("begin: {e}"))?;
+    let result = (|| -> rusqlite::Result<()> {
+        conn.execute_batch(SCHEMA)?;
+        let has_digest: bool = conn.query_row("SELECT count(*) FROM pragma_table_info('counters') WHERE name = 'otp_digest'", [], |r| {
+            r.get::<_, i64>(0).map(|n| n > 0)
+        })?;
+        if !has_digest {
+            conn.execute_batch(MIGRATE_DIGEST)?;
+            tracing::info!("counter store migrated: column counters.otp_digest added (zero for the existing rows)");
+        }
+        conn.execute_batch("COMMIT")
+    })();
+    result.map_err(|e| {
+        rollback(conn);
+        e.to_string()
+    })
+}
+
+/// Counters from their columns, if valid.
+fn counters_from(counter: i64, session_use: i64) -> Option<Counters> {
+    Counters::new(u16::try_from(counter).ok()?, u8::try_from(session_use).ok()?).ok()
+}
+
+/// The current Unix time in seconds.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 fn lock(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -376,7 +518,7 @@ impl SqliteCounters {
         let options = CounterOptions { max_batch: options.max_batch.max(1), ..options };
         create_private(path).map_err(|e| failure("open", e))?;
         let conn = open_read_write(path, options.synchronous, options.busy_timeout).map_err(|e| failure("open", e))?;
-        conn.execute_batch(SCHEMA).map_err(|e| failure("schema", e))?;
+        migrate(&conn).map_err(|e| failure("schema", e))?;
         let reader = open_read_only(path, options.busy_timeout).map_err(|e| failure("open", e))?;
         let stats = Arc::new(Stats::default());
         let (sender, receiver) = mpsc::channel();
@@ -411,7 +553,7 @@ impl SqliteCounters {
         if updates.is_empty() {
             return Ok(Vec::new());
         }
-        let outcomes = self.submit(updates.to_vec())?;
+        let outcomes = self.submit_local(updates.to_vec())?;
         if outcomes.len() == updates.len() {
             Ok(outcomes)
         } else {
@@ -419,13 +561,21 @@ impl SqliteCounters {
         }
     }
 
+    /// Local updates to the writer; their outcomes.
+    fn submit_local(&self, updates: Vec<CounterUpdate>) -> Result<Vec<CasOutcome>, BackendFailure> {
+        match self.submit(Work::Local(updates))? {
+            Done::Local(outcomes) => Ok(outcomes),
+            _ => Err(BackendFailure("counter store: the writer answered another question".to_owned())),
+        }
+    }
+
     /// Hand a job to the writer and wait for its answer.
-    fn submit(&self, updates: Vec<CounterUpdate>) -> Result<Vec<CasOutcome>, BackendFailure> {
+    fn submit(&self, work: Work) -> Answer {
         let started = Instant::now();
         let (reply, answer) = mpsc::sync_channel(1);
         let sender = self.sender.as_ref().ok_or_else(|| BackendFailure("counter store: closed".to_owned()))?;
         sender
-            .send(Job { updates, reply: Reply::Blocking(reply) })
+            .send(Job { work, reply: Reply::Blocking(reply) })
             .map_err(|_| BackendFailure("counter store: the writer thread has stopped".to_owned()))?;
         let result = match answer.recv_timeout(self.options.reply_timeout) {
             Ok(result) => result,
@@ -443,24 +593,21 @@ impl SqliteCounters {
 
     /// What is stored for `public_id` (committed state), if anything.
     pub fn get(&self, public_id: &PublicId) -> Result<Option<StoredCounters>, BackendFailure> {
-        type Row = (i64, i64, i64, i64, String, i64, i64);
+        type Row = (i64, i64, i64, i64, String, i64, i64, Vec<u8>);
         let conn = lock(&self.reader);
         let row: Option<Row> = conn
             .prepare_cached(SELECT_ROW)
             .and_then(|mut s| {
                 s.query_row(params![public_id.to_modhex()], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
                 })
                 .optional()
             })
             .map_err(|e| failure("read", e))?;
         drop(conn);
-        let Some((counter, session_use, high, low, nonce, modified, created)) = row else { return Ok(None) };
+        let Some((counter, session_use, high, low, nonce, modified, created, digest)) = row else { return Ok(None) };
         let damaged = || BackendFailure(format!("counter store: the row of {public_id} is damaged"));
-        let counters = match (u16::try_from(counter), u8::try_from(session_use)) {
-            (Ok(c), Ok(u)) => Counters::new(c, u).map_err(|_| damaged())?,
-            _ => return Err(damaged()),
-        };
+        let counters = counters_from(counter, session_use).ok_or_else(damaged)?;
         Ok(Some(StoredCounters {
             counters,
             timestamp_high: u8::try_from(high).map_err(|_| damaged())?,
@@ -468,7 +615,173 @@ impl SqliteCounters {
             nonce,
             modified,
             created,
+            otp_digest: digest.try_into().map_err(|_| damaged())?,
         }))
+    }
+
+    /// The peer compare-and-set of `proposal`, with exactly the rule of
+    /// [`quorum::peer_cas`], decided and written atomically in a
+    /// group-committed transaction like local updates (so local and peer
+    /// updates of one key are serialized) and answered only after COMMIT:
+    /// [`PeerCasResult::Stored`] is durable. A store writes the counters
+    /// row (timestamp 0: a peer's OTP timestamp is not replicated) and an
+    /// outbox row. Never answers [`PeerCasResult::Failed`]: a failure is
+    /// the `Err`, and nothing of it was written.
+    pub fn peer_compare_and_set(&self, proposal: &Proposal) -> Result<PeerCasResult, BackendFailure> {
+        let now = unix_now();
+        match self.submit(Work::Peer { proposal: proposal.clone(), now })? {
+            Done::Peer(result) => Ok(result),
+            _ => Err(BackendFailure("counter store: the writer answered another question".to_owned())),
+        }
+    }
+
+    /// Up to `limit` outbox rows after `after`, in `seq` order (committed
+    /// state). A peer catching up asks from its acknowledged cursor.
+    pub fn outbox_after(&self, after: u64, limit: usize) -> Result<Vec<OutboxRow>, BackendFailure> {
+        type Row = (i64, String, i64, i64, String, Vec<u8>, i64);
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let conn = lock(&self.reader);
+        let rows: Vec<Row> = conn
+            .prepare_cached(SELECT_OUTBOX)
+            .and_then(|mut s| {
+                s.query_map(params![after, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))?
+                    .collect()
+            })
+            .map_err(|e| failure("read outbox", e))?;
+        drop(conn);
+        rows.into_iter()
+            .map(|(seq, public_id, counter, session_use, nonce, digest, modified)| {
+                let damaged = || BackendFailure(format!("counter store: outbox row {seq} is damaged"));
+                Ok(OutboxRow {
+                    seq: u64::try_from(seq).map_err(|_| damaged())?,
+                    public_id: public_id.parse().map_err(|_| damaged())?,
+                    counters: counters_from(counter, session_use).ok_or_else(damaged)?,
+                    nonce,
+                    otp_digest: OtpDigest(digest.try_into().map_err(|_| damaged())?),
+                    modified,
+                })
+            })
+            .collect()
+    }
+
+    /// Register `peer` with cursor 0 if it is unknown, so that [`Self::compact`]
+    /// keeps every row for it until it acknowledges. Register every peer
+    /// before the first compaction: rows below the minimum cursor of the
+    /// peers *known then* are deleted.
+    pub fn add_peer(&self, peer: &str) -> Result<(), BackendFailure> {
+        let peer = peer.to_owned();
+        self.alone(move |conn| {
+            conn.execute("INSERT INTO peer_cursors (peer, acked_seq) VALUES (?1, 0) ON CONFLICT (peer) DO NOTHING", params![peer])
+                .map_err(|e| format!("add peer: {e}"))?;
+            Ok(Done::Count(0))
+        })
+        .map(drop)
+    }
+
+    /// Forget `peer` (decommissioned): it no longer holds back compaction.
+    pub fn remove_peer(&self, peer: &str) -> Result<(), BackendFailure> {
+        let peer = peer.to_owned();
+        self.alone(move |conn| {
+            conn.execute("DELETE FROM peer_cursors WHERE peer = ?1", params![peer]).map_err(|e| format!("remove peer: {e}"))?;
+            Ok(Done::Count(0))
+        })
+        .map(drop)
+    }
+
+    /// `peer` has applied every outbox row up to `seq`. The cursor only
+    /// moves forward (an older, late acknowledgement changes nothing); an
+    /// unknown peer is registered.
+    pub fn ack(&self, peer: &str, seq: u64) -> Result<(), BackendFailure> {
+        let peer = peer.to_owned();
+        let seq = i64::try_from(seq).map_err(|_| BackendFailure(format!("counter store: cursor {seq} out of range")))?;
+        self.alone(move |conn| {
+            conn.execute(
+                "INSERT INTO peer_cursors (peer, acked_seq) VALUES (?1, ?2) \
+                 ON CONFLICT (peer) DO UPDATE SET acked_seq = max(acked_seq, excluded.acked_seq)",
+                params![peer, seq],
+            )
+            .map_err(|e| format!("ack: {e}"))?;
+            Ok(Done::Count(0))
+        })
+        .map(drop)
+    }
+
+    /// Every known peer and its acknowledged cursor, by name.
+    pub fn peer_cursors(&self) -> Result<Vec<(String, u64)>, BackendFailure> {
+        let conn = lock(&self.reader);
+        let rows: Vec<(String, i64)> = conn
+            .prepare_cached("SELECT peer, acked_seq FROM peer_cursors ORDER BY peer")
+            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+            .map_err(|e| failure("read cursors", e))?;
+        Ok(rows.into_iter().map(|(p, s)| (p, u64::try_from(s).unwrap_or(0))).collect())
+    }
+
+    /// Delete the outbox rows at or below the smallest acknowledged cursor
+    /// of all known peers (none when no peer is known); how many.
+    pub fn compact(&self) -> Result<u64, BackendFailure> {
+        match self.alone(|conn| {
+            let n = conn
+                .execute("DELETE FROM outbox WHERE seq <= (SELECT min(acked_seq) FROM peer_cursors)", [])
+                .map_err(|e| format!("compact: {e}"))?;
+            Ok(Done::Count(n as u64))
+        })? {
+            Done::Count(n) => Ok(n),
+            _ => Err(BackendFailure("counter store: the writer answered another question".to_owned())),
+        }
+    }
+
+    /// Apply a peer's outbox rows with the max rule, in one transaction:
+    /// a row is written only if its counters are strictly greater than the
+    /// stored ones (at equal counters, a greater (nonce, digest) wins, so
+    /// that concurrent conflicting rows converge whatever their order). A
+    /// counter is never lowered; applying the same rows again, or in
+    /// another order, gives the same state. `seq` is ignored: the caller
+    /// acknowledges the last one it pulled after this returns. Merged rows
+    /// are not appended to this site's outbox: every site pulls from every
+    /// other one directly.
+    ///
+    /// **Catch-up.** A site that was down or cut off pulls each peer's
+    /// [`Self::outbox_after`] its cursor, applies the rows with
+    /// `merge_max` (durable on return), then acknowledges the last `seq`
+    /// to that peer, which records it with [`Self::ack`] and may
+    /// [`Self::compact`].
+    pub fn merge_max(&self, rows: &[OutboxRow]) -> Result<MergeCounts, BackendFailure> {
+        if rows.is_empty() {
+            return Ok(MergeCounts::default());
+        }
+        let rows = rows.to_vec();
+        match self.alone(move |conn| {
+            let mut merge = conn.prepare_cached(MERGE).map_err(|e| format!("prepare: {e}"))?;
+            let mut counts = MergeCounts::default();
+            for row in &rows {
+                let public_id = row.public_id.to_modhex();
+                let changed = merge
+                    .execute(params![
+                        public_id,
+                        row.counters.counter(),
+                        row.counters.session_use(),
+                        row.nonce,
+                        row.modified,
+                        row.otp_digest.0.as_slice()
+                    ])
+                    .map_err(|e| format!("merge of {public_id}: {e}"))?;
+                if changed == 0 {
+                    counts.unchanged += 1;
+                } else {
+                    counts.applied += 1;
+                }
+            }
+            Ok(Done::Merged(counts))
+        })? {
+            Done::Merged(counts) => Ok(counts),
+            _ => Err(BackendFailure("counter store: the writer answered another question".to_owned())),
+        }
+    }
+
+    /// Run `f` in a transaction of its own on the writer thread.
+    fn alone(&self, f: impl FnOnce(&Connection) -> Result<Done, String> + Send + 'static) -> Answer {
+        self.submit(Work::Alone(Box::new(f)))
     }
 
     /// How many YubiKeys have counters (a full count: for tooling, not for
@@ -485,7 +798,7 @@ impl SqliteCounters {
         if self.writer.as_ref().is_none_or(JoinHandle::is_finished) {
             return Err(BackendFailure("counter store: the writer thread has stopped".to_owned()));
         }
-        self.submit(Vec::new())?;
+        self.submit_local(Vec::new())?;
         lock(&self.reader)
             .query_row("SELECT count(*) FROM (SELECT 1 FROM counters LIMIT 1)", [], |_| Ok(()))
             .map_err(|e| failure("read", e))
@@ -505,6 +818,9 @@ impl SqliteCounters {
             replayed_otp: load(&s.replayed_otp),
             failed_updates: load(&s.failed_updates),
             max_batch: load(&s.batch_sizes.max),
+            peer_stored: load(&s.peer_stored),
+            peer_same_request: load(&s.peer_same_request),
+            peer_stale: load(&s.peer_stale),
         }
     }
 
@@ -524,6 +840,10 @@ impl SqliteCounters {
             ("failed", st.failed_updates),
         ] {
             let _ = writeln!(out, "validator_counter_updates_total{{outcome=\"{outcome}\"}} {n}");
+        }
+        header(out, "validator_counter_peer_cas_total", "counter", "Peer compare-and-sets by outcome.");
+        for (outcome, n) in [("stored", st.peer_stored), ("same_request", st.peer_same_request), ("stale", st.peer_stale)] {
+            let _ = writeln!(out, "validator_counter_peer_cas_total{{outcome=\"{outcome}\"}} {n}");
         }
         header(out, "validator_counter_batch_size", "histogram", "Updates per committed counter-store transaction.");
         s.batch_sizes.render(out, "validator_counter_batch_size");
@@ -560,16 +880,17 @@ impl CounterStore for SqliteCounters {
         let queued = match self.sender.as_ref() {
             None => Err(BackendFailure("counter store: closed".to_owned())),
             Some(s) => s
-                .send(Job { updates: vec![u.clone()], reply: Reply::Async(reply) })
+                .send(Job { work: Work::Local(vec![u.clone()]), reply: Reply::Async(reply) })
                 .map_err(|_| BackendFailure("counter store: the writer thread has stopped".to_owned())),
         };
         Box::pin(async move {
             queued?;
             let result = match answer.await {
-                Ok(Ok(outcomes)) => match outcomes.as_slice() {
+                Ok(Ok(Done::Local(outcomes))) => match outcomes.as_slice() {
                     [one] => Ok(*one),
                     _ => Err(BackendFailure(format!("counter store: {} outcomes for one update", outcomes.len()))),
                 },
+                Ok(Ok(_)) => Err(BackendFailure("counter store: the writer answered another question".to_owned())),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(BackendFailure("counter store: the writer thread stopped before answering".to_owned())),
             };
@@ -579,7 +900,7 @@ impl CounterStore for SqliteCounters {
     }
 
     fn compare_and_set(&self, u: &CounterUpdate) -> Result<CasOutcome, BackendFailure> {
-        let outcomes = self.submit(vec![u.clone()])?;
+        let outcomes = self.submit_local(vec![u.clone()])?;
         match outcomes.as_slice() {
             [one] => Ok(*one),
             _ => Err(BackendFailure(format!("counter store: {} outcomes for one update", outcomes.len()))),
@@ -600,15 +921,41 @@ impl Drop for SqliteCounters {
 }
 
 /// The writer: take what is queued, one transaction, answer after COMMIT.
+/// A job that needs a transaction of its own ([`Work::Alone`]) ends the
+/// batch being gathered and runs after it.
 fn writer_loop(conn: &Connection, jobs: &Receiver<Job>, max_batch: usize, stats: &Stats) {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
-    while let Ok(first) = jobs.recv() {
-        let mut updates = first.updates.len();
+    let mut held: Option<Job> = None;
+    loop {
+        let first = match held.take() {
+            Some(job) => job,
+            None => match jobs.recv() {
+                Ok(job) => job,
+                Err(_) => break,
+            },
+        };
+        let first = match first.work {
+            Work::Alone(f) => {
+                let answer = run_alone(conn, f).map_err(|e| {
+                    stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, "counter-store maintenance transaction failed");
+                    BackendFailure(format!("counter store: {e}"))
+                });
+                first.reply.send(answer);
+                continue;
+            }
+            work => Job { work, reply: first.reply },
+        };
+        let mut updates = first.work.len();
         batch.push(first);
         while updates < max_batch {
             match jobs.try_recv() {
+                Ok(job) if matches!(job.work, Work::Alone(_)) => {
+                    held = Some(job);
+                    break;
+                }
                 Ok(job) => {
-                    updates += job.updates.len();
+                    updates += job.work.len();
                     batch.push(job);
                 }
                 Err(_) => break,
@@ -617,23 +964,16 @@ fn writer_loop(conn: &Connection, jobs: &Receiver<Job>, max_batch: usize, stats:
         if updates == 0 {
             // Liveness probes only.
             for job in batch.drain(..) {
-                job.reply.send(Ok(Vec::new()));
+                job.reply.send(Ok(Done::Local(Vec::new())));
             }
             continue;
         }
         match run_batch(conn, &batch, stats) {
-            Ok(outcomes) => {
+            Ok(answers) => {
                 stats.batch_sizes.observe(updates as u64);
-                for (job, outcome) in batch.drain(..).zip(outcomes) {
-                    for o in &outcome {
-                        let counter = match o {
-                            CasOutcome::Accepted => &stats.accepted,
-                            CasOutcome::ReplayedRequest => &stats.replayed_request,
-                            CasOutcome::ReplayedOtp => &stats.replayed_otp,
-                        };
-                        counter.fetch_add(1, Ordering::Relaxed);
-                    }
-                    job.reply.send(Ok(outcome));
+                for (job, done) in batch.drain(..).zip(answers) {
+                    count(stats, &done);
+                    job.reply.send(Ok(done));
                 }
             }
             Err(e) => {
@@ -648,17 +988,57 @@ fn writer_loop(conn: &Connection, jobs: &Receiver<Job>, max_batch: usize, stats:
     }
 }
 
-/// One transaction over every update of `batch`, committed. Outcomes per job.
-fn run_batch(conn: &Connection, batch: &[Job], stats: &Stats) -> Result<Vec<Vec<CasOutcome>>, String> {
+/// Add a committed answer to the figures.
+fn count(stats: &Stats, done: &Done) {
+    match done {
+        Done::Local(outcomes) => {
+            for o in outcomes {
+                let counter = match o {
+                    CasOutcome::Accepted => &stats.accepted,
+                    CasOutcome::ReplayedRequest => &stats.replayed_request,
+                    CasOutcome::ReplayedOtp => &stats.replayed_otp,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Done::Peer(result) => {
+            let counter = match result {
+                PeerCasResult::Stored => &stats.peer_stored,
+                PeerCasResult::SameRequest => &stats.peer_same_request,
+                PeerCasResult::Stale { .. } | PeerCasResult::Failed => &stats.peer_stale,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        Done::Merged(_) | Done::Count(_) => {}
+    }
+}
+
+/// The statements of a group-commit batch.
+struct Statements<'c> {
+    upsert: rusqlite::CachedStatement<'c>,
+    verdict: rusqlite::CachedStatement<'c>,
+    outbox: rusqlite::CachedStatement<'c>,
+}
+
+/// One transaction over every update of `batch`, committed. One answer per
+/// job.
+fn run_batch(conn: &Connection, batch: &[Job], stats: &Stats) -> Result<Vec<Done>, String> {
     let started = Instant::now();
     conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| format!("begin: {e}"))?;
-    let outcomes = (|| -> Result<Vec<Vec<CasOutcome>>, String> {
-        let mut upsert = conn.prepare_cached(UPSERT).map_err(|e| format!("prepare: {e}"))?;
-        let mut verdict = conn.prepare_cached(SELECT_VERDICT).map_err(|e| format!("prepare: {e}"))?;
-        batch.iter().map(|job| job.updates.iter().map(|u| compare_and_set_one(&mut upsert, &mut verdict, u)).collect()).collect()
+    let answers = (|| -> Result<Vec<Done>, String> {
+        let prepare = |sql| conn.prepare_cached(sql).map_err(|e| format!("prepare: {e}"));
+        let mut st = Statements { upsert: prepare(UPSERT)?, verdict: prepare(SELECT_VERDICT)?, outbox: prepare(APPEND_OUTBOX)? };
+        batch
+            .iter()
+            .map(|job| match &job.work {
+                Work::Local(updates) => updates.iter().map(|u| compare_and_set_one(&mut st, u)).collect::<Result<_, _>>().map(Done::Local),
+                Work::Peer { proposal, now } => peer_compare_and_set_one(&mut st, proposal, *now).map(Done::Peer),
+                Work::Alone(_) => Err("a maintenance job inside a batch".to_owned()),
+            })
+            .collect()
     })();
-    let outcomes = match outcomes {
-        Ok(o) => o,
+    let answers = match answers {
+        Ok(a) => a,
         Err(e) => {
             rollback(conn);
             return Err(e);
@@ -671,7 +1051,24 @@ fn run_batch(conn: &Connection, batch: &[Job], stats: &Stats) -> Result<Vec<Vec<
     }
     stats.commit.observe(commit_started.elapsed());
     stats.transaction.observe(started.elapsed());
-    Ok(outcomes)
+    Ok(answers)
+}
+
+/// `f` in a transaction of its own, committed.
+fn run_alone(conn: &Connection, f: AloneFn) -> Result<Done, String> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| format!("begin: {e}"))?;
+    let done = match f(conn) {
+        Ok(d) => d,
+        Err(e) => {
+            rollback(conn);
+            return Err(e);
+        }
+    };
+    if let Err(e) = conn.execute_batch("COMMIT") {
+        rollback(conn);
+        return Err(format!("commit: {e}"));
+    }
+    Ok(done)
 }
 
 fn rollback(conn: &Connection) {
@@ -682,35 +1079,79 @@ fn rollback(conn: &Connection) {
     }
 }
 
+/// What a row holds, as the replication rule sees it.
+fn stored_row(verdict: &mut rusqlite::CachedStatement<'_>, public_id: &str) -> Result<Option<quorum::StoredCounters>, String> {
+    let row: Option<(i64, i64, String, Vec<u8>)> = verdict
+        .query_row(params![public_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .optional()
+        .map_err(|e| format!("read of {public_id}: {e}"))?;
+    let Some((counter, session_use, nonce, digest)) = row else { return Ok(None) };
+    let damaged = || format!("the row of {public_id} is damaged");
+    Ok(Some(quorum::StoredCounters {
+        counters: counters_from(counter, session_use).ok_or_else(damaged)?,
+        nonce,
+        otp_digest: OtpDigest(digest.try_into().map_err(|_| damaged())?),
+    }))
+}
+
+/// Append a stored change to the outbox (same transaction as the upsert).
+fn append_outbox(
+    outbox: &mut rusqlite::CachedStatement<'_>,
+    public_id: &str,
+    counters: Counters,
+    nonce: &str,
+    digest: &[u8; 32],
+    now: i64,
+) -> Result<(), String> {
+    outbox
+        .execute(params![public_id, counters.counter(), counters.session_use(), nonce, digest.as_slice(), now])
+        .map(drop)
+        .map_err(|e| format!("outbox append for {public_id}: {e}"))
+}
+
 /// The conditional upsert, decided on the rows it changed; the row is read
-/// only when nothing changed.
-fn compare_and_set_one(
-    upsert: &mut rusqlite::CachedStatement<'_>,
-    verdict: &mut rusqlite::CachedStatement<'_>,
-    u: &CounterUpdate,
-) -> Result<CasOutcome, String> {
+/// only when nothing changed. An accepted update is appended to the outbox.
+fn compare_and_set_one(st: &mut Statements<'_>, u: &CounterUpdate) -> Result<CasOutcome, String> {
     let public_id = u.public_id.to_modhex();
     let (counter, session_use) = (u.counters.counter(), u.counters.session_use());
-    let changed = upsert
-        .execute(params![public_id, counter, session_use, u.timestamp_high, u.timestamp_low, u.nonce, u.now])
+    let changed = st
+        .upsert
+        .execute(params![public_id, counter, session_use, u.timestamp_high, u.timestamp_low, u.nonce, u.now, u.otp_digest.as_slice()])
         .map_err(|e| format!("update of {public_id}: {e}"))?;
     match changed {
-        1 => Ok(CasOutcome::Accepted),
-        0 => {
-            let stored: Option<(i64, i64, String)> = verdict
-                .query_row(params![public_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .optional()
-                .map_err(|e| format!("read of {public_id}: {e}"))?;
-            match stored {
-                Some((c, s, nonce)) if c == i64::from(counter) && s == i64::from(session_use) && nonce == u.nonce => {
-                    Ok(CasOutcome::ReplayedRequest)
-                }
-                Some(_) => Ok(CasOutcome::ReplayedOtp),
-                None => Err(format!("update of {public_id} changed nothing and there is no row")),
-            }
+        1 => {
+            append_outbox(&mut st.outbox, &public_id, u.counters, &u.nonce, &u.otp_digest, u.now)?;
+            Ok(CasOutcome::Accepted)
         }
+        0 => match stored_row(&mut st.verdict, &public_id)? {
+            Some(s) if s.counters == u.counters && s.nonce == u.nonce && s.otp_digest.0 == u.otp_digest => Ok(CasOutcome::ReplayedRequest),
+            Some(_) => Ok(CasOutcome::ReplayedOtp),
+            None => Err(format!("update of {public_id} changed nothing and there is no row")),
+        },
         n => Err(format!("update of {public_id} changed {n} rows")),
     }
+}
+
+/// A peer's compare-and-set: read the row, decide with [`quorum::peer_cas`]
+/// and, on [`quorum::CasDecision::Store`], write it and the outbox row. The
+/// writer holds the write lock of the transaction: nothing comes between
+/// the read and the write.
+fn peer_compare_and_set_one(st: &mut Statements<'_>, p: &Proposal, now: i64) -> Result<PeerCasResult, String> {
+    let public_id = p.public_id.to_modhex();
+    let stored = stored_row(&mut st.verdict, &public_id)?;
+    let decision = quorum::peer_cas(stored.as_ref(), p);
+    if decision == quorum::CasDecision::Store {
+        let (counter, session_use) = (p.counters.counter(), p.counters.session_use());
+        let changed = st
+            .upsert
+            .execute(params![public_id, counter, session_use, 0u8, 0u16, p.nonce, now, p.otp_digest.0.as_slice()])
+            .map_err(|e| format!("peer update of {public_id}: {e}"))?;
+        if changed != 1 {
+            return Err(format!("peer update of {public_id} changed {changed} rows after the rule said store"));
+        }
+        append_outbox(&mut st.outbox, &public_id, p.counters, &p.nonce, &p.otp_digest.0, now)?;
+    }
+    Ok(decision.into())
 }
 
 #[cfg(test)]
@@ -724,6 +1165,7 @@ mod tests {
             timestamp_high: 0,
             timestamp_low: 0,
             nonce: "0123456789abcdef".to_owned(),
+            otp_digest: [7; 32],
             now: 1,
         }
     }

@@ -142,6 +142,11 @@ pub struct CounterUpdate {
     /// The request's nonce: equal counters with the same nonce is the same
     /// request seen again (`REPLAYED_REQUEST`).
     pub nonce: String,
+    /// SHA-256 of the OTP text as parsed (lower-case modhex, public id
+    /// included): with the nonce, the identity of the request. Peers
+    /// compare it to tell pam_yubico's fan-out of one request from another
+    /// OTP with equal counters; the OTP itself is never stored.
+    pub otp_digest: [u8; 32],
     /// Unix seconds.
     pub now: i64,
 }

@@ -46,6 +46,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use otp::{Otp, PublicId};
+use sha2::{Digest, Sha256};
 
 use crate::protocol::{self, Echo, Rejection, RequestSignature, Response, SessionFields, Status, SyncLevel, Version};
 use crate::{ApiClient, BackendFailure, CasOutcome, ClientId, ClientKey, ClientStore, CounterStore, CounterUpdate, OtpDecoder};
@@ -325,6 +326,7 @@ impl Verifier {
             timestamp_high: decoded.timestamp_high,
             timestamp_low: decoded.timestamp_low,
             nonce: checked.nonce.clone(),
+            otp_digest: otp_digest(&checked.otp),
             now: unix_seconds(now),
         };
         Ok(Decoded { decoded, update })
@@ -389,6 +391,13 @@ pub struct Decoded {
     pub decoded: otp::OtpDecode,
     /// What to record.
     pub update: CounterUpdate,
+}
+
+/// SHA-256 of the OTP text as the verifier parsed it (normalised
+/// lower-case modhex, public id included): [`CounterUpdate::otp_digest`].
+#[must_use]
+pub fn otp_digest(otp: &Otp) -> [u8; 32] {
+    Sha256::digest(otp.to_string().as_bytes()).into()
 }
 
 /// Unix seconds, negative before 1970, saturating.

@@ -212,6 +212,7 @@ fn counters_and_clients_share_one_database() {
         timestamp_high: 0,
         timestamp_low: 0,
         nonce: "nonce-nonce-nonce".to_owned(),
+        otp_digest: [0; 32],
         now: 1,
     };
     assert_eq!(counters.compare_and_set(&u).unwrap(), validator::CasOutcome::Accepted);

@@ -23,7 +23,26 @@ fn ctr(c: u16, u: u8) -> Counters {
 }
 
 fn update(public_id: PublicId, counters: Counters, nonce: &str) -> CounterUpdate {
-    CounterUpdate { public_id, counters, timestamp_high: 0x12, timestamp_low: 0x3456, nonce: nonce.to_owned(), now: 1_700_000_000 }
+    CounterUpdate {
+        public_id,
+        counters,
+        timestamp_high: 0x12,
+        timestamp_low: 0x3456,
+        nonce: nonce.to_owned(),
+        otp_digest: digest(nonce),
+        now: 1_700_000_000,
+    }
+}
+
+/// A stand-in OTP digest derived from a label (tests need only distinct
+/// values).
+fn digest(label: &str) -> [u8; 32] {
+    let mut d = [0u8; 32];
+    for (i, b) in label.bytes().enumerate() {
+        d[i % 32] ^= b.wrapping_add(i as u8);
+    }
+    d[31] ^= 0x5a;
+    d
 }
 
 /// Ticket `n` of a YubiKey's sequence: (n / 256, n % 256).
