@@ -1,0 +1,567 @@
+//! The replication node over real QUIC on loopback (127.0.0.1/2/3): two
+//! sites, or two sites and a witness, each with an in-memory durable store
+//! that follows `quorum::peer_cas`, certificates from a private CA written
+//! to and loaded from a temp dir.
+//!
+//! The validator's part is played by `validate`: the local compare-and-set
+//! first (strictly greater, or the request is answered locally), then
+//! `Node::submit`.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use otp::{Counters, PublicId};
+use replication::node::{DurableCas, Node, NodeConfig, Reachability};
+use replication::pki::{Ca, Identity};
+use replication::quorum::{peer_cas, CasDecision, OtpDigest, PeerCasResult, Proposal, QuorumConfig, SiteId, StoredCounters, Verdict};
+use replication::transport::{Endpoint, EndpointConfig, Peer, PeerRule, Settings, Trust};
+use replication::wire;
+
+const YEAR: Duration = Duration::from_secs(365 * 86_400);
+const DEADLINE: Duration = Duration::from_millis(300);
+
+// ---------------------------------------------------------------------------
+// Sites, certificates, endpoints.
+
+#[derive(Clone, Copy, Debug)]
+struct Spec {
+    id: SiteId,
+    name: &'static str,
+    ip: &'static str,
+}
+
+const A: Spec = Spec { id: SiteId(1), name: "auth1", ip: "127.0.0.1" };
+const B: Spec = Spec { id: SiteId(2), name: "auth2", ip: "127.0.0.2" };
+const W: Spec = Spec { id: SiteId(3), name: "witness", ip: "127.0.0.3" };
+
+struct Pki {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    ca: Ca,
+}
+
+fn pki() -> Pki {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    Ca::generate("node test CA", YEAR).unwrap().write(&dir).unwrap();
+    let ca = Ca::load(&dir).unwrap();
+    Pki { _tmp: tmp, dir, ca }
+}
+
+impl Pki {
+    /// The site's certificate, written to the temp dir once and loaded back.
+    fn identity(&self, name: &str) -> Identity {
+        let cert = self.dir.join(format!("{name}.pem"));
+        let key = self.dir.join(format!("{name}.key"));
+        if !cert.exists() {
+            self.ca.issue(name, YEAR).unwrap().write(&self.dir).unwrap();
+        }
+        Identity::load(&cert, &key).unwrap()
+    }
+
+    fn endpoint(&self, spec: Spec, addr: SocketAddr, others: &[Spec]) -> Endpoint {
+        let rules = others.iter().map(|o| PeerRule::name(o.name)).collect();
+        let trust = Trust::new(self.ca.cert_der().clone(), rules).unwrap();
+        Endpoint::bind(EndpointConfig { bind: addr, identity: self.identity(spec.name), trust, settings: Settings::default() }).unwrap()
+    }
+}
+
+/// A free UDP port on the site's address, with nothing listening on it.
+fn free_addr(spec: Spec) -> SocketAddr {
+    let socket = std::net::UdpSocket::bind(format!("{}:0", spec.ip)).unwrap();
+    socket.local_addr().unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// The durable store: a peer's compare-and-set per `peer_cas`, and the
+// validator's local rule.
+
+#[derive(Debug, PartialEq, Eq)]
+enum Local {
+    /// Equal counters, same nonce: REPLAYED_REQUEST.
+    ReplayedRequest,
+    /// Lower, or equal with another nonce: REPLAYED_OTP.
+    ReplayedOtp,
+}
+
+#[derive(Default)]
+struct MemStore {
+    records: Mutex<BTreeMap<PublicId, StoredCounters>>,
+}
+
+impl MemStore {
+    fn local_cas(&self, p: &Proposal) -> Result<(), Local> {
+        let mut records = self.records.lock().unwrap();
+        match records.get(&p.public_id) {
+            Some(s) if p.counters < s.counters => Err(Local::ReplayedOtp),
+            Some(s) if p.counters == s.counters && p.nonce == s.nonce => Err(Local::ReplayedRequest),
+            Some(s) if p.counters == s.counters => Err(Local::ReplayedOtp),
+            _ => {
+                records.insert(p.public_id, StoredCounters::from(p));
+                Ok(())
+            }
+        }
+    }
+
+    fn get(&self, public_id: PublicId) -> Option<Counters> {
+        self.records.lock().unwrap().get(&public_id).map(|s| s.counters)
+    }
+}
+
+impl DurableCas for MemStore {
+    fn peer_cas(&self, _origin: SiteId, proposal: &Proposal) -> PeerCasResult {
+        let mut records = self.records.lock().unwrap();
+        let decision = peer_cas(records.get(&proposal.public_id), proposal);
+        if decision == CasDecision::Store {
+            records.insert(proposal.public_id, StoredCounters::from(proposal));
+        }
+        decision.into()
+    }
+}
+
+struct Site {
+    node: Node,
+    store: Arc<MemStore>,
+}
+
+fn start(spec: Spec, endpoint: Endpoint, quorum: QuorumConfig, peers: &[(Spec, SocketAddr)], store: Arc<MemStore>) -> Site {
+    let peers = peers.iter().map(|(s, addr)| (s.id, Peer::new(s.name, *addr))).collect();
+    let node = Node::start(NodeConfig { site: spec.id, quorum, peers }, endpoint, store.clone()).unwrap();
+    Site { node, store }
+}
+
+// ---------------------------------------------------------------------------
+// OTPs.
+
+fn key(n: u64) -> PublicId {
+    PublicId::from_number(n, 6).unwrap()
+}
+
+/// `variant` stands for a different OTP string with equal counters.
+fn otp(key_no: u64, counter: u16, session_use: u8, nonce: &str, variant: u8) -> Proposal {
+    let mut d = [0u8; 32];
+    d[..8].copy_from_slice(&key_no.to_be_bytes());
+    d[8..10].copy_from_slice(&counter.to_be_bytes());
+    d[10] = session_use;
+    d[11] = variant;
+    Proposal {
+        public_id: key(key_no),
+        counters: Counters::new(counter, session_use).unwrap(),
+        nonce: nonce.to_string(),
+        otp_digest: OtpDigest(d),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum Outcome {
+    Local(LocalOutcome),
+    Node(Verdict),
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum LocalOutcome {
+    ReplayedRequest,
+    ReplayedOtp,
+}
+
+fn is_ok(o: Outcome) -> bool {
+    matches!(o, Outcome::Node(Verdict::Accepted { .. } | Verdict::AcceptedAtRisk { .. }))
+}
+
+/// What the validator does: local compare-and-set, then replication.
+async fn validate(site: &Site, p: Proposal) -> Outcome {
+    match site.store.local_cas(&p) {
+        Err(Local::ReplayedRequest) => Outcome::Local(LocalOutcome::ReplayedRequest),
+        Err(Local::ReplayedOtp) => Outcome::Local(LocalOutcome::ReplayedOtp),
+        Ok(()) => Outcome::Node(site.node.submit(p, None, None).await),
+    }
+}
+
+/// Two sites, write-all, both up.
+fn two_sites(pki: &Pki) -> (Site, Site) {
+    let ea = pki.endpoint(A, format!("{}:0", A.ip).parse().unwrap(), &[B]);
+    let eb = pki.endpoint(B, format!("{}:0", B.ip).parse().unwrap(), &[A]);
+    let (aa, ab) = (ea.local_addr().unwrap(), eb.local_addr().unwrap());
+    let a = start(A, ea, QuorumConfig::two_sites(B.id, DEADLINE), &[(B, ab)], Arc::default());
+    let b = start(B, eb, QuorumConfig::two_sites(A.id, DEADLINE), &[(A, aa)], Arc::default());
+    (a, b)
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn same_otp_and_nonce_at_both_sites_is_accepted_at_both() {
+    let pki = pki();
+    let (a, b) = two_sites(&pki);
+
+    // pam_yubico's fan-out: one OTP, one nonce, both sites at once. Both
+    // local compare-and-sets run first, then both replicate concurrently.
+    let p = otp(1, 10, 0, "nonce0123456789abc", 0);
+    assert!(a.store.local_cas(&p).is_ok());
+    assert!(b.store.local_cas(&p).is_ok());
+    let (va, vb) = tokio::join!(a.node.submit(p.clone(), None, None), b.node.submit(p.clone(), None, None));
+    assert_eq!(va, Verdict::Accepted { sl: 100 });
+    assert_eq!(vb, Verdict::Accepted { sl: 100 });
+
+    // The same OTP with *different* nonces at both sites: a replay race,
+    // at most one OK (here neither: each peer holds the other request).
+    let p = otp(1, 11, 0, "nonceAAAAAAAAAAAAAAAA", 0);
+    let q = Proposal { nonce: "nonceBBBBBBBBBBBBBBBB".into(), ..p.clone() };
+    assert!(a.store.local_cas(&p).is_ok());
+    assert!(b.store.local_cas(&q).is_ok());
+    let (va, vb) = tokio::join!(a.node.submit(p, None, None), b.node.submit(q, None, None));
+    assert_eq!((va, vb), (Verdict::Replayed, Verdict::Replayed));
+
+    // The next OTP is fine again, at either site.
+    assert_eq!(validate(&b, otp(1, 12, 0, "nonce-next-1", 0)).await, Outcome::Node(Verdict::Accepted { sl: 100 }));
+    assert_eq!(a.node.metrics().accepted, 1);
+    assert_eq!(b.node.metrics().accepted, 2);
+    assert_eq!(a.node.metrics().replayed + b.node.metrics().replayed, 2);
+    a.node.shutdown().await;
+    b.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replay_at_b_after_an_ok_at_a_is_refused() {
+    let pki = pki();
+    let (a, b) = two_sites(&pki);
+    let p = otp(2, 5, 3, "nonce-first-0001", 0);
+    assert_eq!(validate(&a, p.clone()).await, Outcome::Node(Verdict::Accepted { sl: 100 }));
+    // Write-all: B durably holds the counters before A answered OK, so B's
+    // own compare-and-set refuses the replay, whatever the nonce.
+    assert_eq!(b.store.get(p.public_id), Some(p.counters));
+    assert_eq!(validate(&b, p.clone()).await, Outcome::Local(LocalOutcome::ReplayedRequest));
+    let replay = Proposal { nonce: "nonce-replay-0002".into(), ..p.clone() };
+    assert_eq!(validate(&b, replay.clone()).await, Outcome::Local(LocalOutcome::ReplayedOtp));
+    // Even a site whose local store missed it (forced here) is refused by
+    // its peer.
+    assert_eq!(b.node.submit(replay, None, None).await, Verdict::Replayed);
+    let lower = otp(2, 5, 2, "nonce-lower-0003", 0);
+    assert_eq!(b.node.submit(lower, None, None).await, Verdict::Replayed);
+    a.node.shutdown().await;
+    b.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_peer_fails_closed_within_the_deadline() {
+    let pki = pki();
+    // B was never started: nothing listens at its address.
+    let ea = pki.endpoint(A, format!("{}:0", A.ip).parse().unwrap(), &[B]);
+    let a = start(A, ea, QuorumConfig::two_sites(B.id, DEADLINE), &[(B, free_addr(B))], Arc::default());
+
+    let t = Instant::now();
+    let v = validate(&a, otp(3, 1, 0, "nonce-dead-peer-1", 0)).await;
+    let took = t.elapsed();
+    println!("dead peer: NOT_ENOUGH_ANSWERS after {took:?} (deadline {DEADLINE:?})");
+    assert_eq!(v, Outcome::Node(Verdict::NotEnoughAnswers { sl: 50 }));
+    assert!(took >= DEADLINE, "never before the deadline: {took:?}");
+    assert!(took < DEADLINE + Duration::from_millis(150), "within the deadline: {took:?}");
+
+    // The verify request's `timeout` shortens it.
+    let t = Instant::now();
+    let v = a.node.submit(otp(3, 2, 0, "nonce-dead-peer-2", 0), Some(100), Some(Duration::from_millis(100))).await;
+    let took = t.elapsed();
+    assert_eq!(v, Verdict::NotEnoughAnswers { sl: 50 });
+    assert!(took >= Duration::from_millis(100) && took < Duration::from_millis(250), "{took:?}");
+
+    let m = a.node.metrics();
+    assert_eq!((m.not_enough_answers, m.quorum_failures, m.accepted), (2, 2, 0));
+    // The RPC fails at the same deadline; give it a moment to be recorded.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let peers = a.node.peers();
+    assert_eq!(peers[0].reachability, Reachability::Down);
+    assert!(a.node.metrics().peer_down >= 1);
+    a.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn peer_shut_down_fails_closed_and_a_restart_recovers() {
+    let pki = pki();
+    let (a, b) = two_sites(&pki);
+    let b_addr = b.node.endpoint().local_addr().unwrap();
+    let a_addr = a.node.endpoint().local_addr().unwrap();
+    assert_eq!(validate(&a, otp(4, 1, 0, "nonce-before-down", 0)).await, Outcome::Node(Verdict::Accepted { sl: 100 }));
+    assert_eq!(a.node.peers()[0].reachability, Reachability::Up);
+
+    let b_store = b.store.clone();
+    b.node.shutdown().await;
+    let t = Instant::now();
+    let v = validate(&a, otp(4, 2, 0, "nonce-while-down", 0)).await;
+    let took = t.elapsed();
+    println!("peer shut down: {v:?} after {took:?}");
+    assert_eq!(v, Outcome::Node(Verdict::NotEnoughAnswers { sl: 50 }));
+    assert!(took >= DEADLINE && took < DEADLINE + Duration::from_millis(150), "{took:?}");
+
+    // B comes back at the same address with its durable store.
+    let eb = pki.endpoint(B, b_addr, &[A]);
+    let b = start(B, eb, QuorumConfig::two_sites(A.id, DEADLINE), &[(A, a_addr)], b_store);
+    let mut ok = None;
+    for i in 0..5u8 {
+        // The first request after the restart may die with the old
+        // connection (a stateless reset); the next one reconnects.
+        let v = validate(&a, otp(4, 3, i, &format!("nonce-after-up-{i}"), 0)).await;
+        if is_ok(v) {
+            ok = Some(i);
+            break;
+        }
+        assert_eq!(v, Outcome::Node(Verdict::NotEnoughAnswers { sl: 50 }));
+    }
+    let i = ok.expect("A accepts again once B is back");
+    assert_eq!(b.store.get(key(4)), Some(Counters::new(3, i).unwrap()));
+    a.node.shutdown().await;
+    b.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn witness_keeps_a_accepting_with_b_down_and_b_refuses_the_replay_later() {
+    let pki = pki();
+    let b_addr = free_addr(B);
+    let ea = pki.endpoint(A, format!("{}:0", A.ip).parse().unwrap(), &[B, W]);
+    let ew = pki.endpoint(W, format!("{}:0", W.ip).parse().unwrap(), &[A, B]);
+    let (aa, aw) = (ea.local_addr().unwrap(), ew.local_addr().unwrap());
+    let a = start(A, ea, QuorumConfig::with_witness(B.id, W.id, DEADLINE), &[(B, b_addr), (W, aw)], Arc::default());
+    let w = start(W, ew, QuorumConfig::witness_of(A.id, B.id, DEADLINE), &[(A, aa), (B, b_addr)], Arc::default());
+
+    // B is down: A and the witness are a majority.
+    let p = otp(5, 7, 1, "nonce-with-witness", 0);
+    assert_eq!(validate(&a, p.clone()).await, Outcome::Node(Verdict::Accepted { sl: 66 }));
+    for u in 2..6u8 {
+        assert_eq!(validate(&a, otp(5, 7, u, &format!("nonce-w-{u}"), 0)).await, Outcome::Node(Verdict::Accepted { sl: 66 }));
+    }
+    assert_eq!(w.store.get(key(5)), Some(Counters::new(7, 5).unwrap()));
+
+    // B starts with a store that never saw those OTPs: its local
+    // compare-and-set accepts a replay of the first one, and the quorum
+    // refuses it.
+    let eb = pki.endpoint(B, b_addr, &[A, W]);
+    let b = start(B, eb, QuorumConfig::with_witness(A.id, W.id, DEADLINE), &[(A, aa), (W, aw)], Arc::default());
+    let replay = Proposal { nonce: "nonce-replay-at-b".into(), ..p };
+    assert_eq!(validate(&b, replay).await, Outcome::Node(Verdict::Replayed));
+    // A fresh OTP is accepted at B as soon as two of three hold it; the
+    // third follows.
+    assert_eq!(validate(&b, otp(5, 8, 0, "nonce-fresh-at-b", 0)).await, Outcome::Node(Verdict::Accepted { sl: 66 }));
+    let fresh = Counters::new(8, 0).unwrap();
+    let t = Instant::now();
+    while a.store.get(key(5)) != Some(fresh) || w.store.get(key(5)) != Some(fresh) {
+        assert!(t.elapsed() < Duration::from_secs(2), "the third node never got it");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.node.shutdown().await;
+    b.node.shutdown().await;
+    w.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn garbage_and_foreign_requests_get_no_reply() {
+    let pki = pki();
+    let (a, b) = two_sites(&pki);
+    // A raw transport client holding A's certificate (B authorizes it by
+    // name) sends what the node cannot use.
+    let raw = pki.endpoint(A, format!("{}:0", A.ip).parse().unwrap(), &[B]);
+    let target = Peer::new(B.name, b.node.endpoint().local_addr().unwrap());
+    let soon = || Instant::now() + Duration::from_secs(5);
+    let reply = raw.request(&target, Bytes::from_static(b"\x01\x09junk"), soon()).await.unwrap();
+    assert!(reply.is_empty());
+    // A request claiming another origin than its sender.
+    let forged = replication::quorum::Message::CasRequest {
+        req_id: replication::quorum::RequestId(1),
+        origin: W.id,
+        proposal: otp(6, 1, 0, "n", 0),
+    };
+    let reply = raw.request(&target, wire::encode(&forged).unwrap(), soon()).await.unwrap();
+    assert!(reply.is_empty());
+    assert_eq!(b.store.get(key(6)), None);
+    // A genuine request gets its durable reply.
+    let genuine = replication::quorum::Message::CasRequest {
+        req_id: replication::quorum::RequestId(2),
+        origin: A.id,
+        proposal: otp(6, 1, 0, "n", 0),
+    };
+    let reply = raw.request(&target, wire::encode(&genuine).unwrap(), soon()).await.unwrap();
+    assert!(matches!(
+        wire::decode(&reply).unwrap(),
+        replication::quorum::Message::CasReply { outcome: replication::quorum::ReplyOutcome::Ack, .. }
+    ));
+    assert_eq!(b.store.get(key(6)), Some(Counters::new(1, 0).unwrap()));
+    // The duplicate is answered from the machine's cache, at once.
+    let reply2 = raw.request(&target, wire::encode(&genuine).unwrap(), soon()).await.unwrap();
+    assert_eq!(reply, reply2);
+    assert_eq!(b.node.metrics().bad_messages, 1);
+    raw.close();
+    a.node.shutdown().await;
+    b.node.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// Concurrency: the invariant under many submissions from several tasks.
+
+/// SplitMix64.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Record {
+    site: &'static str,
+    proposal: Proposal,
+    started: Instant,
+    answered: Instant,
+    outcome: Outcome,
+}
+
+fn same_request(x: &Proposal, y: &Proposal) -> bool {
+    x.counters == y.counters && x.nonce == y.nonce && x.otp_digest == y.otp_digest
+}
+
+/// No OTP value accepted twice (the same fanned-out request aside), and no
+/// value accepted by a request that started after a higher or equal one
+/// had been answered OK.
+fn check(records: &[Record]) {
+    let mut by_key: BTreeMap<PublicId, Vec<&Record>> = BTreeMap::new();
+    for r in records.iter().filter(|r| is_ok(r.outcome)) {
+        by_key.entry(r.proposal.public_id).or_default().push(r);
+    }
+    for accepted in by_key.values() {
+        for (i, x) in accepted.iter().enumerate() {
+            for y in &accepted[i + 1..] {
+                if x.proposal.counters == y.proposal.counters {
+                    assert!(same_request(&x.proposal, &y.proposal), "accepted twice: {x:?} and {y:?}");
+                }
+            }
+            for y in accepted.iter() {
+                if y.started > x.answered && !same_request(&x.proposal, &y.proposal) {
+                    assert!(y.proposal.counters > x.proposal.counters, "{y:?} accepted after the higher or equal {x:?} was answered");
+                }
+            }
+        }
+    }
+}
+
+async fn hammer(sites: Vec<(&'static str, Arc<Site>)>, tasks_per_site: u64, per_task: u64) -> Vec<Record> {
+    let mut set = tokio::task::JoinSet::new();
+    for (s, (name, site)) in sites.into_iter().enumerate() {
+        for t in 0..tasks_per_site {
+            let site = site.clone();
+            set.spawn(async move {
+                let mut rng = Rng(0x5eed ^ ((s as u64) << 32) ^ t);
+                let mut out = Vec::new();
+                for _ in 0..per_task {
+                    // Few keys, a narrow counter range, few nonces and OTP
+                    // strings: many collisions, fan-outs and replays.
+                    let key_no = 100 + rng.below(3);
+                    let counter = 1 + rng.below(12) as u16;
+                    let nonce = format!("nonce-{}", rng.below(2));
+                    let variant = rng.below(2) as u8;
+                    let p = otp(key_no, counter, 0, &nonce, variant);
+                    let started = Instant::now();
+                    let outcome = validate(&site, p.clone()).await;
+                    out.push(Record { site: name, proposal: p, started, answered: Instant::now(), outcome });
+                }
+                out
+            });
+        }
+    }
+    let mut records = Vec::new();
+    while let Some(joined) = set.join_next().await {
+        records.extend(joined.unwrap());
+    }
+    records
+}
+
+fn summary(records: &[Record]) -> String {
+    let ok = records.iter().filter(|r| is_ok(r.outcome)).count();
+    let node_replayed = records.iter().filter(|r| r.outcome == Outcome::Node(Verdict::Replayed)).count();
+    let local = records.iter().filter(|r| matches!(r.outcome, Outcome::Local(_))).count();
+    let nea = records.iter().filter(|r| matches!(r.outcome, Outcome::Node(Verdict::NotEnoughAnswers { .. }))).count();
+    let at_a = records.iter().filter(|r| r.site == "A" && is_ok(r.outcome)).count();
+    format!(
+        "{} submissions: {ok} OK ({at_a} at A), {node_replayed} refused by a peer, {local} refused locally, {nea} not enough answers",
+        records.len()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_submissions_never_accept_a_value_twice() {
+    // Two sites, write-all.
+    let pki = pki();
+    let (a, b) = two_sites(&pki);
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let records = hammer(vec![("A", a.clone()), ("B", b.clone())], 4, 40).await;
+    println!("two sites: {}", summary(&records));
+    check(&records);
+    assert!(records.iter().any(|r| is_ok(r.outcome)));
+    assert!(records.iter().all(|r| !matches!(r.outcome, Outcome::Node(Verdict::NotEnoughAnswers { .. }))));
+
+    // Two sites and a witness, all up.
+    let pki = pki_three();
+    let records = hammer(vec![("A", pki.1.clone()), ("B", pki.2.clone())], 4, 40).await;
+    println!("with a witness: {}", summary(&records));
+    check(&records);
+    assert!(records.iter().any(|r| is_ok(r.outcome)));
+}
+
+/// Two sites and a witness, all up.
+fn pki_three() -> (Pki, Arc<Site>, Arc<Site>, Arc<Site>) {
+    let pki = pki();
+    let ea = pki.endpoint(A, format!("{}:0", A.ip).parse().unwrap(), &[B, W]);
+    let eb = pki.endpoint(B, format!("{}:0", B.ip).parse().unwrap(), &[A, W]);
+    let ew = pki.endpoint(W, format!("{}:0", W.ip).parse().unwrap(), &[A, B]);
+    let (aa, ab, aw) = (ea.local_addr().unwrap(), eb.local_addr().unwrap(), ew.local_addr().unwrap());
+    let a = start(A, ea, QuorumConfig::with_witness(B.id, W.id, DEADLINE), &[(B, ab), (W, aw)], Arc::default());
+    let b = start(B, eb, QuorumConfig::with_witness(A.id, W.id, DEADLINE), &[(A, aa), (W, aw)], Arc::default());
+    let w = start(W, ew, QuorumConfig::witness_of(A.id, B.id, DEADLINE), &[(A, aa), (B, ab)], Arc::default());
+    (pki, Arc::new(a), Arc::new(b), Arc::new(w))
+}
+
+// ---------------------------------------------------------------------------
+// Latency.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_site_accept_latency_over_loopback() {
+    let pki = pki();
+    let (a, b) = two_sites(&pki);
+    // Warm up: the connection is dialled on first use.
+    assert!(is_ok(validate(&a, otp(7, 1, 0, "warm-up", 0)).await));
+    let mut took = Vec::new();
+    for i in 0..300u16 {
+        let p = otp(7, 2 + i / 256, (i % 256) as u8, &format!("nonce-latency-{i}"), 0);
+        assert!(a.store.local_cas(&p).is_ok());
+        let t = Instant::now();
+        let v = a.node.submit(p, None, None).await;
+        took.push(t.elapsed());
+        assert_eq!(v, Verdict::Accepted { sl: 100 });
+    }
+    took.sort();
+    let pct = |q: usize| took[(took.len() - 1) * q / 100];
+    println!(
+        "two-site accept, extra latency over the local compare-and-set (loopback, in-memory store, {} builds): median {:?}, p90 {:?}, p99 {:?}, max {:?}",
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+        pct(50),
+        pct(90),
+        pct(99),
+        took[took.len() - 1]
+    );
+    let rtt = a.node.peers()[0].clone();
+    println!("peer RPC: {} replies, mean {:?}", rtt.replies, rtt.rtt_total / u32::try_from(rtt.replies).unwrap());
+    assert!(pct(50) < Duration::from_millis(50), "median {:?}", pct(50));
+    a.node.shutdown().await;
+    b.node.shutdown().await;
+}
