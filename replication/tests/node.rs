@@ -455,29 +455,45 @@ fn check(records: &[Record]) {
     }
 }
 
-async fn hammer(sites: Vec<(&'static str, Arc<Site>)>, tasks_per_site: u64, per_task: u64) -> Vec<Record> {
+/// `tasks` tasks, each submitting `per_task` OTPs: a quarter fanned out to
+/// both sites at once (same OTP, same nonce, as pam_yubico does), the rest
+/// at one site picked at random. Counters follow the clock (one step every
+/// 2 ms, with jitter), so that tasks collide on values while the keys keep
+/// moving forward, and the nonce and OTP string vary, so that equal
+/// counters are sometimes the same request and sometimes a replay.
+async fn hammer(a: Arc<Site>, b: Arc<Site>, tasks: u64, per_task: u64) -> Vec<Record> {
     let mut set = tokio::task::JoinSet::new();
-    for (s, (name, site)) in sites.into_iter().enumerate() {
-        for t in 0..tasks_per_site {
-            let site = site.clone();
-            set.spawn(async move {
-                let mut rng = Rng(0x5eed ^ ((s as u64) << 32) ^ t);
-                let mut out = Vec::new();
-                for _ in 0..per_task {
-                    // Few keys, a narrow counter range, few nonces and OTP
-                    // strings: many collisions, fan-outs and replays.
-                    let key_no = 100 + rng.below(3);
-                    let counter = 1 + rng.below(12) as u16;
-                    let nonce = format!("nonce-{}", rng.below(2));
-                    let variant = rng.below(2) as u8;
-                    let p = otp(key_no, counter, 0, &nonce, variant);
-                    let started = Instant::now();
-                    let outcome = validate(&site, p.clone()).await;
-                    out.push(Record { site: name, proposal: p, started, answered: Instant::now(), outcome });
+    for t in 0..tasks {
+        let (a, b) = (a.clone(), b.clone());
+        set.spawn(async move {
+            let mut rng = Rng(0x5eed_0000 + t);
+            let mut out = Vec::new();
+            let epoch = Instant::now();
+            for _ in 0..per_task {
+                tokio::time::sleep(Duration::from_micros(rng.below(2000))).await;
+                let key_no = 100 + rng.below(3);
+                let counter = 1 + (epoch.elapsed().as_millis() / 2) as u16 + rng.below(2) as u16;
+                let session_use = rng.below(3) as u8;
+                let nonce = format!("nonce-{}", rng.below(3));
+                let variant = rng.below(2) as u8;
+                let p = otp(key_no, counter, session_use, &nonce, variant);
+                let started = Instant::now();
+                match rng.below(4) {
+                    0 => {
+                        let (va, vb) = tokio::join!(validate(&a, p.clone()), validate(&b, p.clone()));
+                        let answered = Instant::now();
+                        out.push(Record { site: "A", proposal: p.clone(), started, answered, outcome: va });
+                        out.push(Record { site: "B", proposal: p, started, answered, outcome: vb });
+                    }
+                    n => {
+                        let (name, site) = if n % 2 == 0 { ("A", &a) } else { ("B", &b) };
+                        let outcome = validate(site, p.clone()).await;
+                        out.push(Record { site: name, proposal: p, started, answered: Instant::now(), outcome });
+                    }
                 }
-                out
-            });
-        }
+            }
+            out
+        });
     }
     let mut records = Vec::new();
     while let Some(joined) = set.join_next().await {
@@ -503,16 +519,15 @@ async fn concurrent_submissions_never_accept_a_value_twice() {
     // Two sites, write-all.
     let pki = pki();
     let (a, b) = two_sites(&pki);
-    let (a, b) = (Arc::new(a), Arc::new(b));
-    let records = hammer(vec![("A", a.clone()), ("B", b.clone())], 4, 40).await;
+    let records = hammer(Arc::new(a), Arc::new(b), 8, 60).await;
     println!("two sites: {}", summary(&records));
     check(&records);
     assert!(records.iter().any(|r| is_ok(r.outcome)));
     assert!(records.iter().all(|r| !matches!(r.outcome, Outcome::Node(Verdict::NotEnoughAnswers { .. }))));
 
     // Two sites and a witness, all up.
-    let pki = pki_three();
-    let records = hammer(vec![("A", pki.1.clone()), ("B", pki.2.clone())], 4, 40).await;
+    let (_pki, a, b, _w) = pki_three();
+    let records = hammer(a, b, 8, 60).await;
     println!("with a witness: {}", summary(&records));
     check(&records);
     assert!(records.iter().any(|r| is_ok(r.outcome)));
