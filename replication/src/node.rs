@@ -9,7 +9,7 @@
 //!   timer ticks), with `now` from the monotonic clock.
 //! - [`Action::Send`] of a [`Message::CasRequest`] becomes one RPC
 //!   ([`Endpoint::request`]) with the machine's deadline; the reply decodes
-//!   ([`wire`](crate::wire)) to a [`Message::CasReply`] that goes back in as
+//!   ([`wire`]) to a [`Message::CasReply`] that goes back in as
 //!   [`Input::Message`]. An RPC error or timeout is simply no reply: the
 //!   machine's deadline decides.
 //! - An incoming RPC carrying a `CasRequest` is fed to the machine, and the

@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use otp::{Counters, PublicId};
-use replication::node::{DurableCas, Node, NodeConfig, Reachability};
+use replication::node::{DurableCas, Error as NodeError, Node, NodeConfig, NodeEvent, Reachability};
 use replication::pki::{Ca, Identity};
-use replication::quorum::{peer_cas, CasDecision, OtpDigest, PeerCasResult, Proposal, QuorumConfig, SiteId, StoredCounters, Verdict};
+use replication::quorum::{
+    peer_cas, CasDecision, Event, OtpDigest, PeerCasResult, Policy, Proposal, QuorumConfig, SiteId, StoredCounters, Verdict,
+};
 use replication::transport::{Endpoint, EndpointConfig, Peer, PeerRule, Settings, Trust};
 use replication::wire;
 
@@ -278,6 +280,45 @@ async fn dead_peer_fails_closed_within_the_deadline() {
     assert_eq!(peers[0].reachability, Reachability::Down);
     assert!(a.node.metrics().peer_down >= 1);
     a.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn accept_at_risk_is_answered_logged_and_counted() {
+    let pki = pki();
+    let ea = pki.endpoint(A, format!("{}:0", A.ip).parse().unwrap(), &[B]);
+    let mut quorum = QuorumConfig::two_sites(B.id, Duration::from_millis(100));
+    quorum.policy = Policy::AcceptAtRisk { until: Instant::now() + Duration::from_secs(3600) };
+    let a = start(A, ea, quorum, &[(B, free_addr(B))], Arc::default());
+    let mut events = a.node.subscribe();
+    assert_eq!(validate(&a, otp(8, 1, 0, "nonce-at-risk", 0)).await, Outcome::Node(Verdict::AcceptedAtRisk { sl: 50 }));
+    let m = a.node.metrics();
+    assert_eq!((m.accepted_at_risk, m.quorum_failures, m.accepted, m.submitted), (1, 0, 0, 1));
+    let mut seen = false;
+    while let Ok(event) = events.try_recv() {
+        seen |= matches!(event, NodeEvent::Machine(Event::AcceptedAtRisk { acks: 1, required: 2, .. }));
+    }
+    assert!(seen, "the acceptance at risk is reported");
+    a.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_refuses_an_inconsistent_peer_table() {
+    let pki = pki();
+    let config = |peers: Vec<(Spec, SocketAddr)>| NodeConfig {
+        site: A.id,
+        quorum: QuorumConfig::two_sites(B.id, DEADLINE),
+        peers: peers.into_iter().map(|(s, addr)| (s.id, Peer::new(s.name, addr))).collect(),
+    };
+    let ep = || pki.endpoint(A, format!("{}:0", A.ip).parse().unwrap(), &[B]);
+    let store = Arc::new(MemStore::default());
+    let err = Node::start(config(vec![]), ep(), store.clone()).unwrap_err();
+    assert!(matches!(err, NodeError::MissingPeer(SiteId(2))), "{err}");
+    let err = Node::start(config(vec![(B, free_addr(B)), (W, free_addr(W))]), ep(), store.clone()).unwrap_err();
+    assert!(matches!(err, NodeError::UnknownPeer(SiteId(3))), "{err}");
+    let mut bad = config(vec![(B, free_addr(B))]);
+    bad.quorum.required = 1;
+    let err = Node::start(bad, ep(), store).unwrap_err();
+    assert!(matches!(err, NodeError::Config(_)), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
