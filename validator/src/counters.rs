@@ -48,10 +48,54 @@
 //! lets the writer finish what is queued and joins it.
 //!
 //! **Schema.** `counters(public_id TEXT PRIMARY KEY, counter, session_use,
-//! high, low, nonce, modified, created)`, `STRICT, WITHOUT ROWID`: the
-//! public id in modhex (yubikey-val's `yk_publicname`), the 15-bit counter
-//! and the use (caps-lock bit dropped, [`Counters`]), the timestamp of the
-//! accepted OTP, the nonce of its request, and Unix times.
+//! high, low, nonce, modified, created, otp_digest)`, `STRICT, WITHOUT
+//! ROWID`: the public id in modhex (yubikey-val's `yk_publicname`), the
+//! 15-bit counter and the use (caps-lock bit dropped, [`Counters`]), the
+//! timestamp of the accepted OTP (0 when the counters came from a peer),
+//! the nonce of its request, Unix times, and the SHA-256 of the accepted
+//! OTP text ([`CounterUpdate::otp_digest`], a `BLOB` of 32 bytes). Equal
+//! counters are the same request ([`CasOutcome::ReplayedRequest`]) only with
+//! the same nonce *and* digest, as in the peer rule.
+//!
+//! **Migration.** A database of the previous schema (no `otp_digest`) is
+//! migrated when opened, in the same write transaction that creates missing
+//! tables: `ALTER TABLE counters ADD COLUMN otp_digest BLOB NOT NULL DEFAULT
+//! X'00…00'`. The existing rows get 32 zero bytes, the digest of no OTP, so
+//! a request stored before the migration, seen again with equal counters,
+//! is answered `REPLAYED_OTP` rather than `REPLAYED_REQUEST` (still a
+//! refusal). Nothing else changes; the file stays readable by the new code
+//! only (the old code ignores the extra column and tables, but would write
+//! no outbox rows).
+//!
+//! # Replication
+//!
+//! **Peer compare-and-set.** [`SqliteCounters::peer_compare_and_set`] runs
+//! a peer's [`Proposal`] through exactly [`quorum::peer_cas`] against the
+//! stored `(counters, nonce, digest)`, inside a group-commit batch like the
+//! local updates (so local and peer updates of one key are serialized by
+//! the one writer), and answers after `COMMIT`. It also implements the
+//! replication node's [`replication::node::DurableCas`].
+//!
+//! **Outbox.** Every accepted change — a local `Accepted` or a peer
+//! `Stored` — appends `outbox(seq INTEGER PRIMARY KEY AUTOINCREMENT,
+//! public_id, counter, session_use, nonce, otp_digest, modified)` in the
+//! same transaction as its upsert: a failed batch writes neither. `seq`
+//! grows in commit order (one writer) and is never reused (`AUTOINCREMENT`),
+//! even once the outbox was emptied. `peer_cursors(peer TEXT PRIMARY KEY,
+//! acked_seq)` holds each peer's acknowledged position
+//! ([`SqliteCounters::add_peer`], [`SqliteCounters::ack`]: cursors only move
+//! forward); [`SqliteCounters::compact`] deletes the rows at or below the
+//! smallest cursor of all known peers (none while no peer is known).
+//!
+//! **Catch-up.** The puller asks the peer for [`SqliteCounters::outbox_after`]
+//! its cursor, applies the rows with [`SqliteCounters::merge_max`] (one
+//! transaction, durable on return; the max rule is idempotent and
+//! order-independent and never lowers a counter), then acknowledges the last
+//! `seq`; the peer records it with [`SqliteCounters::ack`] and compacts.
+//! Merged rows are not appended to the puller's outbox: every node pulls
+//! from every other one. Maintenance jobs (merge, ack, peer changes,
+//! compaction) run on the writer thread too, each in a transaction of its
+//! own between group-commit batches.
 //!
 //! The database file is created with mode 0600. It may be the same file as
 //! the API clients' ([`crate::clients`]): the tables are separate.
@@ -904,6 +948,21 @@ impl CounterStore for SqliteCounters {
         match outcomes.as_slice() {
             [one] => Ok(*one),
             _ => Err(BackendFailure(format!("counter store: {} outcomes for one update", outcomes.len()))),
+        }
+    }
+}
+
+impl replication::node::DurableCas for SqliteCounters {
+    /// [`SqliteCounters::peer_compare_and_set`]; a store failure is logged
+    /// (never the proposal's nonce or digest) and answered
+    /// [`PeerCasResult::Failed`], which the origin does not count.
+    fn peer_cas(&self, origin: quorum::SiteId, proposal: &Proposal) -> PeerCasResult {
+        match self.peer_compare_and_set(proposal) {
+            Ok(result) => result,
+            Err(e) => {
+                tracing::error!(%origin, public_id = %proposal.public_id, error = %e, "peer compare-and-set failed");
+                PeerCasResult::Failed
+            }
         }
     }
 }

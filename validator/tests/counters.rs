@@ -11,7 +11,9 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use otp::{Counters, PublicId};
-use validator::counters::{CounterOptions, SqliteCounters, Synchronous};
+use replication::node::DurableCas;
+use replication::quorum::{self, OtpDigest, PeerCasResult, Proposal, SiteId};
+use validator::counters::{CounterOptions, MergeCounts, OutboxRow, SqliteCounters, Synchronous};
 use validator::{CasOutcome, CounterStore, CounterUpdate};
 
 fn id(n: u64) -> PublicId {
@@ -318,6 +320,387 @@ fn group_commit_batches_concurrent_callers() {
     assert!(metrics.contains("validator_counter_batch_size_bucket{le=\"+Inf\"}"), "{metrics}");
     assert!(metrics.contains("validator_counter_commit_seconds_count"), "{metrics}");
     assert!(metrics.contains("validator_counter_synchronous{mode=\"full\"} 1\n"), "{metrics}");
+}
+
+// ------------------------------------------------------ replication side
+
+fn proposal(public_id: PublicId, counters: Counters, nonce: &str, otp_digest: [u8; 32]) -> Proposal {
+    Proposal { public_id, counters, nonce: nonce.to_owned(), otp_digest: OtpDigest(otp_digest) }
+}
+
+/// A small deterministic generator (xorshift64*), so failures replay.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Rows of the outbox, all of them.
+fn outbox(store: &SqliteCounters) -> Vec<OutboxRow> {
+    store.outbox_after(0, usize::MAX).unwrap()
+}
+
+#[test]
+fn peer_compare_and_set_follows_the_quorum_rule() {
+    use PeerCasResult::*;
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteCounters::open(&dir.path().join("v.db")).unwrap();
+    let (a, da, db) = (id(1), digest("otp-a"), digest("otp-b"));
+    let peer = |c, u, nonce, d| store.peer_compare_and_set(&proposal(a, ctr(c, u), nonce, d)).unwrap();
+    assert_eq!(peer(3, 1, "nonce-1", da), Stored, "a new YubiKey");
+    let stored = store.get(&a).unwrap().unwrap();
+    assert_eq!((stored.counters, stored.nonce.as_str(), stored.otp_digest), (ctr(3, 1), "nonce-1", da));
+    assert_eq!((stored.timestamp_high, stored.timestamp_low), (0, 0), "a peer's OTP timestamp is not replicated");
+    assert_eq!(peer(3, 1, "nonce-1", da), SameRequest, "equal counters, same nonce and digest");
+    assert_eq!(peer(3, 1, "nonce-2", da), Stale { stored: ctr(3, 1) }, "equal counters, another nonce");
+    assert_eq!(peer(3, 1, "nonce-1", db), Stale { stored: ctr(3, 1) }, "equal counters, same nonce, another OTP");
+    assert_eq!(peer(3, 0, "nonce-1", da), Stale { stored: ctr(3, 1) }, "lower use");
+    assert_eq!(peer(2, 200, "nonce-3", db), Stale { stored: ctr(3, 1) }, "lower counter");
+    assert_eq!(peer(3, 2, "nonce-4", db), Stored, "strictly greater");
+    assert_eq!(store.get(&a).unwrap().unwrap().counters, ctr(3, 2));
+    // Local and peer updates of one key meet in one rule.
+    assert_eq!(store.compare_and_set(&update(a, ctr(3, 2), "nonce-4")).unwrap(), CasOutcome::ReplayedOtp, "digest differs");
+    let mut same = update(a, ctr(3, 2), "nonce-4");
+    same.otp_digest = db;
+    assert_eq!(store.compare_and_set(&same).unwrap(), CasOutcome::ReplayedRequest, "the request the peer stored");
+    // pam_yubico's fan-out: accepted here, then the other site's proposal.
+    let local = update(a, ctr(4, 0), "fan-out-nonce");
+    assert_eq!(store.compare_and_set(&local).unwrap(), CasOutcome::Accepted);
+    assert_eq!(peer(4, 0, "fan-out-nonce", local.otp_digest), SameRequest);
+    assert_eq!(peer(4, 0, "other-nonce", local.otp_digest), Stale { stored: ctr(4, 0) });
+    // Through the node's trait.
+    let p = proposal(id(9), ctr(1, 0), "n", da);
+    assert_eq!(DurableCas::peer_cas(&store, SiteId(2), &p), Stored);
+    assert_eq!(DurableCas::peer_cas(&store, SiteId(2), &p), SameRequest);
+    let st = store.stats();
+    assert_eq!((st.peer_stored, st.peer_same_request, st.peer_stale), (3, 3, 5), "{st:?}");
+    let mut metrics = String::new();
+    store.render_metrics(&mut metrics);
+    assert!(metrics.contains("validator_counter_peer_cas_total{outcome=\"stale\"} 5\n"), "{metrics}");
+}
+
+/// Thousands of random proposals on a few keys, grouped in concurrent
+/// batches or not: the store answers exactly what `quorum::peer_cas` says
+/// against a model of the stored records.
+#[test]
+fn peer_compare_and_set_matches_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteCounters::open(&dir.path().join("v.db")).unwrap();
+    let mut model: BTreeMap<PublicId, quorum::StoredCounters> = BTreeMap::new();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for _ in 0..3000 {
+        let key = id(rng.below(4));
+        let counters = ctr(u16::try_from(rng.below(4)).unwrap(), u8::try_from(rng.below(3)).unwrap());
+        let nonce = format!("nonce-{}", rng.below(3));
+        let d = digest(&format!("otp-{}", rng.below(2)));
+        let p = proposal(key, counters, &nonce, d);
+        let expected: PeerCasResult = quorum::peer_cas(model.get(&key), &p).into();
+        assert_eq!(store.peer_compare_and_set(&p).unwrap(), expected, "{p:?} against {:?}", model.get(&key));
+        if expected == PeerCasResult::Stored {
+            model.insert(key, quorum::StoredCounters::from(&p));
+        }
+    }
+    for (key, m) in &model {
+        let s = store.get(key).unwrap().unwrap();
+        assert_eq!((s.counters, &s.nonce, s.otp_digest), (m.counters, &m.nonce, m.otp_digest.0));
+    }
+}
+
+#[test]
+fn a_peer_store_is_durable_before_the_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.db");
+    let p = proposal(id(5), ctr(7, 7), "nonce-durable", digest("otp-durable"));
+    {
+        let store = SqliteCounters::open(&path).unwrap();
+        assert_eq!(store.peer_compare_and_set(&p).unwrap(), PeerCasResult::Stored);
+        // Committed when answered: another connection sees it at once.
+        let other = rusqlite::Connection::open(&path).unwrap();
+        let (c, u, n): (i64, i64, i64) = other
+            .query_row(
+                "SELECT counter, session_use, (SELECT count(*) FROM outbox) FROM counters WHERE public_id = ?1",
+                [id(5).to_modhex()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!((c, u, n), (7, 7, 1));
+    }
+    let store = SqliteCounters::open(&path).unwrap();
+    assert_eq!(store.get(&id(5)).unwrap().unwrap().otp_digest, digest("otp-durable"));
+    assert_eq!(store.peer_compare_and_set(&p).unwrap(), PeerCasResult::SameRequest);
+    let rows = outbox(&store);
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].public_id, rows[0].counters, rows[0].nonce.as_str()), (id(5), ctr(7, 7), "nonce-durable"));
+}
+
+#[test]
+fn the_outbox_is_written_with_the_update_and_only_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.db");
+    let store = Arc::new(
+        SqliteCounters::open_with(&path, CounterOptions { busy_timeout: Duration::from_millis(200), ..CounterOptions::default() }).unwrap(),
+    );
+    let u = update(id(1), ctr(1, 0), "nonce-1");
+    assert_eq!(store.compare_and_set(&u).unwrap(), CasOutcome::Accepted);
+    assert_eq!(store.compare_and_set(&u).unwrap(), CasOutcome::ReplayedRequest);
+    assert_eq!(store.compare_and_set(&update(id(1), ctr(0, 9), "nonce-2")).unwrap(), CasOutcome::ReplayedOtp);
+    let p = proposal(id(1), ctr(1, 0), "nonce-1", u.otp_digest);
+    assert_eq!(store.peer_compare_and_set(&p).unwrap(), PeerCasResult::SameRequest);
+    assert!(matches!(store.peer_compare_and_set(&proposal(id(1), ctr(1, 0), "x", u.otp_digest)).unwrap(), PeerCasResult::Stale { .. }));
+    let rows = outbox(&store);
+    assert_eq!(rows.len(), 1, "only the accepted change: {rows:?}");
+    assert_eq!(
+        (rows[0].public_id, rows[0].counters, rows[0].nonce.as_str(), rows[0].otp_digest, rows[0].modified),
+        (id(1), ctr(1, 0), "nonce-1", OtpDigest(u.otp_digest), 1_700_000_000)
+    );
+    // A failed batch writes neither the counters nor the outbox.
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let threads: Vec<_> = (0..6u64)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                if t % 2 == 0 {
+                    store.compare_and_set(&update(id(10 + t), ctr(1, 0), "n")).map(drop)
+                } else {
+                    store.peer_compare_and_set(&proposal(id(10 + t), ctr(1, 0), "n", digest("n"))).map(drop)
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        assert!(t.join().unwrap().is_err());
+    }
+    other.execute_batch("ROLLBACK").unwrap();
+    for t in 0..6 {
+        assert_eq!(store.get(&id(10 + t)).unwrap(), None);
+    }
+    assert_eq!(outbox(&store).len(), 1, "nothing of the failed batch is in the outbox");
+    // Under concurrency: one outbox row per accepted change, no more.
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut accepted = 0;
+                for n in 1..=50u32 {
+                    // Two threads per key, local and peer, racing.
+                    let key = id(100 + t / 2);
+                    let stored = if t % 2 == 0 {
+                        store.compare_and_set(&update(key, ticket(n), &format!("t{t}"))).unwrap() == CasOutcome::Accepted
+                    } else {
+                        store.peer_compare_and_set(&proposal(key, ticket(n), &format!("t{t}"), digest("p"))).unwrap()
+                            == PeerCasResult::Stored
+                    };
+                    accepted += u32::from(stored);
+                }
+                accepted
+            })
+        })
+        .collect();
+    let accepted: u32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(outbox(&store).len(), 1 + accepted as usize);
+}
+
+#[test]
+fn outbox_order_cursors_and_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteCounters::open(&dir.path().join("v.db")).unwrap();
+    let changes: Vec<(PublicId, Counters)> = (1..=10u32).map(|n| (id(u64::from(n % 3)), ticket(n))).collect();
+    for (i, (key, c)) in changes.iter().enumerate() {
+        if i % 2 == 0 {
+            assert_eq!(store.compare_and_set(&update(*key, *c, "n")).unwrap(), CasOutcome::Accepted);
+        } else {
+            assert_eq!(store.peer_compare_and_set(&proposal(*key, *c, "n", digest("n"))).unwrap(), PeerCasResult::Stored);
+        }
+    }
+    let rows = outbox(&store);
+    assert_eq!(rows.iter().map(|r| (r.public_id, r.counters)).collect::<Vec<_>>(), changes, "commit order");
+    assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
+    let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+    // Paging from a cursor.
+    let page = store.outbox_after(seqs[2], 3).unwrap();
+    assert_eq!(page.iter().map(|r| r.seq).collect::<Vec<_>>(), &seqs[3..6]);
+    assert!(store.outbox_after(seqs[9], 10).unwrap().is_empty());
+    // No peer known: compaction keeps everything.
+    assert_eq!(store.compact().unwrap(), 0);
+    store.add_peer("site-2").unwrap();
+    store.add_peer("witness").unwrap();
+    store.ack("site-2", seqs[5]).unwrap();
+    assert_eq!(store.compact().unwrap(), 0, "the witness has acknowledged nothing");
+    store.ack("witness", seqs[2]).unwrap();
+    store.add_peer("witness").unwrap(); // registering again keeps its cursor
+    assert_eq!(store.compact().unwrap(), 3, "at or below the smallest cursor");
+    assert_eq!(store.outbox_after(0, 100).unwrap().first().map(|r| r.seq), Some(seqs[3]));
+    store.ack("site-2", seqs[1]).unwrap(); // late and older: ignored
+    assert_eq!(store.peer_cursors().unwrap(), vec![("site-2".to_owned(), seqs[5]), ("witness".to_owned(), seqs[2])]);
+    store.remove_peer("witness").unwrap();
+    assert_eq!(store.compact().unwrap(), 3);
+    store.ack("site-2", seqs[9]).unwrap();
+    assert_eq!(store.compact().unwrap(), 4);
+    assert!(outbox(&store).is_empty());
+    // Sequence numbers are never reused, even after the outbox emptied.
+    assert_eq!(store.compare_and_set(&update(id(50), ctr(1, 0), "n")).unwrap(), CasOutcome::Accepted);
+    assert!(outbox(&store)[0].seq > seqs[9]);
+    assert_eq!(store.outbox_after(seqs[9], 10).unwrap().len(), 1);
+}
+
+/// A store's final state as (counters, nonce, digest, modified) per key.
+type KeyState = Option<(Counters, String, [u8; 32], i64)>;
+
+fn state(store: &SqliteCounters, keys: u64) -> Vec<KeyState> {
+    (0..keys).map(|k| store.get(&id(k)).unwrap().map(|s| (s.counters, s.nonce, s.otp_digest, s.modified))).collect()
+}
+
+#[test]
+fn merge_max_is_idempotent_order_independent_and_never_lowers() {
+    const KEYS: u64 = 12;
+    let dir = tempfile::tempdir().unwrap();
+    // A peer's outbox: local accepts and peer stores on 12 keys.
+    let origin = SqliteCounters::open(&dir.path().join("origin.db")).unwrap();
+    let mut rng = Rng(42);
+    for n in 0..400u32 {
+        let key = id(rng.below(KEYS));
+        let c = ticket(n + u32::try_from(rng.below(30)).unwrap() + 1);
+        let _ = origin.compare_and_set(&update(key, c, &format!("o{n}"))).unwrap();
+    }
+    let mut rows = outbox(&origin);
+    // Conflicting rows with equal counters (as after accept-at-risk at two
+    // sites), and exact duplicates.
+    let last = rows[rows.len() - 1].clone();
+    rows.push(OutboxRow { seq: 0, nonce: "zz-conflict".to_owned(), ..last.clone() });
+    rows.push(OutboxRow { seq: 0, otp_digest: OtpDigest([0xff; 32]), ..last.clone() });
+    rows.push(rows[3].clone());
+    assert!(rows.len() > 50, "{} rows", rows.len());
+    // Each target already holds some counters of its own, some above the
+    // peer's rows: those must stay.
+    let prepare = |name: &str| {
+        let s = SqliteCounters::open(&dir.path().join(name)).unwrap();
+        for k in 0..KEYS / 2 {
+            assert_eq!(
+                s.compare_and_set(&update(id(k * 2), ticket(300 + u32::try_from(k).unwrap() * 40), "own")).unwrap(),
+                CasOutcome::Accepted
+            );
+        }
+        s
+    };
+    let before = state(&prepare("probe.db"), KEYS);
+    let in_order = prepare("a.db");
+    let counts = in_order.merge_max(&rows).unwrap();
+    assert_eq!(counts.applied + counts.unchanged, rows.len() as u64);
+    assert!(counts.applied > 0 && counts.unchanged > 0, "{counts:?}");
+    let again = in_order.merge_max(&rows).unwrap();
+    assert_eq!(again, MergeCounts { applied: 0, unchanged: rows.len() as u64 }, "idempotent");
+    let expected = state(&in_order, KEYS);
+    // Reversed, twice.
+    let reversed = prepare("b.db");
+    let mut rev = rows.clone();
+    rev.reverse();
+    reversed.merge_max(&rev).unwrap();
+    reversed.merge_max(&rev).unwrap();
+    assert_eq!(state(&reversed, KEYS), expected, "reversed");
+    // Shuffled, in chunks of varying size, with chunks repeated.
+    for round in 0..5u64 {
+        let target = prepare(&format!("shuffled-{round}.db"));
+        let mut shuffled = rows.clone();
+        let mut rng = Rng(round + 7);
+        for i in (1..shuffled.len()).rev() {
+            shuffled.swap(i, usize::try_from(rng.below(i as u64 + 1)).unwrap());
+        }
+        let mut start = 0;
+        while start < shuffled.len() {
+            let end = (start + 1 + usize::try_from(rng.below(40)).unwrap()).min(shuffled.len());
+            target.merge_max(&shuffled[start..end]).unwrap();
+            if rng.below(3) == 0 {
+                target.merge_max(&shuffled[start..end]).unwrap();
+            }
+            start = end;
+        }
+        assert_eq!(state(&target, KEYS), expected, "shuffle {round}");
+    }
+    // The result is the per-key maximum; nothing went down.
+    for k in 0..KEYS {
+        let from_rows = rows.iter().filter(|r| r.public_id == id(k)).map(|r| r.counters).max();
+        let own = before[usize::try_from(k).unwrap()].as_ref().map(|s| s.0);
+        let got = expected[usize::try_from(k).unwrap()].as_ref().map(|s| s.0);
+        assert_eq!(got, from_rows.max(own), "key {k}");
+    }
+    // Merged rows are not re-published.
+    assert_eq!(outbox(&in_order).len(), KEYS as usize / 2);
+    // A merged value refuses its own replay locally and at the peer rule.
+    let r = &rows[0];
+    let p = proposal(r.public_id, r.counters, &r.nonce, r.otp_digest.0);
+    assert!(matches!(in_order.peer_compare_and_set(&p).unwrap(), PeerCasResult::SameRequest | PeerCasResult::Stale { .. }));
+}
+
+/// The schema before OTP digests and the outbox, as the previous release
+/// created it.
+const PREVIOUS_SCHEMA: &str = "
+CREATE TABLE counters (
+    public_id   TEXT    NOT NULL PRIMARY KEY,
+    counter     INTEGER NOT NULL,
+    session_use INTEGER NOT NULL,
+    high        INTEGER NOT NULL,
+    low         INTEGER NOT NULL,
+    nonce       TEXT    NOT NULL,
+    modified    INTEGER NOT NULL,
+    created     INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+";
+
+#[test]
+fn a_database_of_the_previous_schema_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    {
+        let old = rusqlite::Connection::open(&path).unwrap();
+        old.pragma_update(None, "journal_mode", "WAL").unwrap();
+        old.execute_batch(PREVIOUS_SCHEMA).unwrap();
+        for k in 0..3u64 {
+            old.execute(
+                "INSERT INTO counters VALUES (?1, ?2, 4, 1, 2, 'old-nonce', 100, 50)",
+                rusqlite::params![id(k).to_modhex(), 10 + k as i64],
+            )
+            .unwrap();
+        }
+    }
+    for _ in 0..2 {
+        // Opened twice: the second open finds it migrated.
+        let store = SqliteCounters::open(&path).unwrap();
+        assert_eq!(store.count().unwrap(), 3);
+        let s = store.get(&id(1)).unwrap().unwrap();
+        assert_eq!((s.counters, s.nonce.as_str(), s.otp_digest, s.modified, s.created), (ctr(11, 4), "old-nonce", [0; 32], 100, 50));
+        assert!(outbox(&store).is_empty());
+    }
+    let store = SqliteCounters::open(&path).unwrap();
+    // Old rows keep refusing their counters; the zero digest matches no OTP.
+    assert_eq!(store.compare_and_set(&update(id(1), ctr(11, 4), "old-nonce")).unwrap(), CasOutcome::ReplayedOtp);
+    assert!(matches!(
+        store.peer_compare_and_set(&proposal(id(1), ctr(11, 4), "old-nonce", digest("x"))).unwrap(),
+        PeerCasResult::Stale { .. }
+    ));
+    assert_eq!(store.compare_and_set(&update(id(1), ctr(11, 5), "new")).unwrap(), CasOutcome::Accepted);
+    assert_eq!(store.get(&id(1)).unwrap().unwrap().otp_digest, digest("new"));
+    assert_eq!(outbox(&store).len(), 1);
+    store.ack("site-2", 1).unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let columns: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('counters')")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(columns.last().map(String::as_str), Some("otp_digest"));
+    assert_eq!(columns.len(), 9);
 }
 
 // ------------------------------------------------------------- kill -9
