@@ -92,6 +92,9 @@
 //! transaction, durable on return; the max rule is idempotent and
 //! order-independent and never lowers a counter), then acknowledges the last
 //! `seq`; the peer records it with [`SqliteCounters::ack`] and compacts.
+//! A new site bootstraps from [`SqliteCounters::snapshot_after`] pages and
+//! then the outbox (see there). A single site with no peer registered
+//! keeps every outbox row: register the peers, or compact, in deployment.
 //! Merged rows are not appended to the puller's outbox: every node pulls
 //! from every other one. Maintenance jobs (merge, ack, peer changes,
 //! compaction) run on the writer thread too, each in a transaction of its
@@ -751,6 +754,58 @@ impl SqliteCounters {
         .map(drop)
     }
 
+    /// The highest `seq` ever appended to the outbox (0 before the first):
+    /// a peer whose cursor is here has everything. Compaction does not
+    /// lower it.
+    pub fn outbox_last_seq(&self) -> Result<u64, BackendFailure> {
+        let seq: Option<i64> = lock(&self.reader)
+            .query_row("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| failure("read outbox", e))?;
+        Ok(seq.map_or(0, |s| u64::try_from(s).unwrap_or(0)))
+    }
+
+    /// A page of the whole counter state, for bootstrapping a new site: up
+    /// to `limit` keys after `after` (exclusive; `None` from the start) in
+    /// public-id order, as rows with `seq` 0 for [`Self::merge_max`].
+    ///
+    /// **Bootstrap.** The new site first reads the source's
+    /// [`Self::outbox_last_seq`] `L` (and the source registers it with
+    /// [`Self::add_peer`] and acknowledges `L` for it, so nothing after `L`
+    /// is compacted away), then pages through the snapshot merging each
+    /// page, then pulls the outbox after `L` as in ordinary catch-up. A
+    /// change committed during the paging is in the outbox after `L`, and
+    /// the max rule makes the order of the two irrelevant.
+    pub fn snapshot_after(&self, after: Option<&PublicId>, limit: usize) -> Result<Vec<OutboxRow>, BackendFailure> {
+        type Row = (String, i64, i64, String, Vec<u8>, i64);
+        let after = after.map(PublicId::to_modhex).unwrap_or_default();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let conn = lock(&self.reader);
+        let rows: Vec<Row> = conn
+            .prepare_cached(
+                "SELECT public_id, counter, session_use, nonce, otp_digest, modified FROM counters \
+                 WHERE public_id > ?1 ORDER BY public_id LIMIT ?2",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![after, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?.collect()
+            })
+            .map_err(|e| failure("read snapshot", e))?;
+        drop(conn);
+        rows.into_iter()
+            .map(|(public_id, counter, session_use, nonce, digest, modified)| {
+                let damaged = || BackendFailure(format!("counter store: the row of {public_id} is damaged"));
+                Ok(OutboxRow {
+                    seq: 0,
+                    public_id: public_id.parse().map_err(|_| damaged())?,
+                    counters: counters_from(counter, session_use).ok_or_else(damaged)?,
+                    nonce,
+                    otp_digest: OtpDigest(digest.try_into().map_err(|_| damaged())?),
+                    modified,
+                })
+            })
+            .collect()
+    }
+
     /// Every known peer and its acknowledged cursor, by name.
     pub fn peer_cursors(&self) -> Result<Vec<(String, u64)>, BackendFailure> {
         let conn = lock(&self.reader);
@@ -904,6 +959,15 @@ impl SqliteCounters {
         s.transaction.render(out, "validator_counter_transaction_seconds", "");
         header(out, "validator_counter_cas_seconds", "histogram", "Time a caller waits for a compare-and-set: queue, transaction, commit.");
         s.cas.render(out, "validator_counter_cas_seconds", "");
+        if let (Ok(last), Ok(cursors)) = (self.outbox_last_seq(), self.peer_cursors()) {
+            header(out, "validator_counter_outbox_last_seq", "gauge", "Highest sequence number appended to the replication outbox.");
+            let _ = writeln!(out, "validator_counter_outbox_last_seq {last}");
+            header(out, "validator_counter_outbox_unacked", "gauge", "Outbox rows a peer has not acknowledged yet.");
+            for (peer, acked) in cursors {
+                let peer: String = peer.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')).collect();
+                let _ = writeln!(out, "validator_counter_outbox_unacked{{peer=\"{peer}\"}} {}", last.saturating_sub(acked));
+            }
+        }
         header(out, "validator_counter_synchronous", "gauge", "SQLite synchronous setting of the counter store (1 for the one in force).");
         for mode in [Synchronous::Full, Synchronous::Normal] {
             let _ = writeln!(out, "validator_counter_synchronous{{mode=\"{mode}\"}} {}", u8::from(mode == self.options.synchronous));

@@ -422,6 +422,18 @@ mod tests {
     }
 
     #[test]
+    fn otp_digest_is_sha256_of_the_normalised_otp() {
+        let lower = "cccccccccccbdvgtiblfkbgturecfllberrvkinnctnn";
+        let a: Otp = lower.parse().unwrap();
+        let b: Otp = lower.to_ascii_uppercase().parse().unwrap();
+        let expected: [u8; 32] = Sha256::digest(lower.as_bytes()).into();
+        assert_eq!(otp_digest(&a), expected);
+        assert_eq!(otp_digest(&b), expected, "case is folded before hashing");
+        let other: Otp = "cccccccccccbdvgtiblfkbgturecfllberrvkinnctnb".parse().unwrap();
+        assert_ne!(otp_digest(&other), expected);
+    }
+
+    #[test]
     fn unix_seconds_saturate() {
         assert_eq!(unix_seconds(UNIX_EPOCH + Duration::from_secs(5)), 5);
         assert_eq!(unix_seconds(UNIX_EPOCH - Duration::from_secs(5)), -5);

@@ -553,9 +553,10 @@ fn outbox_order_cursors_and_compaction() {
     assert_eq!(store.outbox_after(seqs[9], 10).unwrap().len(), 1);
 }
 
-/// A store's final state as (counters, nonce, digest, modified) per key.
+/// One key's state: (counters, nonce, digest, modified).
 type KeyState = Option<(Counters, String, [u8; 32], i64)>;
 
+/// A store's final state as (counters, nonce, digest, modified) per key.
 fn state(store: &SqliteCounters, keys: u64) -> Vec<KeyState> {
     (0..keys).map(|k| store.get(&id(k)).unwrap().map(|s| (s.counters, s.nonce, s.otp_digest, s.modified))).collect()
 }
@@ -639,6 +640,47 @@ fn merge_max_is_idempotent_order_independent_and_never_lowers() {
     let r = &rows[0];
     let p = proposal(r.public_id, r.counters, &r.nonce, r.otp_digest.0);
     assert!(matches!(in_order.peer_compare_and_set(&p).unwrap(), PeerCasResult::SameRequest | PeerCasResult::Stale { .. }));
+}
+
+#[test]
+fn a_new_site_bootstraps_from_a_snapshot_then_the_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = SqliteCounters::open(&dir.path().join("source.db")).unwrap();
+    assert_eq!(source.outbox_last_seq().unwrap(), 0);
+    for n in 1..=50u32 {
+        let _ = source.compare_and_set(&update(id(u64::from(n % 7)), ticket(n), &format!("s{n}"))).unwrap();
+    }
+    let last = source.outbox_last_seq().unwrap();
+    assert_eq!(last, outbox(&source).last().unwrap().seq);
+    source.add_peer("new").unwrap();
+    source.ack("new", last).unwrap();
+    assert_eq!(source.compact().unwrap(), 50);
+    assert_eq!(source.outbox_last_seq().unwrap(), last, "compaction does not lower it");
+    let new = SqliteCounters::open(&dir.path().join("new.db")).unwrap();
+    let mut after: Option<PublicId> = None;
+    let mut pages = 0;
+    loop {
+        let page = source.snapshot_after(after.as_ref(), 3).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        pages += 1;
+        // Changes while the snapshot is paged go to the outbox.
+        let _ = source.compare_and_set(&update(id(pages), ticket(100 + u32::try_from(pages).unwrap()), "during")).unwrap();
+        new.merge_max(&page).unwrap();
+        after = page.last().map(|r| r.public_id);
+    }
+    assert_eq!(pages, 3);
+    let rows = source.outbox_after(last, 1000).unwrap();
+    new.merge_max(&rows).unwrap();
+    source.ack("new", rows.last().unwrap().seq).unwrap();
+    assert_eq!(
+        state(&new, 7).iter().map(|s| s.as_ref().map(|s| (s.0, s.1.clone(), s.2))).collect::<Vec<_>>(),
+        state(&source, 7).iter().map(|s| s.as_ref().map(|s| (s.0, s.1.clone(), s.2))).collect::<Vec<_>>()
+    );
+    let mut metrics = String::new();
+    source.render_metrics(&mut metrics);
+    assert!(metrics.contains("validator_counter_outbox_unacked{peer=\"new\"} 0\n"), "{metrics}");
 }
 
 /// The schema before OTP digests and the outbox, as the previous release
