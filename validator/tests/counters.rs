@@ -919,3 +919,32 @@ fn bench_counter_store() {
         }
     }
 }
+
+/// Catch-up cost: 100,000 changed counters pulled from a peer's outbox in
+/// pages and merged, FULL:
+/// `cargo test --release -p validator --test counters -- --ignored --nocapture bench_catch_up`
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+fn bench_catch_up() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let source = SqliteCounters::open(&dir.path().join("source.db")).unwrap();
+    let updates: Vec<CounterUpdate> = (0..100_000u64).map(|k| update(id(k + 1), ctr(1, 0), "bench-nonce")).collect();
+    let started = Instant::now();
+    for chunk in updates.chunks(1000) {
+        source.compare_and_set_many(chunk).unwrap();
+    }
+    println!("source: 100,000 accepts with outbox rows in {:.2} s", started.elapsed().as_secs_f64());
+    let target = SqliteCounters::open(&dir.path().join("target.db")).unwrap();
+    for page in [1000usize, 10_000] {
+        let started = Instant::now();
+        let (mut cursor, mut applied) = (0u64, 0u64);
+        loop {
+            let rows = source.outbox_after(cursor, page).unwrap();
+            let Some(last) = rows.last() else { break };
+            cursor = last.seq;
+            applied += target.merge_max(&rows).unwrap().applied;
+            source.ack("target", cursor).unwrap();
+        }
+        println!("catch-up of 100,000 rows, pages of {page}: {:.2} s ({applied} applied)", started.elapsed().as_secs_f64());
+    }
+}
