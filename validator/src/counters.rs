@@ -93,8 +93,8 @@
 //! order-independent and never lowers a counter), then acknowledges the last
 //! `seq`; the peer records it with [`SqliteCounters::ack`] and compacts.
 //! A new site bootstraps from [`SqliteCounters::snapshot_after`] pages and
-//! then the outbox (see there). A single site with no peer registered
-//! keeps every outbox row: register the peers, or compact, in deployment.
+//! then the outbox (see there). A site with no peer registered writes no
+//! outbox rows at all, so a single-site deployment does not grow one.
 //! Merged rows are not appended to the puller's outbox: every node pulls
 //! from every other one. Maintenance jobs (merge, ack, peer changes,
 //! compaction) run on the writer thread too, each in a transaction of its
@@ -175,8 +175,11 @@ const MERGE: &str = "INSERT INTO counters (public_id, counter, session_use, high
      high = 0, low = 0, nonce = excluded.nonce, modified = excluded.modified, otp_digest = excluded.otp_digest \
      WHERE (excluded.counter, excluded.session_use, excluded.nonce, excluded.otp_digest) \
      > (counters.counter, counters.session_use, counters.nonce, counters.otp_digest)";
-const APPEND_OUTBOX: &str =
-    "INSERT INTO outbox (public_id, counter, session_use, nonce, otp_digest, modified) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+/// Only while some peer is registered: a lone site keeps no outbox (a peer
+/// joining later bootstraps from a snapshot, then the outbox after its
+/// registration).
+const APPEND_OUTBOX: &str = "INSERT INTO outbox (public_id, counter, session_use, nonce, otp_digest, modified) \
+     SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS (SELECT 1 FROM peer_cursors)";
 const SELECT_VERDICT: &str = "SELECT counter, session_use, nonce, otp_digest FROM counters WHERE public_id = ?1";
 const SELECT_ROW: &str = "SELECT counter, session_use, high, low, nonce, modified, created, otp_digest FROM counters WHERE public_id = ?1";
 const SELECT_OUTBOX: &str = "SELECT seq, public_id, counter, session_use, nonce, otp_digest, modified FROM outbox \
