@@ -42,6 +42,8 @@ pub struct ConfigFile {
     pub max_connections: Option<usize>,
     /// Where OTPs are decrypted.
     pub ksm: Option<KsmSection>,
+    /// Counter replication to the other site (off when absent).
+    pub replication: Option<ReplicationSection>,
 }
 
 /// `[ksm]`: the in-process KSM (`store` or `aead_dir`, `key_handles`) or
@@ -59,6 +61,99 @@ pub struct KsmSection {
     pub urls: Option<Vec<String>>,
     /// Per-KSM connect/read timeout for remote KSMs, in milliseconds.
     pub timeout_ms: Option<u64>,
+}
+
+/// `[replication]`: this site's QUIC endpoint and its peers.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationSection {
+    /// This site's id in the group.
+    pub site: Option<u16>,
+    /// The UDP address the QUIC endpoint binds.
+    pub listen: Option<SocketAddr>,
+    /// This site's certificate (PEM).
+    pub certificate: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+    /// The private CA's certificate (PEM).
+    pub ca: Option<PathBuf>,
+    /// The longest a request waits for the quorum, in milliseconds (1000).
+    pub deadline_ms: Option<u64>,
+    /// The name of the peer that is the counters-only witness, if any.
+    pub witness: Option<String>,
+    /// The other nodes of the group.
+    #[serde(default)]
+    pub peers: Vec<PeerSection>,
+}
+
+/// `[[replication.peers]]`: one other node.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    /// Its certificate's name: the name it is allowed by.
+    pub name: String,
+    /// Its site id.
+    pub site: u16,
+    /// Its QUIC (UDP) address.
+    pub addr: SocketAddr,
+    /// SHA-256 of its certificate (hex): pinned in addition to the name.
+    pub fingerprint: Option<String>,
+}
+
+/// A resolved `[replication]` section.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicationConfig {
+    /// This site's id.
+    pub site: u16,
+    /// The UDP address to bind.
+    pub listen: SocketAddr,
+    /// This site's certificate (PEM).
+    pub certificate: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The CA certificate (PEM).
+    pub ca: PathBuf,
+    /// The quorum deadline.
+    pub deadline: Duration,
+    /// The other full site(s).
+    pub peers: Vec<PeerSection>,
+    /// The witness, if any.
+    pub witness: Option<PeerSection>,
+}
+
+impl ReplicationSection {
+    /// Check and resolve: exactly one other full site, an optional witness
+    /// named among the peers, distinct site ids and names.
+    pub fn resolve(self) -> Result<ReplicationConfig, String> {
+        let need = |v: Option<PathBuf>, what: &str| v.ok_or_else(|| format!("replication: `{what}` is required"));
+        let site = self.site.ok_or("replication: `site` is required")?;
+        let listen = self.listen.ok_or("replication: `listen` is required")?;
+        let (certificate, key, ca) = (need(self.certificate, "certificate")?, need(self.key, "key")?, need(self.ca, "ca")?);
+        let deadline = Duration::from_millis(positive(self.deadline_ms.unwrap_or(1000), "replication deadline_ms")?);
+        let mut seen = std::collections::BTreeSet::from([site]);
+        let mut names = std::collections::BTreeSet::new();
+        for p in &self.peers {
+            if !seen.insert(p.site) {
+                return Err(format!("replication: site id {} appears twice", p.site));
+            }
+            if !names.insert(p.name.to_ascii_lowercase()) {
+                return Err(format!("replication: peer name {:?} appears twice", p.name));
+            }
+            if let Some(f) = &p.fingerprint {
+                f.parse::<replication::pki::Fingerprint>().map_err(|e| format!("replication: peer {:?} fingerprint: {e}", p.name))?;
+            }
+        }
+        let (witness, peers): (Vec<_>, Vec<_>) = self.peers.into_iter().partition(|p| self.witness.as_deref() == Some(p.name.as_str()));
+        if let Some(w) = &self.witness {
+            if witness.is_empty() {
+                return Err(format!("replication: witness {w:?} is not among the peers"));
+            }
+        }
+        if peers.len() != 1 {
+            return Err(format!("replication: exactly one other full site is supported, {} given", peers.len()));
+        }
+        Ok(ReplicationConfig { site, listen, certificate, key, ca, deadline, peers, witness: witness.into_iter().next() })
+    }
 }
 
 /// Where OTPs are decrypted.
@@ -102,6 +197,8 @@ pub struct ServeConfig {
     pub ksm: KsmSource,
     /// HTTP settings; `request_timeout` is the answer-time ceiling.
     pub http: HttpOptions,
+    /// Counter replication, when configured.
+    pub replication: Option<ReplicationConfig>,
 }
 
 impl ConfigFile {
@@ -140,6 +237,7 @@ impl ConfigFile {
                 key_handles: flag_ksm.key_handles.or(file_ksm.key_handles),
                 timeout_ms: flag_ksm.timeout_ms.or(file_ksm.timeout_ms),
             }),
+            replication: over.replication.or(self.replication),
         }
     }
 
@@ -177,7 +275,8 @@ impl ConfigFile {
             max_connections: self.max_connections.unwrap_or(d.max_connections).max(1),
         };
         let synchronous = self.synchronous.as_deref().map(str::parse).transpose()?.unwrap_or_default();
-        Ok(ServeConfig { db, synchronous, keystore, password_file: self.password_file, ksm, http })
+        let replication = self.replication.map(ReplicationSection::resolve).transpose()?;
+        Ok(ServeConfig { db, synchronous, keystore, password_file: self.password_file, ksm, http, replication })
     }
 }
 
@@ -238,5 +337,47 @@ mod tests {
         let c = file.overridden_by(flags).resolve().unwrap();
         assert_eq!(c.http.listen, "127.0.0.1:1".parse().unwrap());
         assert!(matches!(c.ksm, KsmSource::Dir { ref path, ref key_handles } if path == Path::new("dir") && key_handles.len() == 1));
+    }
+
+    const REPLICATION: &str = r#"
+db = "v.db"
+keystore = "ks"
+[ksm]
+store = "s"
+[replication]
+site = 1
+listen = "127.0.0.1:4433"
+certificate = "auth1.pem"
+key = "auth1.key"
+ca = "ca.pem"
+witness = "w"
+[[replication.peers]]
+name = "auth2"
+site = 2
+addr = "127.0.0.2:4433"
+fingerprint = "sha256:0000000000000000000000000000000000000000000000000000000000000000"
+[[replication.peers]]
+name = "w"
+site = 3
+addr = "127.0.0.3:4433"
+"#;
+
+    #[test]
+    fn replication_section_resolves_and_is_off_when_absent() {
+        assert!(with_ksm(KsmSection { store: Some("s".into()), ..KsmSection::default() }).resolve().unwrap().replication.is_none());
+        let c = toml::from_str::<ConfigFile>(REPLICATION).unwrap().resolve().unwrap();
+        let r = c.replication.unwrap();
+        assert_eq!((r.site, r.deadline), (1, Duration::from_millis(1000)));
+        assert_eq!(r.peers.len(), 1);
+        assert_eq!(r.peers[0].name, "auth2");
+        assert_eq!(r.witness.map(|w| w.site), Some(3));
+        let typo = REPLICATION.replace("witness = ", "witnes = ");
+        assert!(toml::from_str::<ConfigFile>(&typo).unwrap_err().to_string().contains("witnes"));
+        let bad_witness = REPLICATION.replace("witness = \"w\"", "witness = \"nobody\"");
+        assert!(toml::from_str::<ConfigFile>(&bad_witness).unwrap().resolve().unwrap_err().contains("nobody"));
+        let dup = REPLICATION.replace("site = 3", "site = 2");
+        assert!(toml::from_str::<ConfigFile>(&dup).unwrap().resolve().unwrap_err().contains("twice"));
+        let pin = REPLICATION.replace("sha256:00", "zz");
+        assert!(toml::from_str::<ConfigFile>(&pin).unwrap().resolve().unwrap_err().contains("fingerprint"));
     }
 }

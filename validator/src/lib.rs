@@ -22,6 +22,7 @@ pub mod config;
 pub mod counters;
 pub mod protocol;
 pub mod remote_ksm;
+pub mod replicate;
 pub mod serve;
 pub mod verify;
 

@@ -14,6 +14,11 @@
 //! a `BACKEND_ERROR` signed with the client's key. The abandoned work may still finish and record the
 //! OTP's counters, which spends the OTP: the user presses the key again.
 //! That is the safe side: an OTP is never accepted twice.
+//!
+//! **Replication** (`[replication]`, see [`crate::replicate`]): after the
+//! local compare-and-set accepts an OTP, the replication node's verdict is
+//! awaited under the same deadline: `OK` with its `sl`, `REPLAYED_OTP`,
+//! `NOT_ENOUGH_ANSWERS`, or `OK` (logged, counted) when accepted at risk.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -153,9 +158,22 @@ impl ValidatorService {
         // The compare-and-set: the counter writer answers this task after
         // its COMMIT; no thread waits through the fsync.
         let cas = verifier.counter_store().compare_and_set_async(&decoded.update);
-        match tokio::time::timeout_at(deadline.into(), cas).await {
-            Ok(cas) => checked.sign(verifier.conclude(&checked, &decoded, cas, SystemTime::now())),
-            Err(_) => missed(),
+        let cas = match tokio::time::timeout_at(deadline.into(), cas).await {
+            Ok(cas) => cas,
+            Err(_) => return missed(),
+        };
+        // Replication: once the local store accepted the OTP, await the
+        // quorum's verdict under the same deadline.
+        match (&cas, verifier.async_peer_sync()) {
+            (Ok(crate::CasOutcome::Accepted), Some(peers)) => {
+                let level = verifier.sync_level(&checked);
+                let verdict = peers.submit(&decoded.update, level, checked.timeout());
+                match tokio::time::timeout_at(deadline.into(), verdict).await {
+                    Ok(synced) => checked.sign(verifier.conclude_synced(&checked, &decoded, Ok(synced), SystemTime::now())),
+                    Err(_) => missed(),
+                }
+            }
+            _ => checked.sign(verifier.conclude(&checked, &decoded, cas, SystemTime::now())),
         }
     }
 }
@@ -209,8 +227,17 @@ pub fn assemble(config: &crate::config::ServeConfig) -> Result<Parts, String> {
     let c = counters.clone();
     health.push(Box::new(move || c.check().map_err(|e| e.to_string())));
     let c = counters.clone();
-    let metrics: Vec<MetricsSource> = vec![Box::new(move |out: &mut String| c.render_metrics(out))];
-    let verifier =
+    let mut metrics: Vec<MetricsSource> = vec![Box::new(move |out: &mut String| c.render_metrics(out))];
+    let replication = match &config.replication {
+        Some(r) => Some(Arc::new(crate::replicate::Replication::start(r, counters.clone())?)),
+        None => None,
+    };
+    let mut verifier =
         Verifier::new(Arc::new(clients), decoder, counters, crate::verify::VerifyOptions::default()).with_inline_decode(inline_decode);
+    if let Some(r) = replication {
+        let m = r.clone();
+        metrics.push(Box::new(move |out: &mut String| m.render_metrics(out)));
+        verifier = verifier.with_async_peer_sync(r);
+    }
     Ok(Parts { verifier: Arc::new(verifier), health, metrics })
 }

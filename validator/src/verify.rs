@@ -37,9 +37,11 @@
 //!
 //! # Sync level
 //!
-//! There are no sync peers yet (replication is issue 5): the default hook
-//! [`NoPeers`] answers as yubikey-val does with an empty sync pool, which
-//! skips the sync and sends `sl=0`. The requested level is resolved
+//! Without replication the default hook [`NoPeers`] answers as yubikey-val
+//! does with an empty sync pool, which skips the sync and sends `sl=0`.
+//! With replication (`[replication]`, [`crate::replicate`]), the async
+//! server awaits the [`AsyncPeerSync`] hook instead and answers through
+//! [`Verifier::conclude_synced`]. The requested level is resolved
 //! (`fast`, `secure`, absent → [`VerifyOptions`]) and passed to the hook.
 
 use std::sync::Arc;
@@ -107,6 +109,17 @@ pub trait PeerSync: Send + Sync {
     /// one. An `Err` is answered `BACKEND_ERROR`.
     fn sync(&self, update: &CounterUpdate, level: u8, timeout: Option<Duration>) -> Result<SyncOutcome, BackendFailure>;
 }
+
+/// The replication hook awaited by the async server (`serve`): called after
+/// the local compare-and-set accepted an OTP; the future resolves by the
+/// hook's own deadline at the latest.
+pub trait AsyncPeerSync: Send + Sync {
+    /// Replicate `update`; `level` and `timeout` as in [`PeerSync::sync`].
+    fn submit(&self, update: &CounterUpdate, level: u8, timeout: Option<Duration>) -> BoxFuture<SyncOutcome>;
+}
+
+/// A boxed, sendable future.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
 
 /// No sync peers: yubikey-val with an empty `__YKVAL_SYNC_POOL__` skips the
 /// sync and answers `sl=0`.
@@ -190,6 +203,7 @@ pub struct Verifier {
     decoder: Arc<dyn OtpDecoder>,
     counters: Arc<dyn CounterStore>,
     peers: Arc<dyn PeerSync>,
+    async_peers: Option<Arc<dyn AsyncPeerSync>>,
     options: VerifyOptions,
     inline_decode: bool,
 }
@@ -203,7 +217,7 @@ impl Verifier {
         counters: Arc<dyn CounterStore>,
         options: VerifyOptions,
     ) -> Self {
-        Self { clients, decoder, counters, peers: Arc::new(NoPeers), options, inline_decode: false }
+        Self { clients, decoder, counters, peers: Arc::new(NoPeers), async_peers: None, options, inline_decode: false }
     }
 
     /// The decoder never blocks (the in-process KSM over the software
@@ -227,6 +241,26 @@ impl Verifier {
     pub fn with_peer_sync(mut self, peers: Arc<dyn PeerSync>) -> Self {
         self.peers = peers;
         self
+    }
+
+    /// Replicate accepted OTPs through this async hook: the async server
+    /// awaits it instead of calling the blocking [`PeerSync`].
+    #[must_use]
+    pub fn with_async_peer_sync(mut self, peers: Arc<dyn AsyncPeerSync>) -> Self {
+        self.async_peers = Some(peers);
+        self
+    }
+
+    /// The async replication hook, if any.
+    #[must_use]
+    pub fn async_peer_sync(&self) -> Option<&Arc<dyn AsyncPeerSync>> {
+        self.async_peers.as_ref()
+    }
+
+    /// The sync level (percentage) `checked` asks for, resolved.
+    #[must_use]
+    pub fn sync_level(&self, checked: &Checked) -> u8 {
+        self.options.resolve(checked.sync_level)
     }
 
     /// Phase 1: parameters, client, signature. Never blocks on the KSM or
@@ -344,7 +378,7 @@ impl Verifier {
     /// any). Unsigned; see [`Checked::sign`].
     pub fn conclude(&self, checked: &Checked, d: &Decoded, cas: Result<CasOutcome, BackendFailure>, now: SystemTime) -> Response {
         let client = checked.client_id;
-        let Decoded { decoded, update } = d;
+        let Decoded { update, .. } = d;
         let public_id = update.public_id;
         match cas {
             Ok(CasOutcome::Accepted) => {}
@@ -362,7 +396,24 @@ impl Verifier {
             }
         }
         let level = self.options.resolve(checked.sync_level);
-        match self.peers.sync(update, level, checked.timeout) {
+        let synced = self.peers.sync(update, level, checked.timeout);
+        self.conclude_synced(checked, d, synced, now)
+    }
+
+    /// The answer to an OTP the local compare-and-set accepted, given what
+    /// the peers said (from [`PeerSync`] or an [`AsyncPeerSync`]). Unsigned.
+    pub fn conclude_synced(
+        &self,
+        checked: &Checked,
+        d: &Decoded,
+        synced: Result<SyncOutcome, BackendFailure>,
+        now: SystemTime,
+    ) -> Response {
+        let client = checked.client_id;
+        let Decoded { decoded, update } = d;
+        let public_id = update.public_id;
+        let level = self.options.resolve(checked.sync_level);
+        match synced {
             Ok(SyncOutcome::Synced { sl }) => {
                 let session = checked.timestamp.then(|| SessionFields::from_decode(decoded));
                 Response::ok(&checked.echo, sl, session, now)

@@ -476,6 +476,7 @@ fn throughput(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<()> 
             password_file: Some(password_file.clone()),
             ksm: KsmSource::Store { path: store_path.clone(), key_handles: Vec::new() },
             http: http.clone(),
+            replication: None,
         };
         let parts = serve::assemble(&config).map_err(|e| anyhow::anyhow!("assembling the validator: {e}"))?;
         let running = serve::start(parts, http).context("starting the validator")?;
