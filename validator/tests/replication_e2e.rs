@@ -1,0 +1,633 @@
+//! Two `validator serve` sites in one process, replicating counters over
+//! real QUIC on loopback, driven end to end (issue 5, "Real QUIC on
+//! loopback"):
+//!
+//! - pam_yubico through `pamtester` with a `urllist` naming both sites;
+//! - a fault-injecting UDP proxy (partition, delay, loss) between the two
+//!   QUIC endpoints, written here;
+//! - a peer presenting a certificate from another CA, or one from the right
+//!   CA that does not match the configured pin.
+//!
+//! Each site is built by `serve::assemble` from a `ServeConfig` with a
+//! `[replication]` section, over its own copies of one soft keystore and
+//! AEAD store and its own database holding the same API client.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use hsm::soft::format::KdfParams;
+use hsm::soft::SoftHsm;
+use hsm::{Flags, NonceSource, Password, SecurityModule};
+use ksm::store::AeadStore;
+use otp::token::TokenFields;
+use otp::{HandleKey, KeyHandle, Otp, PublicId, YubiKeySecrets};
+use replication::pki::Ca;
+use validator::clients::SqliteClients;
+use validator::config::{KsmSource, PeerSection, ReplicationConfig, ServeConfig};
+use validator::protocol::{parse_response, signed_query, verify_response};
+use validator::serve::{HttpOptions, Running};
+use validator::ClientId;
+
+const KH: KeyHandle = KeyHandle::new(0x2000);
+const PASSWORD: &str = "correct horse";
+const CLIENT: u64 = 11;
+const YEAR: Duration = Duration::from_secs(365 * 86_400);
+/// Both sites' quorum deadline: generous, for a loaded machine.
+const QUORUM_DEADLINE: Duration = Duration::from_millis(2000);
+/// The HTTP answer ceiling, well above the quorum deadline.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a "recovers eventually" loop may take.
+const RECOVERY: Duration = Duration::from_secs(90);
+
+// ---------------------------------------------------------------------------
+// Warnings logged by the replication layer, captured in-process.
+
+fn captured() -> &'static Mutex<Vec<String>> {
+    static LOG: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    LOG.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+/// A minimal subscriber keeping every WARN and ERROR event as one line of
+/// `field=value` pairs.
+struct Capture;
+
+struct Line(String);
+
+impl tracing::field::Visit for Line {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write as _;
+        let _ = write!(self.0, "{}={:?} ", field.name(), value);
+    }
+}
+
+impl tracing::Subscriber for Capture {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        *metadata.level() <= tracing::Level::WARN
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut line = Line(format!("{} {}: ", event.metadata().level(), event.metadata().target()));
+        event.record(&mut line);
+        captured().lock().unwrap().push(line.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+fn capture_warnings() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| tracing::subscriber::set_global_default(Capture).unwrap());
+}
+
+/// The captured lines mentioning `needle`.
+fn logged_with(needle: &str) -> Vec<String> {
+    captured().lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
+}
+
+// ---------------------------------------------------------------------------
+// Two sites.
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    secrets: YubiKeySecrets,
+    id: PublicId,
+    client_key: Vec<u8>,
+    ca: Ca,
+}
+
+/// Keystore, AEAD store with one YubiKey, a private CA with certificates
+/// for auth1 and auth2 in `pki/`, the API client key.
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = dir.path().join("v.ks");
+    let hsm = SoftHsm::create(&ks, &Password::new(PASSWORD).unwrap(), KdfParams::INSECURE_FOR_TESTS).unwrap();
+    hsm.import_handles(&[(KH, Flags::PERSONALIZER | Flags::OTP_DECODE | Flags::EXPORT, HandleKey::new(&[0x47; 32]).unwrap())]).unwrap();
+    let store = AeadStore::open(&dir.path().join("aeads.db")).unwrap();
+    let id = PublicId::from_number(0x0c0f_fee0_0001, 6).unwrap();
+    let rec = hsm.generate_yubikey_aeads(&[KH], NonceSource::Given(id.aead_nonce().unwrap())).unwrap().remove(0);
+    store.put(&id, &rec, "test", 0).unwrap();
+    let secrets = YubiKeySecrets::from_plaintext(&hsm.decrypt_aead(&rec).unwrap()).unwrap();
+    drop(store);
+    std::fs::write(dir.path().join("password"), PASSWORD).unwrap();
+    let pki = dir.path().join("pki");
+    std::fs::create_dir(&pki).unwrap();
+    let ca = Ca::generate("e2e replication CA", YEAR).unwrap();
+    ca.write(&pki).unwrap();
+    for name in ["auth1", "auth2"] {
+        ca.issue(name, YEAR).unwrap().write(&pki).unwrap();
+    }
+    Fixture { dir, secrets, id, client_key: (0..20u8).map(|i| i.wrapping_mul(7) ^ 0x33).collect(), ca }
+}
+
+/// How one site is set up.
+struct SiteSpec<'a> {
+    name: &'a str,
+    site: u16,
+    quic: SocketAddr,
+    /// Directory holding `<name>.pem` and `<name>.key`.
+    cert_dir: PathBuf,
+    peer: (&'a str, u16, SocketAddr),
+    peer_pin: Option<String>,
+}
+
+impl Fixture {
+    fn otp(&self, counter: u16, session_use: u8) -> String {
+        let t =
+            TokenFields { uid: *self.secrets.uid.expose(), counter, session_use, timestamp_low: 0x0101, timestamp_high: 0x02, rnd: 0x7777 }
+                .build();
+        Otp::new(self.id, t.encrypt(&self.secrets.key)).to_string()
+    }
+
+    fn pki(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    fn config(&self, spec: &SiteSpec<'_>) -> ServeConfig {
+        let root = self.dir.path();
+        let own = root.join(spec.name);
+        std::fs::create_dir_all(&own).unwrap();
+        let ks = own.join("v.ks");
+        std::fs::copy(root.join("v.ks"), &ks).unwrap();
+        let store = own.join("aeads.db");
+        std::fs::copy(root.join("aeads.db"), &store).unwrap();
+        let db = own.join("validator.db");
+        let hsm = Arc::new(SoftHsm::open_unlocked(&ks, &Password::new(PASSWORD).unwrap()).unwrap());
+        let clients = SqliteClients::open(&db, hsm).unwrap();
+        clients.add(Some(ClientId::new(CLIENT).unwrap()), Some(validator::ClientKey::new(self.client_key.clone()))).unwrap();
+        drop(clients);
+        let replication = ReplicationConfig {
+            site: spec.site,
+            listen: spec.quic,
+            certificate: spec.cert_dir.join(format!("{}.pem", spec.name)),
+            key: spec.cert_dir.join(format!("{}.key", spec.name)),
+            ca: self.pki().join("ca.pem"),
+            deadline: QUORUM_DEADLINE,
+            peers: vec![PeerSection {
+                name: spec.peer.0.to_owned(),
+                site: spec.peer.1,
+                addr: spec.peer.2,
+                fingerprint: spec.peer_pin.clone(),
+            }],
+            witness: None,
+        };
+        ServeConfig {
+            db,
+            synchronous: validator::counters::Synchronous::default(),
+            keystore: ks,
+            password_file: Some(root.join("password")),
+            ksm: KsmSource::Store { path: store, key_handles: Vec::new() },
+            http: HttpOptions { request_timeout: REQUEST_TIMEOUT, ..HttpOptions::new("127.0.0.1:0".parse().unwrap()) },
+            replication: Some(replication),
+        }
+    }
+
+    fn start(&self, spec: &SiteSpec<'_>) -> Running {
+        let config = self.config(spec);
+        let parts = validator::serve::assemble(&config).unwrap();
+        validator::serve::start(parts, config.http.clone()).unwrap()
+    }
+
+    /// A (auth1) and B (auth2) with their QUIC endpoints on `qa` and `qb`;
+    /// A dials B at `a_dials`, B dials A at `b_dials`.
+    fn two_sites(&self, qa: SocketAddr, qb: SocketAddr, a_dials: SocketAddr, b_dials: SocketAddr) -> (Running, Running) {
+        let a =
+            self.start(&SiteSpec { name: "auth1", site: 1, quic: qa, cert_dir: self.pki(), peer: ("auth2", 2, a_dials), peer_pin: None });
+        let b =
+            self.start(&SiteSpec { name: "auth2", site: 2, quic: qb, cert_dir: self.pki(), peer: ("auth1", 1, b_dials), peer_pin: None });
+        (a, b)
+    }
+}
+
+/// A free UDP port on `ip`, released again.
+fn free_udp(ip: &str) -> SocketAddr {
+    UdpSocket::bind(format!("{ip}:0")).unwrap().local_addr().unwrap()
+}
+
+/// GET verify at `addr`, checking the answer's `h` with the client key.
+fn verify(addr: SocketAddr, f: &Fixture, otp: &str, nonce: &str) -> BTreeMap<String, String> {
+    let q = signed_query(&[("id", &CLIENT.to_string()), ("otp", otp), ("nonce", nonce)], Some(&f.client_key));
+    let body = http_get(addr, &format!("/wsapi/2.0/verify?{q}"));
+    assert!(verify_response(&body, &f.client_key), "bad h in {body:?}");
+    parse_response(&body).unwrap()
+}
+
+fn http_get(addr: SocketAddr, target: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(s, "GET {target} HTTP/1.1\r\nHost: validator\r\nConnection: close\r\n\r\n").unwrap();
+    let mut bytes = Vec::new();
+    s.read_to_end(&mut bytes).unwrap();
+    let text = String::from_utf8(bytes).unwrap();
+    let (_, body) = text.split_once("\r\n\r\n").unwrap();
+    body.replace("\r\n", "\n")
+}
+
+fn status(fields: &BTreeMap<String, String>) -> &str {
+    fields.get("status").map(String::as_str).unwrap_or("")
+}
+
+/// The value of the Prometheus series `series` (name and labels, exact).
+fn metric(addr: SocketAddr, series: &str) -> Option<u64> {
+    let body = http_get(addr, "/metrics");
+    body.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' '))).map(|v| v.trim().parse().unwrap())
+}
+
+/// A nonce unique to this process.
+fn nonce(tag: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("{tag}{:08}x{:06}", NEXT.fetch_add(1, Ordering::Relaxed), std::process::id() % 1_000_000)
+}
+
+/// Fresh OTPs (counter `*counter`, then the next ones) at `addr` until one
+/// is answered OK, within [`RECOVERY`]. Returns that OTP and the statuses
+/// seen before it.
+fn login_until_ok(addr: SocketAddr, f: &Fixture, counter: &mut u16) -> (String, Vec<String>) {
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let otp = f.otp(*counter, 0);
+        *counter += 1;
+        let r = verify(addr, f, &otp, &nonce("retry"));
+        match status(&r) {
+            "OK" => return (otp, seen),
+            s @ "NOT_ENOUGH_ANSWERS" => seen.push(s.to_owned()),
+            other => panic!("unexpected answer {other} while waiting for OK: {r:?} (before: {seen:?})"),
+        }
+        assert!(start.elapsed() < RECOVERY, "no OK within {RECOVERY:?}: {seen:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The fault-injecting UDP proxy.
+
+/// What the proxy does to datagrams, switchable while it runs.
+#[derive(Default)]
+struct Faults {
+    /// Drop everything, both ways.
+    partition: AtomicBool,
+    /// Hold every datagram this long before relaying it.
+    delay_ms: AtomicU64,
+    /// Drop this many datagrams in 1000 (pseudo-random).
+    loss_per_mille: AtomicU32,
+    relayed: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Faults {
+    /// Whether to drop the next datagram; otherwise sleeps for the delay.
+    fn drop_next(&self, rng: &mut u64) -> bool {
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        let loss = u64::from(self.loss_per_mille.load(Ordering::Relaxed));
+        if self.partition.load(Ordering::Relaxed) || *rng % 1000 < loss {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        let delay = self.delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
+        self.relayed.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+}
+
+/// Relays datagrams sent to `listen` on to `target`, and the answers back;
+/// one upstream socket per client address.
+struct UdpProxy {
+    listen: SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+const POLL: Duration = Duration::from_millis(50);
+
+impl UdpProxy {
+    fn start(ip: &str, target: SocketAddr, faults: Arc<Faults>) -> Self {
+        let socket = UdpSocket::bind(format!("{ip}:0")).unwrap();
+        socket.set_read_timeout(Some(POLL)).unwrap();
+        let listen = socket.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (f, s) = (faults, stop.clone());
+        let ip = ip.to_owned();
+        let main = std::thread::spawn(move || {
+            let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+            let mut children = Vec::new();
+            let mut rng = 0x9e37_79b9_7f4a_7c15_u64 ^ u64::from(listen.port());
+            let mut buf = vec![0u8; 65_536];
+            while !s.load(Ordering::Relaxed) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else { continue };
+                let up = upstreams.entry(from).or_insert_with(|| {
+                    let up = UdpSocket::bind(format!("{ip}:0")).unwrap();
+                    up.connect(target).unwrap();
+                    up.set_read_timeout(Some(POLL)).unwrap();
+                    let up = Arc::new(up);
+                    let (back, up2, f2, s2) = (socket.try_clone().unwrap(), up.clone(), f.clone(), s.clone());
+                    children.push(std::thread::spawn(move || {
+                        let mut rng = 0x2545_f491_4f6c_dd1d_u64 ^ u64::from(from.port());
+                        let mut buf = vec![0u8; 65_536];
+                        while !s2.load(Ordering::Relaxed) {
+                            let Ok(n) = up2.recv(&mut buf) else { continue };
+                            if !f2.drop_next(&mut rng) {
+                                let _ = back.send_to(&buf[..n], from);
+                            }
+                        }
+                    }));
+                    up
+                });
+                if !f.drop_next(&mut rng) {
+                    let _ = up.send(&buf[..n]);
+                }
+            }
+            for c in children {
+                c.join().unwrap();
+            }
+        });
+        Self { listen, stop, threads: vec![main] }
+    }
+}
+
+impl Drop for UdpProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// pam_yubico.
+
+fn require_root() {
+    let out = Command::new("id").arg("-u").output().unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        "0",
+        "the pam_yubico test must run as root: it writes throwaway PAM services to /etc/pam.d"
+    );
+}
+
+fn require_pam_yubico() -> PathBuf {
+    let pamtester = appliance_tests::tools::require("pamtester", "pamtester");
+    let modules = ["/lib/security/pam_yubico.so", "/lib/x86_64-linux-gnu/security/pam_yubico.so", "/usr/lib/security/pam_yubico.so"];
+    assert!(modules.iter().any(|m| Path::new(m).is_file()), "pam_yubico.so not found in {modules:?}: apt-get install libpam-yubico");
+    pamtester
+}
+
+/// `/etc/pam.d/otp-e2e-<pid>-<n>`: pam_yubico alone over `urls`; removed
+/// on drop.
+struct PamService {
+    pamtester: PathBuf,
+    name: String,
+    file: PathBuf,
+    debug_log: PathBuf,
+}
+
+impl PamService {
+    fn new(dir: &Path, key: &str, urls: &[String], authfile: &Path) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("otp-e2e-{}-{n}", std::process::id());
+        let debug_log = dir.join(format!("{name}.debug.log"));
+        std::fs::write(&debug_log, b"").unwrap();
+        let file = Path::new("/etc/pam.d").join(&name);
+        let service = format!(
+            "auth required pam_yubico.so id={CLIENT} key={key} urllist={} authfile={} debug debug_file={}\n\
+             account required pam_permit.so\n",
+            urls.join(";"),
+            authfile.display(),
+            debug_log.display()
+        );
+        let pamtester = require_pam_yubico();
+        let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(&file).unwrap();
+        let me = Self { pamtester, name, file, debug_log };
+        out.write_all(service.as_bytes()).unwrap();
+        me
+    }
+
+    /// `echo OTP | pamtester -v SERVICE USER authenticate`: exit code,
+    /// output and pam_yubico's debug log.
+    fn login(&self, user: &str, otp: &str) -> (Option<i32>, String) {
+        std::fs::write(&self.debug_log, b"").unwrap();
+        let mut child = Command::new(&self.pamtester)
+            .args(["-v", &self.name, user, "authenticate"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(format!("{otp}\n").as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = format!(
+            "{}{}\n--- debug log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&self.debug_log).unwrap()
+        );
+        (out.status.code(), text)
+    }
+}
+
+impl Drop for PamService {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+fn url(site: &Running) -> String {
+    format!("http://{}/wsapi/2.0/verify", site.local_addr())
+}
+
+/// pam_yubico with `urllist` naming both sites: a fresh OTP logs alice in,
+/// the same OTP again fails, and an OTP accepted through A alone fails
+/// through a service that asks B alone.
+#[test]
+fn pam_yubico_with_both_sites_in_urllist_logs_in_once_per_otp() {
+    require_root();
+    require_pam_yubico();
+    let f = fixture();
+    let (qa, qb) = (free_udp("127.0.0.1"), free_udp("127.0.0.2"));
+    let (a, b) = f.two_sites(qa, qb, qb, qa);
+    let authfile = f.dir.path().join("authfile");
+    std::fs::write(&authfile, format!("alice:{}\n", f.id)).unwrap();
+    let key = base64::engine::general_purpose::STANDARD.encode(&f.client_key);
+    let both = PamService::new(f.dir.path(), &key, &[url(&a), url(&b)], &authfile);
+    let only_a = PamService::new(f.dir.path(), &key, &[url(&a)], &authfile);
+    let only_b = PamService::new(f.dir.path(), &key, &[url(&b)], &authfile);
+
+    let fresh = f.otp(1, 0);
+    let (code, out) = both.login("alice", &fresh);
+    assert_eq!(code, Some(0), "fresh OTP through both sites:\n{out}");
+    assert!(out.contains("successfully authenticated"), "{out}");
+
+    let (code, out) = both.login("alice", &fresh);
+    assert_eq!(code, Some(1), "the same OTP again:\n{out}");
+    assert!(out.contains("REPLAYED_OTP"), "{out}");
+
+    let next = f.otp(2, 0);
+    let (code, out) = only_a.login("alice", &next);
+    assert_eq!(code, Some(0), "a new OTP through A:\n{out}");
+    let (code, out) = only_b.login("alice", &next);
+    assert_eq!(code, Some(1), "A's OTP replayed through B:\n{out}");
+    assert!(out.contains("REPLAYED_OTP"), "{out}");
+
+    // The key's next press still logs in through B alone.
+    let (code, out) = only_b.login("alice", &f.otp(2, 1));
+    assert_eq!(code, Some(0), "a new OTP through B:\n{out}");
+
+    drop((both, only_a, only_b));
+    a.shutdown();
+    b.shutdown();
+}
+
+// ---------------------------------------------------------------------------
+// Partition, delay and loss through the proxy.
+
+/// A and B talk only through the proxy (each dials the other at one of its
+/// ports). Partitioned, A answers a signed NOT_ENOUGH_ANSWERS by its
+/// deadline; healed, logins at A succeed again and are replays at B; with
+/// delay and loss, logins still get through and stay replay-safe.
+#[test]
+fn partition_through_the_proxy_fails_closed_and_heals() {
+    let f = fixture();
+    let (qa, qb) = (free_udp("127.0.0.1"), free_udp("127.0.0.2"));
+    let faults = Arc::new(Faults::default());
+    let to_b = UdpProxy::start("127.0.0.3", qb, faults.clone());
+    let to_a = UdpProxy::start("127.0.0.3", qa, faults.clone());
+    let (a, b) = f.two_sites(qa, qb, to_b.listen, to_a.listen);
+    let (aa, ba) = (a.local_addr(), b.local_addr());
+    let mut counter = 1;
+
+    // Both up: one login at A, replayed at B.
+    let (otp, _) = login_until_ok(aa, &f, &mut counter);
+    assert_eq!(status(&verify(ba, &f, &otp, &nonce("replay"))), "REPLAYED_OTP");
+    assert!(faults.relayed.load(Ordering::Relaxed) > 0, "nothing went through the proxy");
+
+    // Partition.
+    faults.partition.store(true, Ordering::Relaxed);
+    let before = metric(aa, "validator_replication_verdicts_total{verdict=\"not_enough_answers\"}").unwrap();
+    let cut = f.otp(counter, 0);
+    counter += 1;
+    let n = nonce("partition");
+    let asked = Instant::now();
+    let r = verify(aa, &f, &cut, &n);
+    let took = asked.elapsed();
+    assert_eq!(status(&r), "NOT_ENOUGH_ANSWERS", "{r:?}");
+    assert_eq!(r.get("otp"), Some(&cut));
+    assert_eq!(r.get("nonce"), Some(&n));
+    assert!(took < REQUEST_TIMEOUT, "answered after {took:?}, not by the quorum deadline");
+    let after = metric(aa, "validator_replication_verdicts_total{verdict=\"not_enough_answers\"}").unwrap();
+    assert!(after > before, "not_enough_answers {before} -> {after}");
+    assert!(faults.dropped.load(Ordering::Relaxed) > 0, "the proxy dropped nothing");
+    assert_eq!(metric(aa, "validator_replication_peer_up{peer=\"auth2\",site=\"2\"}"), Some(0));
+    // The refused OTP is burned at A.
+    assert_eq!(status(&verify(aa, &f, &cut, &nonce("again"))), "REPLAYED_OTP");
+
+    // Heal: A recovers (its connection may need a moment).
+    faults.partition.store(false, Ordering::Relaxed);
+    let (healed, refused) = login_until_ok(aa, &f, &mut counter);
+    eprintln!("after healing, {} refusals before the first OK", refused.len());
+    assert_eq!(status(&verify(ba, &f, &healed, &nonce("afterheal"))), "REPLAYED_OTP");
+    // And the other way round: an OTP accepted at B is a replay at A.
+    let (at_b, _) = login_until_ok(ba, &f, &mut counter);
+    assert_eq!(status(&verify(aa, &f, &at_b, &nonce("afterheal"))), "REPLAYED_OTP");
+
+    assert_eq!(metric(aa, "validator_replication_peer_up{peer=\"auth2\",site=\"2\"}"), Some(1));
+
+    // A partition longer than the QUIC idle timeout (10 s): the connection
+    // dies, every answer meanwhile is NOT_ENOUGH_ANSWERS, and after healing
+    // A reconnects.
+    faults.partition.store(true, Ordering::Relaxed);
+    let cut_at = Instant::now();
+    while cut_at.elapsed() < Duration::from_secs(13) {
+        let otp = f.otp(counter, 0);
+        counter += 1;
+        assert_eq!(status(&verify(aa, &f, &otp, &nonce("longcut"))), "NOT_ENOUGH_ANSWERS");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(metric(aa, "validator_replication_peer_up{peer=\"auth2\",site=\"2\"}"), Some(0));
+    faults.partition.store(false, Ordering::Relaxed);
+    let (reconnected, refused) = login_until_ok(aa, &f, &mut counter);
+    eprintln!("after the long partition, {} refusals before the first OK", refused.len());
+    assert_eq!(status(&verify(ba, &f, &reconnected, &nonce("reconnected"))), "REPLAYED_OTP");
+
+    // Delay and some loss: logins still get through, still replay-safe.
+    faults.delay_ms.store(5, Ordering::Relaxed);
+    faults.loss_per_mille.store(50, Ordering::Relaxed);
+    for _ in 0..3 {
+        let (lossy, _) = login_until_ok(aa, &f, &mut counter);
+        assert_eq!(status(&verify(ba, &f, &lossy, &nonce("lossy"))), "REPLAYED_OTP");
+    }
+
+    a.shutdown();
+    b.shutdown();
+    drop((to_a, to_b));
+}
+
+// ---------------------------------------------------------------------------
+// Untrusted peers.
+
+/// Sites A (pinning `pin` for auth2, if given) and B presenting the
+/// certificate in `b_certs`; A's answers must fail closed, and A must have
+/// logged the refusal of B's certificate `b_fingerprint`.
+fn refused_peer(f: &Fixture, b_certs: PathBuf, pin: Option<String>, b_fingerprint: &str) {
+    capture_warnings();
+    let (qa, qb) = (free_udp("127.0.0.1"), free_udp("127.0.0.2"));
+    let a = f.start(&SiteSpec { name: "auth1", site: 1, quic: qa, cert_dir: f.pki(), peer: ("auth2", 2, qb), peer_pin: pin });
+    let b = f.start(&SiteSpec { name: "auth2", site: 2, quic: qb, cert_dir: b_certs, peer: ("auth1", 1, qa), peer_pin: None });
+    let aa = a.local_addr();
+    for counter in 1..=3 {
+        let otp = f.otp(counter, 0);
+        let r = verify(aa, f, &otp, &nonce("refused"));
+        assert_eq!(status(&r), "NOT_ENOUGH_ANSWERS", "counter {counter}: {r:?}");
+        assert_eq!(r.get("otp"), Some(&otp));
+    }
+    assert_eq!(metric(aa, "validator_replication_verdicts_total{verdict=\"accepted\"}"), Some(0));
+    assert_eq!(metric(aa, "validator_replication_verdicts_total{verdict=\"not_enough_answers\"}"), Some(3));
+    assert!(metric(aa, "validator_replication_rpc_failures_total").unwrap() >= 1);
+    assert_eq!(metric(aa, "validator_replication_peer_up{peer=\"auth2\",site=\"2\"}"), Some(0));
+    let refusals: Vec<String> = logged_with(b_fingerprint).into_iter().filter(|l| l.contains("refused")).collect();
+    eprintln!("refusals of {b_fingerprint} logged: {refusals:#?}");
+    assert!(!refusals.is_empty(), "no refusal of {b_fingerprint} logged; captured:\n{:#?}", captured().lock().unwrap());
+    a.shutdown();
+    b.shutdown();
+}
+
+/// B's certificate comes from another CA (with the right name): refused.
+#[test]
+fn a_peer_with_a_certificate_from_another_ca_is_refused() {
+    let f = fixture();
+    let other = f.dir.path().join("other-pki");
+    std::fs::create_dir(&other).unwrap();
+    let rogue_ca = Ca::generate("e2e replication CA", YEAR).unwrap();
+    let rogue = rogue_ca.issue("auth2", YEAR).unwrap();
+    rogue.write(&other).unwrap();
+    refused_peer(&f, other, None, &rogue.fingerprint().to_string());
+}
+
+/// B's certificate comes from the right CA with the right name, but A pins
+/// another certificate's fingerprint for auth2: refused.
+#[test]
+fn a_peer_not_matching_its_pinned_fingerprint_is_refused() {
+    let f = fixture();
+    let pinned = f.ca.issue("auth2", YEAR).unwrap();
+    let presented = replication::pki::Identity::load(&f.pki().join("auth2.pem"), &f.pki().join("auth2.key")).unwrap();
+    assert_ne!(pinned.fingerprint(), presented.fingerprint());
+    refused_peer(&f, f.pki(), Some(pinned.fingerprint().to_string()), &presented.fingerprint().to_string());
+}
