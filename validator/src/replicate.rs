@@ -118,6 +118,11 @@ impl Replication {
         header(out, "validator_replication_peer_transitions_total", "counter", "Peers going up or down.");
         let _ = writeln!(out, "validator_replication_peer_transitions_total{{to=\"up\"}} {}", m.peer_up);
         let _ = writeln!(out, "validator_replication_peer_transitions_total{{to=\"down\"}} {}", m.peer_down);
+        let t = node.endpoint().stats();
+        header(out, "validator_replication_connections_total", "counter", "QUIC connections with peers, by outcome.");
+        let _ = writeln!(out, "validator_replication_connections_total{{outcome=\"dialled\"}} {}", t.dialled);
+        let _ = writeln!(out, "validator_replication_connections_total{{outcome=\"accepted\"}} {}", t.accepted);
+        let _ = writeln!(out, "validator_replication_connections_total{{outcome=\"refused\"}} {}", t.refused);
         header(out, "validator_replication_peer_up", "gauge", "1 when the peer's last request succeeded.");
         for p in node.peers() {
             let up = u8::from(p.reachability == Reachability::Up);

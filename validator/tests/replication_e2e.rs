@@ -601,6 +601,7 @@ fn refused_peer(f: &Fixture, b_certs: PathBuf, pin: Option<String>, b_fingerprin
     assert_eq!(metric(aa, "validator_replication_verdicts_total{verdict=\"accepted\"}"), Some(0));
     assert_eq!(metric(aa, "validator_replication_verdicts_total{verdict=\"not_enough_answers\"}"), Some(3));
     assert!(metric(aa, "validator_replication_rpc_failures_total").unwrap() >= 1);
+    assert!(metric(aa, "validator_replication_connections_total{outcome=\"refused\"}").unwrap() >= 1, "refusal not counted");
     assert_eq!(metric(aa, "validator_replication_peer_up{peer=\"auth2\",site=\"2\"}"), Some(0));
     let refusals: Vec<String> = logged_with(b_fingerprint).into_iter().filter(|l| l.contains("refused")).collect();
     eprintln!("refusals of {b_fingerprint} logged: {refusals:#?}");
