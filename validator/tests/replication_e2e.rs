@@ -2,6 +2,8 @@
 //! real QUIC on loopback, driven end to end (issue 5, "Real QUIC on
 //! loopback"):
 //!
+//! - the same request at both sites, a replay at the other site, a dead
+//!   peer failing closed within the quorum deadline;
 //! - pam_yubico through `pamtester` with a `urllist` naming both sites;
 //! - a fault-injecting UDP proxy (partition, delay, loss) between the two
 //!   QUIC endpoints, written here;
@@ -631,4 +633,93 @@ fn a_peer_not_matching_its_pinned_fingerprint_is_refused() {
     let presented = replication::pki::Identity::load(&f.pki().join("auth2.pem"), &f.pki().join("auth2.key")).unwrap();
     assert_ne!(pinned.fingerprint(), presented.fingerprint());
     refused_peer(&f, f.pki(), Some(pinned.fingerprint().to_string()), &presented.fingerprint().to_string());
+}
+
+// ---------------------------------------------------------------------------
+// Sites dialling each other directly.
+
+/// Sites A (auth1, 127.0.0.1) and B (auth2, 127.0.0.2), started.
+fn direct(f: &Fixture) -> (Running, Running) {
+    let (qa, qb) = (free_udp("127.0.0.1"), free_udp("127.0.0.2"));
+    f.two_sites(qa, qb, qb, qa)
+}
+
+#[test]
+fn same_otp_and_nonce_at_both_sites_at_once_is_ok_and_never_a_replayed_otp() {
+    let f = fixture();
+    let (a, b) = direct(&f);
+    let (aa, ba) = (a.local_addr(), b.local_addr());
+    let otp = f.otp(1, 0);
+    let nonce = "samenonceatbothsites0001";
+    let (ra, rb) = std::thread::scope(|s| {
+        let ta = s.spawn(|| verify(aa, &f, &otp, nonce));
+        let tb = s.spawn(|| verify(ba, &f, &otp, nonce));
+        (ta.join().unwrap(), tb.join().unwrap())
+    });
+    // The model's promise (replication/tests/quorum_model.rs): the peer
+    // rule treats equal counters with the same nonce and OTP as the same
+    // request, so both sites answer OK, unless one site's peer
+    // compare-and-set lands before that site's own request, which its
+    // local store then answers REPLAYED_REQUEST (pam_yubico takes the other
+    // site's OK). Never REPLAYED_OTP, never two refusals.
+    let answers = [("A", &ra, aa), ("B", &rb, ba)];
+    assert!(answers.iter().any(|(_, r, _)| status(r) == "OK"), "no OK: A {ra:?}, B {rb:?}");
+    for (site, r, http) in answers {
+        match status(r) {
+            "OK" => {
+                assert_eq!(r.get("sl").map(String::as_str), Some("100"), "site {site}: {r:?}");
+                assert_eq!(metric(http, "validator_replication_verdicts_total{verdict=\"accepted\"}"), Some(1), "site {site}");
+            }
+            "REPLAYED_REQUEST" => {}
+            other => panic!("site {site} answered {other}: A {ra:?}, B {rb:?}"),
+        }
+        assert_eq!(r.get("otp"), Some(&otp), "site {site}");
+        assert_eq!(r.get("nonce").map(String::as_str), Some(nonce), "site {site}");
+    }
+    a.shutdown();
+    b.shutdown();
+}
+
+#[test]
+fn an_otp_answered_ok_at_a_is_a_replayed_otp_at_b() {
+    let f = fixture();
+    let (a, b) = direct(&f);
+    let otp = f.otp(2, 0);
+    let first = verify(a.local_addr(), &f, &otp, "firstnonceatsitea0000001");
+    assert_eq!(status(&first), "OK", "{first:?}");
+    // B holds the counters durably (A answered OK only after B's fsync):
+    // the same request at B is REPLAYED_REQUEST, another nonce REPLAYED_OTP.
+    let same = verify(b.local_addr(), &f, &otp, "firstnonceatsitea0000001");
+    assert_eq!(status(&same), "REPLAYED_REQUEST", "{same:?}");
+    let again = verify(b.local_addr(), &f, &otp, "secondnonceatsiteb000001");
+    assert_eq!(status(&again), "REPLAYED_OTP", "{again:?}");
+    // A later OTP of the same key still works at B, and is then replayed at A.
+    let next = f.otp(3, 0);
+    assert_eq!(status(&verify(b.local_addr(), &f, &next, "thirdnonceatsiteb0000001")), "OK");
+    assert_eq!(status(&verify(a.local_addr(), &f, &next, "fourthnonceatsitea000001")), "REPLAYED_OTP");
+    a.shutdown();
+    b.shutdown();
+}
+
+#[test]
+fn with_site_b_down_site_a_fails_closed_within_its_deadline() {
+    let f = fixture();
+    let (a, b) = direct(&f);
+    // Both up first: one login through A.
+    assert_eq!(status(&verify(a.local_addr(), &f, &f.otp(4, 0), "upfirstnonce000000000001")), "OK");
+    b.shutdown();
+    let otp = f.otp(5, 0);
+    let asked = Instant::now();
+    let r = verify(a.local_addr(), &f, &otp, "bdownnonce00000000000001");
+    let took = asked.elapsed();
+    assert_eq!(status(&r), "NOT_ENOUGH_ANSWERS", "{r:?}");
+    assert_eq!(r.get("otp"), Some(&otp));
+    assert_eq!(r.get("nonce").map(String::as_str), Some("bdownnonce00000000000001"));
+    assert!(r.contains_key("sl"), "{r:?}");
+    // Answered by the quorum deadline, not the HTTP ceiling (generous slack).
+    assert!(took < REQUEST_TIMEOUT, "took {took:?}");
+    // The OTP is burned at A all the same: replaying it is refused.
+    assert_eq!(status(&verify(a.local_addr(), &f, &otp, "bdownnonce00000000000002")), "REPLAYED_OTP");
+    assert_eq!(metric(a.local_addr(), "validator_replication_verdicts_total{verdict=\"not_enough_answers\"}"), Some(1));
+    a.shutdown();
 }
