@@ -40,19 +40,33 @@ impl Histogram {
     /// Append the `_bucket`, `_sum` and `_count` series of `name`, with
     /// `labels` (already formatted as `k="v"`, or empty) on each.
     pub fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cumulative = 0u64;
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
-        }
-        cumulative += self.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
-        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
         let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum{braces} {sum}");
-        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+        render_buckets(out, name, labels, &LATENCY_BUCKETS, &self.buckets, sum);
     }
+}
+
+/// Append a histogram's `_bucket` (cumulative), `_sum` and `_count` series.
+/// `counts` holds the non-cumulative count of each bound in `bounds`, then
+/// of +Inf; `labels` is `k="v",…` or empty.
+pub fn render_buckets<B: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    bounds: &[B],
+    counts: &[AtomicU64],
+    sum: impl std::fmt::Display,
+) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    let mut cumulative = 0u64;
+    for (bound, count) in bounds.iter().zip(counts) {
+        cumulative += count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+    }
+    cumulative += counts.get(bounds.len()).map_or(0, |c| c.load(Ordering::Relaxed));
+    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
+    let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+    let _ = writeln!(out, "{name}_sum{braces} {sum}");
+    let _ = writeln!(out, "{name}_count{braces} {cumulative}");
 }
 
 /// Append a `# HELP` and `# TYPE` header.

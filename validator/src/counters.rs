@@ -340,15 +340,7 @@ impl SizeHistogram {
     }
 
     fn render(&self, out: &mut String, name: &str) {
-        let mut cumulative = 0u64;
-        for (i, bound) in BATCH_BUCKETS.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        cumulative += self.buckets[BATCH_BUCKETS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum.load(Ordering::Relaxed));
-        let _ = writeln!(out, "{name}_count {cumulative}");
+        httpd::metrics::render_buckets(out, name, "", &BATCH_BUCKETS, &self.buckets, self.sum.load(Ordering::Relaxed));
     }
 }
 
@@ -547,6 +539,31 @@ fn counters_from(counter: i64, session_use: i64) -> Option<Counters> {
     Counters::new(u16::try_from(counter).ok()?, u8::try_from(session_use).ok()?).ok()
 }
 
+/// An outbox or snapshot row as SQLite gives it: seq (0 for snapshot
+/// rows), public id, counter, use, nonce, digest, modified.
+type RawRow = (i64, String, i64, i64, String, Vec<u8>, i64);
+
+fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+}
+
+/// Check a raw row; a damaged one is named by its seq (outbox) or its
+/// public id (snapshot).
+fn outbox_row((seq, public_id, counter, session_use, nonce, digest, modified): RawRow) -> Result<OutboxRow, BackendFailure> {
+    let damaged = || {
+        let which = if seq == 0 { format!("the row of {public_id}") } else { format!("outbox row {seq}") };
+        BackendFailure(format!("counter store: {which} is damaged"))
+    };
+    Ok(OutboxRow {
+        seq: u64::try_from(seq).map_err(|_| damaged())?,
+        public_id: public_id.parse().map_err(|_| damaged())?,
+        counters: counters_from(counter, session_use).ok_or_else(damaged)?,
+        nonce,
+        otp_digest: OtpDigest(digest.try_into().map_err(|_| damaged())?),
+        modified,
+    })
+}
+
 /// The current Unix time in seconds.
 fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -688,31 +705,15 @@ impl SqliteCounters {
     /// Up to `limit` outbox rows after `after`, in `seq` order (committed
     /// state). A peer catching up asks from its acknowledged cursor.
     pub fn outbox_after(&self, after: u64, limit: usize) -> Result<Vec<OutboxRow>, BackendFailure> {
-        type Row = (i64, String, i64, i64, String, Vec<u8>, i64);
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let conn = lock(&self.reader);
-        let rows: Vec<Row> = conn
+        let rows: Vec<RawRow> = conn
             .prepare_cached(SELECT_OUTBOX)
-            .and_then(|mut s| {
-                s.query_map(params![after, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))?
-                    .collect()
-            })
+            .and_then(|mut s| s.query_map(params![after, limit], raw_row)?.collect())
             .map_err(|e| failure("read outbox", e))?;
         drop(conn);
-        rows.into_iter()
-            .map(|(seq, public_id, counter, session_use, nonce, digest, modified)| {
-                let damaged = || BackendFailure(format!("counter store: outbox row {seq} is damaged"));
-                Ok(OutboxRow {
-                    seq: u64::try_from(seq).map_err(|_| damaged())?,
-                    public_id: public_id.parse().map_err(|_| damaged())?,
-                    counters: counters_from(counter, session_use).ok_or_else(damaged)?,
-                    nonce,
-                    otp_digest: OtpDigest(digest.try_into().map_err(|_| damaged())?),
-                    modified,
-                })
-            })
-            .collect()
+        rows.into_iter().map(outbox_row).collect()
     }
 
     /// Register `peer` with cursor 0 if it is unknown, so that [`Self::compact`]
@@ -780,33 +781,18 @@ impl SqliteCounters {
     /// change committed during the paging is in the outbox after `L`, and
     /// the max rule makes the order of the two irrelevant.
     pub fn snapshot_after(&self, after: Option<&PublicId>, limit: usize) -> Result<Vec<OutboxRow>, BackendFailure> {
-        type Row = (String, i64, i64, String, Vec<u8>, i64);
         let after = after.map(PublicId::to_modhex).unwrap_or_default();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let conn = lock(&self.reader);
-        let rows: Vec<Row> = conn
+        let rows: Vec<RawRow> = conn
             .prepare_cached(
-                "SELECT public_id, counter, session_use, nonce, otp_digest, modified FROM counters \
+                "SELECT 0, public_id, counter, session_use, nonce, otp_digest, modified FROM counters \
                  WHERE public_id > ?1 ORDER BY public_id LIMIT ?2",
             )
-            .and_then(|mut s| {
-                s.query_map(params![after, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?.collect()
-            })
+            .and_then(|mut s| s.query_map(params![after, limit], raw_row)?.collect())
             .map_err(|e| failure("read snapshot", e))?;
         drop(conn);
-        rows.into_iter()
-            .map(|(public_id, counter, session_use, nonce, digest, modified)| {
-                let damaged = || BackendFailure(format!("counter store: the row of {public_id} is damaged"));
-                Ok(OutboxRow {
-                    seq: 0,
-                    public_id: public_id.parse().map_err(|_| damaged())?,
-                    counters: counters_from(counter, session_use).ok_or_else(damaged)?,
-                    nonce,
-                    otp_digest: OtpDigest(digest.try_into().map_err(|_| damaged())?),
-                    modified,
-                })
-            })
-            .collect()
+        rows.into_iter().map(outbox_row).collect()
     }
 
     /// Every known peer and its acknowledged cursor, by name.
