@@ -10,11 +10,14 @@
 //!   on every request.
 //! - [`wire`]: the versioned, bounded binary codec of [`quorum::Message`].
 //! - [`node`]: the async driver of one site (machine, transport, peers, store).
+//! - [`sync`]: catch-up (outbox pull) and anti-entropy (bucketed digests)
+//!   of counters, AEADs and API clients behind one store trait.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod node;
 pub mod pki;
 pub mod quorum;
+pub mod sync;
 pub mod transport;
 pub mod wire;
