@@ -1,0 +1,368 @@
+//! Two real `validator serve` processes replicating counters over QUIC on
+//! loopback; one of them killed with SIGKILL under load, then restarted on
+//! its files (issue 5, "kill -9 of one site under load").
+//!
+//! Checked: nothing that was acknowledged is lost (both sites' stored
+//! counters cover every OTP answered `OK`), every such OTP is refused when
+//! replayed at either site, with its nonce or a new one, and fresh OTPs
+//! are accepted again at both sites once the killed one is back. Each
+//! site is killed once: first the peer of half the load, then the other.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hsm::soft::format::KdfParams;
+use hsm::soft::SoftHsm;
+use hsm::{Flags, NonceSource, Password, SecurityModule};
+use httpd::client::Connection;
+use ksm::store::AeadStore;
+use otp::token::TokenFields;
+use otp::{Counters, HandleKey, KeyHandle, Otp, PublicId, YubiKeySecrets};
+use replication::pki::Ca;
+use validator::clients::SqliteClients;
+use validator::counters::SqliteCounters;
+use validator::protocol::{parse_response, signed_query, verify_response};
+use validator::{ClientId, ClientKey};
+
+const KH: KeyHandle = KeyHandle::new(0x2000);
+const PASSWORD: &str = "correct horse";
+/// Load threads, one YubiKey each; even threads ask site 0, odd ones site 1.
+const THREADS: usize = 8;
+const SITES: [&str; 2] = ["auth1", "auth2"];
+const YEAR: Duration = Duration::from_secs(365 * 86_400);
+
+#[derive(Clone)]
+struct YubiKey {
+    id: PublicId,
+    secrets: YubiKeySecrets,
+}
+
+impl YubiKey {
+    fn otp(&self, c: Counters) -> String {
+        let t = TokenFields {
+            uid: *self.secrets.uid.expose(),
+            counter: c.counter(),
+            session_use: c.session_use(),
+            timestamp_low: 0x0101,
+            timestamp_high: 0x02,
+            rnd: 0x0404,
+        }
+        .build();
+        Otp::new(self.id, t.encrypt(&self.secrets.key)).to_string()
+    }
+}
+
+/// Ticket `i` of a YubiKey: fresh and increasing.
+fn ticket(i: usize) -> Counters {
+    Counters::new(u16::try_from(1 + i / 250).unwrap(), u8::try_from(i % 250).unwrap()).unwrap()
+}
+
+fn nonce(key: usize, i: usize, tag: &str) -> String {
+    format!("{tag}k{key}i{i:0>16}")
+}
+
+/// A free UDP port on `ip` (bound and released).
+fn udp_port(ip: [u8; 4]) -> SocketAddr {
+    UdpSocket::bind(SocketAddr::from((ip, 0))).unwrap().local_addr().unwrap()
+}
+
+/// Both sites' files: one keystore and AEAD store copied to each, one API
+/// client with the same key in each database, a CA and two certificates.
+struct Fixture {
+    dir: tempfile::TempDir,
+    keys: Vec<YubiKey>,
+    client_key: Vec<u8>,
+    quic: [SocketAddr; 2],
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let ks = root.join("v.ks");
+        let hsm = SoftHsm::create(&ks, &Password::new(PASSWORD).unwrap(), KdfParams::INSECURE_FOR_TESTS).unwrap();
+        hsm.import_handles(&[(KH, Flags::PERSONALIZER | Flags::OTP_DECODE | Flags::EXPORT, HandleKey::new(&[0x6d; 32]).unwrap())]).unwrap();
+        let store = AeadStore::open(&root.join("aeads.db")).unwrap();
+        let keys = (1..=THREADS as u64)
+            .map(|i| {
+                let id = PublicId::from_number(0x3000 + i, 6).unwrap();
+                let rec = hsm.generate_yubikey_aeads(&[KH], NonceSource::Given(id.aead_nonce().unwrap())).unwrap().remove(0);
+                store.put(&id, &rec, "test", 0).unwrap();
+                YubiKey { id, secrets: YubiKeySecrets::from_plaintext(&hsm.decrypt_aead(&rec).unwrap()).unwrap() }
+            })
+            .collect();
+        drop(store);
+        drop(hsm);
+        std::fs::write(root.join("password"), PASSWORD).unwrap();
+        let pki = root.join("pki");
+        std::fs::create_dir(&pki).unwrap();
+        let ca = Ca::generate("crash-test replication CA", YEAR).unwrap();
+        ca.write(&pki).unwrap();
+        let client_key: Vec<u8> = (0..20u8).map(|i| i.wrapping_mul(11) ^ 0x5a).collect();
+        let quic = [udp_port([127, 0, 0, 1]), udp_port([127, 0, 0, 2])];
+        let fixture = Self { dir, keys, client_key, quic };
+        for (i, name) in SITES.iter().enumerate() {
+            ca.issue(name, YEAR).unwrap().write(&pki).unwrap();
+            fixture.site_files(i);
+        }
+        fixture
+    }
+
+    fn site_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(SITES[i])
+    }
+
+    /// The site's own copies, its database with the API client, its TOML.
+    fn site_files(&self, i: usize) {
+        let root = self.dir.path();
+        let own = self.site_dir(i);
+        std::fs::create_dir(&own).unwrap();
+        std::fs::copy(root.join("v.ks"), own.join("v.ks")).unwrap();
+        std::fs::copy(root.join("aeads.db"), own.join("aeads.db")).unwrap();
+        let hsm = Arc::new(SoftHsm::open_unlocked(&own.join("v.ks"), &Password::new(PASSWORD).unwrap()).unwrap());
+        let clients = SqliteClients::open(&own.join("validator.db"), hsm).unwrap();
+        clients.add(Some(ClientId::new(1).unwrap()), Some(ClientKey::new(self.client_key.clone()))).unwrap();
+        drop(clients);
+        let peer = 1 - i;
+        let pki = root.join("pki");
+        let toml = format!(
+            r#"listen = "127.0.0.1:0"
+db = "{own}/validator.db"
+keystore = "{own}/v.ks"
+password_file = "{root}/password"
+request_timeout_ms = 10000
+
+[ksm]
+store = "{own}/aeads.db"
+
+[replication]
+site = {site}
+listen = "{listen}"
+certificate = "{pki}/{name}.pem"
+key = "{pki}/{name}.key"
+ca = "{pki}/ca.pem"
+deadline_ms = 1500
+
+[[replication.peers]]
+name = "{peer_name}"
+site = {peer_site}
+addr = "{peer_addr}"
+"#,
+            own = own.display(),
+            root = root.display(),
+            pki = pki.display(),
+            site = i + 1,
+            listen = self.quic[i],
+            name = SITES[i],
+            peer_name = SITES[peer],
+            peer_site = peer + 1,
+            peer_addr = self.quic[peer],
+        );
+        std::fs::write(own.join("validator.toml"), toml).unwrap();
+    }
+}
+
+/// A running `validator serve --config`, its stderr drained.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+    drain: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(dir: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_validator"))
+            .arg("serve")
+            .arg("--config")
+            .arg(dir.join("validator.toml"))
+            .env_remove("OTP_KEYSTORE")
+            .env_remove("OTP_KEYSTORE_PASSWORD_FILE")
+            .env_remove("OTP_VALIDATOR_DB")
+            .env_remove("OTP_VALIDATOR_CONFIG")
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut early = String::new();
+        let addr: SocketAddr = loop {
+            let mut line = String::new();
+            assert!(stderr.read_line(&mut line).unwrap() > 0, "validator serve exited before listening:\n{early}");
+            if let Some(rest) = line.split("serving http://").nth(1) {
+                break rest.split('/').next().unwrap().parse().unwrap();
+            }
+            early.push_str(&line);
+        };
+        let log = Arc::new(Mutex::new(early));
+        let drain = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in stderr.lines().map_while(Result::ok) {
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            })
+        };
+        Self { child, addr, log, drain: Some(drain) }
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        assert!(!self.child.wait().unwrap().success());
+        self.drain.take().unwrap().join().unwrap();
+    }
+
+    fn terminate(mut self) -> String {
+        assert!(Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap().success());
+        let status = self.child.wait().unwrap();
+        self.drain.take().unwrap().join().unwrap();
+        let log = self.log.lock().unwrap().clone();
+        assert!(status.success(), "validator serve exited with {status}:\n{log}");
+        log
+    }
+}
+
+/// One verify over a kept-alive connection: the checked status, or `None`
+/// when no answer came (the server died).
+fn verify(conn: &mut Connection, key: &[u8], otp: &str, nonce: &str) -> Option<String> {
+    let q = signed_query(&[("id", "1"), ("otp", otp), ("nonce", nonce), ("sl", "100")], Some(key));
+    let resp = conn.get(&format!("/wsapi/2.0/verify?{q}")).ok()?;
+    assert_eq!(resp.head.status, 200);
+    let body = String::from_utf8(resp.body).unwrap();
+    assert!(verify_response(&body, key), "bad signature: {body:?}");
+    let fields = parse_response(&body).unwrap();
+    Some(fields["status"].clone())
+}
+
+/// Sends fresh OTPs of `yk` to `addr` until the answer is not `OK` (the
+/// peer is gone: `NOT_ENOUGH_ANSWERS`) or none comes (this site is gone),
+/// or `stop` is set; returns the tickets answered `OK` and the first other
+/// outcome.
+fn load(addr: SocketAddr, key: &[u8], t: usize, yk: &YubiKey, from: usize, stop: &AtomicBool) -> (Vec<usize>, Option<String>) {
+    let mut conn = Connection::new(addr, Duration::from_secs(15));
+    let mut ok = Vec::new();
+    for i in from.. {
+        if stop.load(Ordering::Relaxed) {
+            return (ok, None);
+        }
+        match verify(&mut conn, key, &yk.otp(ticket(i)), &nonce(t, i, "load")) {
+            Some(s) if s == "OK" => ok.push(i),
+            other => return (ok, Some(other.unwrap_or_else(|| "no answer".to_owned()))),
+        }
+    }
+    unreachable!()
+}
+
+#[test]
+fn kill9_of_one_site_under_load_loses_nothing_and_replays_fail_at_both_sites() {
+    let f = Arc::new(Fixture::new());
+    let mut servers: Vec<Option<Server>> = (0..2).map(|i| Some(Server::start(&f.site_dir(i)))).collect();
+    // Every ticket answered OK, per YubiKey; the next fresh ticket of each.
+    let mut accepted: Vec<Vec<usize>> = vec![Vec::new(); THREADS];
+    let mut next = vec![0usize; THREADS];
+
+    for victim in [1usize, 0] {
+        let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.as_ref().unwrap().addr).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let loaders: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (f, stop, from) = (f.clone(), stop.clone(), next[t]);
+                let addr = addrs[t % 2];
+                std::thread::spawn(move || load(addr, &f.client_key, t, &f.keys[t], from, &stop))
+            })
+            .collect();
+        // Let the load run, then kill the victim in the middle of it.
+        let started = Instant::now();
+        std::thread::sleep(Duration::from_millis(1500));
+        let loaded_for = started.elapsed();
+        servers[victim].take().unwrap().kill9();
+        std::thread::sleep(Duration::from_millis(1000));
+        stop.store(true, Ordering::Relaxed);
+        let mut outcomes = BTreeMap::<String, usize>::new();
+        let mut round_ok = 0;
+        for (t, l) in loaders.into_iter().enumerate() {
+            let (ok, outcome) = l.join().unwrap();
+            round_ok += ok.len();
+            next[t] = ok.last().map_or(next[t], |i| i + 1) + 1;
+            accepted[t].extend(ok);
+            let outcome = outcome.unwrap_or_else(|| "stopped".to_owned());
+            // Loaders of the dead site got no answer; those of the other
+            // site saw it fail closed (within its quorum deadline).
+            let expected = if t % 2 == victim { "no answer" } else { "NOT_ENOUGH_ANSWERS" };
+            assert_eq!(outcome, expected, "thread {t}");
+            *outcomes.entry(outcome).or_default() += 1;
+        }
+        println!(
+            "kill -9 of {} after {:.1} s of load: {round_ok} OTPs answered OK this round; loaders ended with {outcomes:?}",
+            SITES[victim],
+            loaded_for.as_secs_f64()
+        );
+        assert!(round_ok >= 50, "only {round_ok} OTPs accepted under load");
+
+        // Restart the victim on its files; both sites serve again.
+        servers[victim] = Some(Server::start(&f.site_dir(victim)));
+        let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.as_ref().unwrap().addr).collect();
+
+        // Every OTP answered OK so far is refused at either site, with
+        // its own nonce and with a new one.
+        let mut tally = BTreeMap::<String, usize>::new();
+        let mut conns: Vec<Connection> = addrs.iter().map(|a| Connection::new(*a, Duration::from_secs(15))).collect();
+        for (t, tickets) in accepted.iter().enumerate() {
+            for &i in tickets {
+                let otp = f.keys[t].otp(ticket(i));
+                for (site, conn) in conns.iter_mut().enumerate() {
+                    for n in [nonce(t, i, "load"), nonce(t, i, &format!("again{site}"))] {
+                        let status = verify(conn, &f.client_key, &otp, &n).expect("both sites answer");
+                        *tally.entry(status).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let total: usize = accepted.iter().map(Vec::len).sum();
+        println!("replayed {total} accepted OTPs at both sites, own and new nonce: {tally:?}");
+        assert!(!tally.contains_key("OK"), "an acknowledged OTP was accepted again: {tally:?}");
+        assert_eq!(tally.values().sum::<usize>(), total * 4);
+        assert!(tally.keys().all(|s| s == "REPLAYED_OTP" || s == "REPLAYED_REQUEST"), "{tally:?}");
+
+        // Fresh OTPs are accepted at both sites again (the restarted site
+        // is reached again: retry while its connection comes back).
+        for (t, yk) in f.keys.iter().enumerate() {
+            let conn = &mut conns[(t + 1) % 2];
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let i = next[t];
+                next[t] += 1;
+                let status = verify(conn, &f.client_key, &yk.otp(ticket(i)), &nonce(t, i, "fresh")).unwrap();
+                if status == "OK" {
+                    accepted[t].push(i);
+                    break;
+                }
+                assert_eq!(status, "NOT_ENOUGH_ANSWERS");
+                assert!(Instant::now() < deadline, "key {t}: the sites do not reach each other again");
+            }
+        }
+    }
+
+    // Nothing acknowledged is lost: both sites hold at least the highest
+    // OTP answered OK of every key.
+    for (i, server) in servers.into_iter().enumerate() {
+        let log = server.unwrap().terminate();
+        assert!(!log.contains("panicked"), "{log}");
+        let store = SqliteCounters::open(&f.site_dir(i).join("validator.db")).unwrap();
+        for (t, yk) in f.keys.iter().enumerate() {
+            let highest = accepted[t].iter().map(|&i| ticket(i)).max().unwrap();
+            let stored = store.get(&yk.id).unwrap().unwrap().counters;
+            assert!(stored >= highest, "{}: key {t}: stored {stored} < highest accepted {highest}", SITES[i]);
+        }
+    }
+}
