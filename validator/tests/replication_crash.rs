@@ -269,7 +269,7 @@ fn kill9_of_one_site_under_load_loses_nothing_and_replays_fail_at_both_sites() {
     let mut servers: Vec<Option<Server>> = (0..2).map(|i| Some(Server::start(&f.site_dir(i)))).collect();
     // Every ticket answered OK, per YubiKey; the next fresh ticket of each.
     let mut accepted: Vec<Vec<usize>> = vec![Vec::new(); THREADS];
-    let mut next = vec![0usize; THREADS];
+    let mut next = [0usize; THREADS];
 
     for victim in [1usize, 0] {
         let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.as_ref().unwrap().addr).collect();
