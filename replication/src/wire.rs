@@ -1,5 +1,6 @@
-//! The binary encoding of [`quorum::Message`](crate::quorum::Message) on the
-//! replication transport.
+//! The binary encoding of [`quorum::Message`](crate::quorum::Message) and of
+//! the [`sync`](crate::sync) exchange ([`SyncRequest`], [`SyncReply`]) on
+//! the replication transport.
 //!
 //! **I/O contract: pure functions over byte slices.** No network, no files,
 //! no clock. Decoding never panics and never allocates more than the input
@@ -18,7 +19,27 @@
 //! counters   = counter:u16 (0..=0x7fff) use:u8
 //! nonce      = len:u8 (0..=40) printable ASCII bytes (0x21..=0x7e)
 //! outcome    = 0x00 Ack | 0x01 Stale counters | 0x02 Failed
+//!
+//! tag 0x10   Pull:        dataset:u8 cursor limit:u32
+//! tag 0x11   Digest:      dataset:u8
+//! tag 0x12   Bucket:      dataset:u8 bucket:u8
+//! tag 0x20   Changes:     last:u64 head:u64 items
+//! tag 0x21   DigestReply: 256 × [u8; 32]
+//! tag 0x22   Items:       items
+//! tag 0x2f   Refused:     code:u8 reason
+//! cursor     = 0x00 (none) | 0x01 after:u64
+//! items      = count:u32 item{count}
+//! item       = key_len:u8 (0..=64) key value_len:u16 (0..=4096) value
+//! code       = 0x01 unknown dataset | 0x02 store failure | 0x03 reply too large | 0x04 bad request
+//! reason     = len:u8 (0..=200) UTF-8 bytes
 //! ```
+//!
+//! Tags 0x01–0x0f are the quorum's ([`encode`], [`decode`]); 0x10–0x2f the
+//! sync exchange's ([`encode_sync_request`], [`decode_sync_request`],
+//! [`encode_sync_reply`], [`decode_sync_reply`]). [`is_sync`] tells a
+//! server which decoder a frame is for. An item count is checked against
+//! the bytes left (every item takes at least three) before anything is
+//! allocated, so the frame bounds it.
 //!
 //! The limits follow the data: a YubiKey public id is at most 8 bytes,
 //! the 15-bit counter is [`otp::counter::MAX_COUNTER`]-bounded, and the verify
@@ -32,6 +53,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use otp::{Counters, PublicId};
 
 use crate::quorum::{Message, OtpDigest, Proposal, ReplyOutcome, RequestId, SiteId};
+use crate::sync::{Changes, Dataset, Digest, Item, BUCKETS, MAX_KEY, MAX_VALUE};
 
 /// The format version this module writes and reads.
 pub const VERSION: u8 = 0x01;
@@ -45,6 +67,20 @@ pub const MAX_MESSAGE: usize = 2 + 8 + 2 + 1 + MAX_PUBLIC_ID + 3 + 1 + MAX_NONCE
 
 const TAG_CAS_REQUEST: u8 = 0x01;
 const TAG_CAS_REPLY: u8 = 0x02;
+
+const TAG_PULL: u8 = 0x10;
+const TAG_DIGEST: u8 = 0x11;
+const TAG_BUCKET: u8 = 0x12;
+const TAG_CHANGES: u8 = 0x20;
+const TAG_DIGEST_REPLY: u8 = 0x21;
+const TAG_ITEMS: u8 = 0x22;
+const TAG_REFUSED: u8 = 0x2f;
+const SYNC_TAGS: std::ops::RangeInclusive<u8> = 0x10..=0x2f;
+
+/// Longest reason in a [`SyncReply::Refused`], in bytes.
+pub const MAX_REASON: usize = 200;
+/// Smallest encoded item (empty key and value): three length bytes.
+const MIN_ITEM: usize = 3;
 
 const OUTCOME_ACK: u8 = 0x00;
 const OUTCOME_STALE: u8 = 0x01;
@@ -72,6 +108,16 @@ pub enum WireError {
     Counter(u16),
     /// Bytes left after a complete message.
     TrailingBytes(usize),
+    /// An item key longer than [`MAX_KEY`].
+    KeyLength(usize),
+    /// An item value longer than [`MAX_VALUE`].
+    ValueLength(usize),
+    /// More items than the frame can hold, or than a `u32` counts.
+    ItemCount(u64),
+    /// A refusal reason longer than [`MAX_REASON`] or not UTF-8.
+    Reason,
+    /// An unknown refusal code or cursor flag.
+    Code(u8),
 }
 
 impl fmt::Display for WireError {
@@ -86,6 +132,11 @@ impl fmt::Display for WireError {
             Self::NonceCharacter => f.write_str("nonce is not printable ASCII"),
             Self::Counter(c) => write!(f, "counter 0x{c:04x} above the 15-bit maximum"),
             Self::TrailingBytes(n) => write!(f, "{n} bytes after the message"),
+            Self::KeyLength(n) => write!(f, "item key of {n} bytes (at most {MAX_KEY})"),
+            Self::ValueLength(n) => write!(f, "item value of {n} bytes (at most {MAX_VALUE})"),
+            Self::ItemCount(n) => write!(f, "{n} items do not fit the frame"),
+            Self::Reason => write!(f, "refusal reason longer than {MAX_REASON} bytes or not UTF-8"),
+            Self::Code(c) => write!(f, "unknown code 0x{c:02x}"),
         }
     }
 }
@@ -165,6 +216,276 @@ pub fn decode(input: &[u8]) -> Result<Message, WireError> {
     Ok(message)
 }
 
+/// A sync request: what a puller asks a peer for, about one dataset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncRequest {
+    /// The outbox after a cursor ([`SyncStore::changes`](crate::sync::SyncStore::changes)),
+    /// answered with [`SyncReply::Changes`].
+    Pull {
+        /// The dataset.
+        dataset: Dataset,
+        /// The puller's cursor (its acknowledgement); `None` after a restart.
+        after: Option<u64>,
+        /// At most this many items.
+        limit: u32,
+    },
+    /// The whole dataset's digest, answered with [`SyncReply::Digest`].
+    Digest {
+        /// The dataset.
+        dataset: Dataset,
+    },
+    /// Every item of one bucket, answered with [`SyncReply::Items`].
+    Bucket {
+        /// The dataset.
+        dataset: Dataset,
+        /// The bucket.
+        bucket: u8,
+    },
+}
+
+impl SyncRequest {
+    /// The dataset asked about.
+    #[must_use]
+    pub fn dataset(&self) -> Dataset {
+        match *self {
+            Self::Pull { dataset, .. } | Self::Digest { dataset } | Self::Bucket { dataset, .. } => dataset,
+        }
+    }
+}
+
+/// Why a peer did not answer a [`SyncRequest`] with data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalCode {
+    /// The dataset is not registered there (a witness holds counters only).
+    UnknownDataset,
+    /// Its store failed (I/O, a damaged row); worth a retry.
+    StoreFailure,
+    /// The reply would exceed the frame limit: ask for fewer items.
+    TooLarge,
+    /// The request made no sense to it.
+    BadRequest,
+}
+
+impl RefusalCode {
+    fn to_byte(self) -> u8 {
+        match self {
+            Self::UnknownDataset => 0x01,
+            Self::StoreFailure => 0x02,
+            Self::TooLarge => 0x03,
+            Self::BadRequest => 0x04,
+        }
+    }
+
+    fn from_byte(byte: u8) -> Result<Self, WireError> {
+        Ok(match byte {
+            0x01 => Self::UnknownDataset,
+            0x02 => Self::StoreFailure,
+            0x03 => Self::TooLarge,
+            0x04 => Self::BadRequest,
+            other => return Err(WireError::Code(other)),
+        })
+    }
+}
+
+impl fmt::Display for RefusalCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::UnknownDataset => "unknown dataset",
+            Self::StoreFailure => "store failure",
+            Self::TooLarge => "reply too large",
+            Self::BadRequest => "bad request",
+        })
+    }
+}
+
+/// The answer to a [`SyncRequest`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyncReply {
+    /// A page of the outbox.
+    Changes(Changes),
+    /// The dataset's digest.
+    Digest(Digest),
+    /// A bucket's items.
+    Items(Vec<Item>),
+    /// No data, and why.
+    Refused {
+        /// The kind of refusal.
+        code: RefusalCode,
+        /// A short reason for the puller's log (at most [`MAX_REASON`] bytes).
+        reason: String,
+    },
+}
+
+impl SyncReply {
+    /// A refusal, its reason cut to [`MAX_REASON`] bytes (at a character
+    /// boundary).
+    #[must_use]
+    pub fn refused(code: RefusalCode, reason: &str) -> Self {
+        let mut end = reason.len().min(MAX_REASON);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        Self::Refused { code, reason: reason[..end].to_string() }
+    }
+}
+
+/// Whether `frame` carries a sync message (rather than a quorum message):
+/// this version and a tag of the sync range. It says nothing of the rest.
+#[must_use]
+pub fn is_sync(frame: &[u8]) -> bool {
+    matches!(frame, [VERSION, tag, ..] if SYNC_TAGS.contains(tag))
+}
+
+/// Encodes a sync request (it cannot fail).
+#[must_use]
+pub fn encode_sync_request(request: &SyncRequest) -> Bytes {
+    let mut out = BytesMut::with_capacity(16);
+    out.put_u8(VERSION);
+    match *request {
+        SyncRequest::Pull { dataset, after, limit } => {
+            out.put_u8(TAG_PULL);
+            out.put_u8(dataset.0);
+            match after {
+                None => out.put_u8(0),
+                Some(n) => {
+                    out.put_u8(1);
+                    out.put_u64(n);
+                }
+            }
+            out.put_u32(limit);
+        }
+        SyncRequest::Digest { dataset } => {
+            out.put_u8(TAG_DIGEST);
+            out.put_u8(dataset.0);
+        }
+        SyncRequest::Bucket { dataset, bucket } => {
+            out.put_u8(TAG_BUCKET);
+            out.put_u8(dataset.0);
+            out.put_u8(bucket);
+        }
+    }
+    out.freeze()
+}
+
+/// Decodes a sync request; the whole input must be that request.
+pub fn decode_sync_request(input: &[u8]) -> Result<SyncRequest, WireError> {
+    let mut r = Reader { rest: input };
+    r.version()?;
+    let request = match r.u8()? {
+        TAG_PULL => {
+            let dataset = Dataset(r.u8()?);
+            let after = match r.u8()? {
+                0 => None,
+                1 => Some(r.u64()?),
+                other => return Err(WireError::Code(other)),
+            };
+            SyncRequest::Pull { dataset, after, limit: r.u32()? }
+        }
+        TAG_DIGEST => SyncRequest::Digest { dataset: Dataset(r.u8()?) },
+        TAG_BUCKET => SyncRequest::Bucket { dataset: Dataset(r.u8()?), bucket: r.u8()? },
+        other => return Err(WireError::Tag(other)),
+    };
+    r.end()?;
+    Ok(request)
+}
+
+/// The encoded length of `reply`, without encoding it (to check it against
+/// the frame limit first).
+#[must_use]
+pub fn sync_reply_len(reply: &SyncReply) -> usize {
+    let items = |items: &[Item]| 4 + items.iter().map(|i| MIN_ITEM + i.key.len() + i.value.len()).sum::<usize>();
+    2 + match reply {
+        SyncReply::Changes(changes) => 16 + items(&changes.items),
+        SyncReply::Digest(_) => BUCKETS * 32,
+        SyncReply::Items(list) => items(list),
+        SyncReply::Refused { reason, .. } => 2 + reason.len(),
+    }
+}
+
+/// Encodes a sync reply. Fails for an item the format cannot carry (a key
+/// or value too long), more than `u32::MAX` items, or a reason too long.
+pub fn encode_sync_reply(reply: &SyncReply) -> Result<Bytes, WireError> {
+    let mut out = BytesMut::with_capacity(sync_reply_len(reply));
+    out.put_u8(VERSION);
+    match reply {
+        SyncReply::Changes(changes) => {
+            out.put_u8(TAG_CHANGES);
+            out.put_u64(changes.last);
+            out.put_u64(changes.head);
+            put_items(&mut out, &changes.items)?;
+        }
+        SyncReply::Digest(digest) => {
+            out.put_u8(TAG_DIGEST_REPLY);
+            for bucket in digest.buckets() {
+                out.put_slice(bucket);
+            }
+        }
+        SyncReply::Items(items) => {
+            out.put_u8(TAG_ITEMS);
+            put_items(&mut out, items)?;
+        }
+        SyncReply::Refused { code, reason } => {
+            let len = u8::try_from(reason.len()).ok().filter(|&n| usize::from(n) <= MAX_REASON).ok_or(WireError::Reason)?;
+            out.put_u8(TAG_REFUSED);
+            out.put_u8(code.to_byte());
+            out.put_u8(len);
+            out.put_slice(reason.as_bytes());
+        }
+    }
+    Ok(out.freeze())
+}
+
+/// Decodes a sync reply; the whole input must be that reply.
+pub fn decode_sync_reply(input: &[u8]) -> Result<SyncReply, WireError> {
+    let mut r = Reader { rest: input };
+    r.version()?;
+    let reply = match r.u8()? {
+        TAG_CHANGES => {
+            let last = r.u64()?;
+            let head = r.u64()?;
+            SyncReply::Changes(Changes { items: r.items()?, last, head })
+        }
+        TAG_DIGEST_REPLY => {
+            let mut buckets = [[0u8; 32]; BUCKETS];
+            for bucket in &mut buckets {
+                *bucket = r.array()?;
+            }
+            SyncReply::Digest(Digest::from_buckets(buckets))
+        }
+        TAG_ITEMS => SyncReply::Items(r.items()?),
+        TAG_REFUSED => {
+            let code = RefusalCode::from_byte(r.u8()?)?;
+            let len = usize::from(r.u8()?);
+            if len > MAX_REASON {
+                return Err(WireError::Reason);
+            }
+            let reason = std::str::from_utf8(r.take(len)?).map_err(|_| WireError::Reason)?.to_string();
+            SyncReply::Refused { code, reason }
+        }
+        other => return Err(WireError::Tag(other)),
+    };
+    r.end()?;
+    Ok(reply)
+}
+
+fn put_items(out: &mut BytesMut, items: &[Item]) -> Result<(), WireError> {
+    let count = u32::try_from(items.len()).map_err(|_| WireError::ItemCount(items.len() as u64))?;
+    out.put_u32(count);
+    for item in items {
+        let key_len =
+            u8::try_from(item.key.len()).ok().filter(|&n| usize::from(n) <= MAX_KEY).ok_or(WireError::KeyLength(item.key.len()))?;
+        let value_len = u16::try_from(item.value.len())
+            .ok()
+            .filter(|&n| usize::from(n) <= MAX_VALUE)
+            .ok_or(WireError::ValueLength(item.value.len()))?;
+        out.put_u8(key_len);
+        out.put_slice(&item.key);
+        out.put_u16(value_len);
+        out.put_slice(&item.value);
+    }
+    Ok(())
+}
+
 fn check_nonce(nonce: &[u8]) -> Result<(), WireError> {
     if nonce.len() > MAX_NONCE {
         return Err(WireError::NonceLength(nonce.len()));
@@ -216,8 +537,52 @@ impl<'a> Reader<'a> {
         Ok(u16::from_be_bytes(self.array()?))
     }
 
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+
     fn u64(&mut self) -> Result<u64, WireError> {
         Ok(u64::from_be_bytes(self.array()?))
+    }
+
+    fn version(&mut self) -> Result<(), WireError> {
+        match self.u8()? {
+            VERSION => Ok(()),
+            other => Err(WireError::Version(other)),
+        }
+    }
+
+    fn end(&self) -> Result<(), WireError> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::TrailingBytes(self.rest.len()))
+        }
+    }
+
+    /// A counted list of items: the count is checked against the bytes
+    /// left before anything is allocated.
+    fn items(&mut self) -> Result<Vec<Item>, WireError> {
+        let count = self.u32()?;
+        let count_usize = usize::try_from(count).map_err(|_| WireError::ItemCount(u64::from(count)))?;
+        if count_usize > self.rest.len() / MIN_ITEM {
+            return Err(WireError::ItemCount(u64::from(count)));
+        }
+        let mut items = Vec::with_capacity(count_usize);
+        for _ in 0..count_usize {
+            let key_len = usize::from(self.u8()?);
+            if key_len > MAX_KEY {
+                return Err(WireError::KeyLength(key_len));
+            }
+            let key = self.take(key_len)?.to_vec();
+            let value_len = usize::from(self.u16()?);
+            if value_len > MAX_VALUE {
+                return Err(WireError::ValueLength(value_len));
+            }
+            let value = self.take(value_len)?.to_vec();
+            items.push(Item { key, value });
+        }
+        Ok(items)
     }
 
     fn public_id(&mut self) -> Result<PublicId, WireError> {
@@ -381,7 +746,183 @@ mod tests {
         prop_oneof![request, reply]
     }
 
+    fn item(key: &[u8], value: &[u8]) -> Item {
+        Item { key: key.to_vec(), value: value.to_vec() }
+    }
+
+    #[test]
+    fn sync_request_layout_is_pinned() {
+        let pull = SyncRequest::Pull { dataset: Dataset::AEADS, after: Some(0x0102), limit: 2000 };
+        assert_eq!(encode_sync_request(&pull).as_ref(), &[0x01, 0x10, 2, 1, 0, 0, 0, 0, 0, 0, 1, 2, 0, 0, 0x07, 0xd0]);
+        let first = SyncRequest::Pull { dataset: Dataset::COUNTERS, after: None, limit: 1 };
+        assert_eq!(encode_sync_request(&first).as_ref(), &[0x01, 0x10, 1, 0, 0, 0, 0, 1]);
+        assert_eq!(encode_sync_request(&SyncRequest::Digest { dataset: Dataset::CLIENTS }).as_ref(), &[0x01, 0x11, 3]);
+        assert_eq!(encode_sync_request(&SyncRequest::Bucket { dataset: Dataset(9), bucket: 0xfe }).as_ref(), &[0x01, 0x12, 9, 0xfe]);
+        let changes = SyncReply::Changes(Changes { items: vec![item(b"k", b"vv")], last: 5, head: 7 });
+        let bytes = encode_sync_reply(&changes).unwrap();
+        assert_eq!(bytes.as_ref(), &[0x01, 0x20, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 1, 1, b'k', 0, 2, b'v', b'v']);
+        assert_eq!(bytes.len(), sync_reply_len(&changes));
+        let refused = SyncReply::refused(RefusalCode::UnknownDataset, "no");
+        assert_eq!(encode_sync_reply(&refused).unwrap().as_ref(), &[0x01, 0x2f, 0x01, 2, b'n', b'o']);
+    }
+
+    #[test]
+    fn sync_messages_round_trip_and_are_told_apart() {
+        let mut digest = Digest::default();
+        digest.add(b"a", b"1");
+        let replies = [
+            SyncReply::Changes(Changes::default()),
+            SyncReply::Changes(Changes { items: vec![item(&[7; MAX_KEY], &[9; MAX_VALUE]), item(b"", b"")], last: u64::MAX, head: 3 }),
+            SyncReply::Digest(digest),
+            SyncReply::Items(vec![]),
+            SyncReply::Items(vec![item(b"key", b"value")]),
+            SyncReply::refused(RefusalCode::StoreFailure, "disk on fire"),
+            SyncReply::refused(RefusalCode::TooLarge, ""),
+            SyncReply::refused(RefusalCode::BadRequest, &"é".repeat(150)),
+        ];
+        for reply in replies {
+            let bytes = encode_sync_reply(&reply).unwrap();
+            assert_eq!(bytes.len(), sync_reply_len(&reply));
+            assert!(is_sync(&bytes));
+            assert_eq!(decode_sync_reply(&bytes).unwrap(), reply);
+            assert!(decode(&bytes).is_err());
+        }
+        // The reason is cut at a character boundary.
+        let SyncReply::Refused { reason, .. } = SyncReply::refused(RefusalCode::BadRequest, &"é".repeat(150)) else { panic!() };
+        assert_eq!(reason.len(), MAX_REASON);
+        for request in [
+            SyncRequest::Pull { dataset: Dataset(0), after: Some(u64::MAX), limit: u32::MAX },
+            SyncRequest::Pull { dataset: Dataset(255), after: None, limit: 0 },
+            SyncRequest::Digest { dataset: Dataset::COUNTERS },
+            SyncRequest::Bucket { dataset: Dataset::AEADS, bucket: 0 },
+        ] {
+            let bytes = encode_sync_request(&request);
+            assert!(is_sync(&bytes));
+            assert_eq!(decode_sync_request(&bytes).unwrap(), request);
+        }
+        assert!(!is_sync(&encode(&request("n")).unwrap()));
+        assert!(!is_sync(&[VERSION]));
+        assert!(!is_sync(&[0x02, 0x10]));
+    }
+
+    #[test]
+    fn unencodable_sync_replies_are_refused() {
+        let long_key = SyncReply::Items(vec![item(&[0; MAX_KEY + 1], b"")]);
+        assert_eq!(encode_sync_reply(&long_key), Err(WireError::KeyLength(MAX_KEY + 1)));
+        let long_value = SyncReply::Items(vec![item(b"", &[0; MAX_VALUE + 1])]);
+        assert_eq!(encode_sync_reply(&long_value), Err(WireError::ValueLength(MAX_VALUE + 1)));
+        let long_reason = SyncReply::Refused { code: RefusalCode::StoreFailure, reason: "x".repeat(MAX_REASON + 1) };
+        assert_eq!(encode_sync_reply(&long_reason), Err(WireError::Reason));
+    }
+
+    #[test]
+    fn malformed_sync_input_is_an_error() {
+        let good = encode_sync_reply(&SyncReply::Items(vec![item(b"ab", b"cd")])).unwrap().to_vec();
+        for cut in 0..good.len() {
+            assert!(decode_sync_reply(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        // A count larger than the bytes left allows, even a huge one, is
+        // refused before any allocation.
+        let mut v = good.clone();
+        v[2..6].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(decode_sync_reply(&v), Err(WireError::ItemCount(u64::from(u32::MAX))));
+        let mut v = good.clone();
+        v[5] = 3;
+        assert_eq!(decode_sync_reply(&v), Err(WireError::ItemCount(3)));
+        let mut v = good.clone();
+        v[6] = MAX_KEY as u8 + 1;
+        assert_eq!(decode_sync_reply(&v), Err(WireError::KeyLength(MAX_KEY + 1)));
+        let mut v = good.clone();
+        v[9..11].copy_from_slice(&(MAX_VALUE as u16 + 1).to_be_bytes());
+        assert_eq!(decode_sync_reply(&v), Err(WireError::ValueLength(MAX_VALUE + 1)));
+        let mut v = good.clone();
+        v.push(0);
+        assert_eq!(decode_sync_reply(&v), Err(WireError::TrailingBytes(1)));
+        assert_eq!(decode_sync_reply(&[0x01, 0x2f, 0x09, 0]), Err(WireError::Code(9)));
+        assert_eq!(decode_sync_reply(&[0x01, 0x2f, 0x01, 1, 0xff]), Err(WireError::Reason));
+        assert_eq!(decode_sync_reply(&[0x01, 0x2f, 0x01, 201]), Err(WireError::Reason));
+        assert_eq!(decode_sync_reply(&[0x01, 0x10, 1, 0, 0, 0, 0, 1]), Err(WireError::Tag(0x10)));
+        assert_eq!(decode_sync_request(&[0x01, 0x20]), Err(WireError::Tag(0x20)));
+        assert_eq!(decode_sync_request(&[0x01, 0x10, 1, 2, 0, 0, 0, 1]), Err(WireError::Code(2)));
+        assert_eq!(decode_sync_request(&[0x02, 0x11, 1]), Err(WireError::Version(2)));
+        assert_eq!(decode_sync_request(&[0x01, 0x11, 1, 0]), Err(WireError::TrailingBytes(1)));
+        assert_eq!(decode_sync_request(&[0x01, 0x12, 1]), Err(WireError::Truncated));
+    }
+
+    fn arb_item() -> impl Strategy<Value = Item> + Clone {
+        (proptest::collection::vec(any::<u8>(), 0..=MAX_KEY), proptest::collection::vec(any::<u8>(), 0..=64))
+            .prop_map(|(key, value)| Item { key, value })
+    }
+
+    fn arb_sync_reply() -> impl Strategy<Value = SyncReply> {
+        let items = proptest::collection::vec(arb_item(), 0..8);
+        let code = prop_oneof![
+            Just(RefusalCode::UnknownDataset),
+            Just(RefusalCode::StoreFailure),
+            Just(RefusalCode::TooLarge),
+            Just(RefusalCode::BadRequest)
+        ];
+        prop_oneof![
+            (items.clone(), any::<u64>(), any::<u64>()).prop_map(|(items, last, head)| SyncReply::Changes(Changes { items, last, head })),
+            items.prop_map(SyncReply::Items),
+            proptest::collection::vec((any::<u8>(), any::<u8>()), 0..4).prop_map(|kv| {
+                let mut d = Digest::default();
+                for (k, v) in kv {
+                    d.add(&[k], &[v]);
+                }
+                SyncReply::Digest(d)
+            }),
+            (code, ".{0,60}").prop_map(|(code, reason)| SyncReply::refused(code, &reason)),
+        ]
+    }
+
+    fn arb_sync_request() -> impl Strategy<Value = SyncRequest> {
+        prop_oneof![
+            (any::<u8>(), proptest::option::of(any::<u64>()), any::<u32>()).prop_map(|(d, after, limit)| SyncRequest::Pull {
+                dataset: Dataset(d),
+                after,
+                limit
+            }),
+            any::<u8>().prop_map(|d| SyncRequest::Digest { dataset: Dataset(d) }),
+            (any::<u8>(), any::<u8>()).prop_map(|(d, bucket)| SyncRequest::Bucket { dataset: Dataset(d), bucket }),
+        ]
+    }
+
     proptest! {
+        #[test]
+        fn random_sync_bytes_never_panic(tag in 0x10u8..=0x2f, body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut bytes = vec![VERSION, tag];
+            bytes.extend_from_slice(&body);
+            if let Ok(reply) = decode_sync_reply(&bytes) {
+                prop_assert_eq!(encode_sync_reply(&reply).unwrap().to_vec(), bytes.clone());
+            }
+            if let Ok(request) = decode_sync_request(&bytes) {
+                prop_assert_eq!(encode_sync_request(&request).to_vec(), bytes);
+            }
+        }
+
+        #[test]
+        fn mutated_sync_messages_never_panic(reply in arb_sync_reply(), request in arb_sync_request(), at in any::<usize>(), byte in any::<u8>()) {
+            for mut bytes in [encode_sync_reply(&reply).unwrap().to_vec(), encode_sync_request(&request).to_vec()] {
+                let i = at % bytes.len();
+                bytes[i] = byte;
+                if let Ok(decoded) = decode_sync_reply(&bytes) {
+                    prop_assert_eq!(encode_sync_reply(&decoded).unwrap().to_vec(), bytes.clone());
+                }
+                if let Ok(decoded) = decode_sync_request(&bytes) {
+                    prop_assert_eq!(encode_sync_request(&decoded).to_vec(), bytes);
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_sync_messages_round_trip(reply in arb_sync_reply(), request in arb_sync_request()) {
+            let bytes = encode_sync_reply(&reply).unwrap();
+            prop_assert_eq!(bytes.len(), sync_reply_len(&reply));
+            prop_assert_eq!(decode_sync_reply(&bytes).unwrap(), reply);
+            prop_assert_eq!(decode_sync_request(&encode_sync_request(&request)).unwrap(), request);
+        }
+
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..120)) {
             // Whatever decodes re-encodes to the very same bytes (canonical).
