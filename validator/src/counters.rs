@@ -100,6 +100,16 @@
 //! compaction) run on the writer thread too, each in a transaction of its
 //! own between group-commit batches.
 //!
+//! **Sync store.** [`SqliteCounters`] is the counters dataset of
+//! [`replication::sync`] ([`SyncStore`]): items are encoded by
+//! [`sync_item`] (public id → counters, use, OTP digest, nonce; never the
+//! site-local `modified`, `created` or timestamp), `changes` records the
+//! puller's acknowledgement (registering it) and compacts in the same
+//! writer job, then reads the outbox after the cursor; `digest` and
+//! `bucket` scan the table on a read-only connection of their own; `merge`
+//! decodes the whole page first (a malformed item refuses the page) and
+//! applies it with [`SqliteCounters::merge_max`].
+//!
 //! The database file is created with mode 0600. It may be the same file as
 //! the API clients' ([`crate::clients`]): the tables are separate.
 
@@ -117,6 +127,7 @@ use std::time::{Duration, Instant};
 use httpd::metrics::{header, Histogram};
 use otp::{Counters, PublicId};
 use replication::quorum::{self, OtpDigest, PeerCasResult, Proposal};
+use replication::sync::{Changes, Digest, Item, Merged, SyncError, SyncStore};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::{BackendFailure, CasOutcome, CounterStore, CounterUpdate};
@@ -401,6 +412,8 @@ enum Done {
     Peer(PeerCasResult),
     Merged(MergeCounts),
     Count(u64),
+    /// A peer's cursor and the outbox head ([`SyncStore::changes`]).
+    Cursor(u64, u64),
 }
 
 type Answer = Result<Done, BackendFailure>;
@@ -1122,7 +1135,7 @@ fn count(stats: &Stats, done: &Done) {
             };
             counter.fetch_add(1, Ordering::Relaxed);
         }
-        Done::Merged(_) | Done::Count(_) => {}
+        Done::Merged(_) | Done::Count(_) | Done::Cursor(..) => {}
     }
 }
 
@@ -1265,6 +1278,176 @@ fn peer_compare_and_set_one(st: &mut Statements<'_>, p: &Proposal, now: i64) -> 
         append_outbox(&mut st.outbox, &public_id, p.counters, &p.nonce, &p.otp_digest.0, now)?;
     }
     Ok(decision.into())
+}
+
+/// The item encoding of the counters dataset ([`replication::sync::Dataset::COUNTERS`]).
+///
+/// **Key:** the public id in modhex, as ASCII bytes (what the `counters`
+/// table is keyed by). **Value:** `counter` (u16 big-endian) ‖ `use` (u8) ‖
+/// the OTP digest (32 bytes) ‖ the nonce (its UTF-8 bytes, the rest of the
+/// value, at most [`MAX_SYNC_NONCE`] bytes). The site-local columns
+/// (`modified`, `created`, the OTP timestamp) are not part of it, so two
+/// sites that merged each other's rows hold byte-identical values and
+/// equal digests.
+pub mod sync_item {
+    use otp::{Counters, PublicId};
+    use replication::quorum::OtpDigest;
+
+    /// Longest nonce carried in an item (the protocol allows 16 to 40
+    /// characters; the store is generous).
+    pub const MAX_SYNC_NONCE: usize = 255;
+    /// Bytes before the nonce.
+    const FIXED: usize = 2 + 1 + 32;
+
+    /// The item key of `public_id`.
+    #[must_use]
+    pub fn key(public_id: &PublicId) -> Vec<u8> {
+        public_id.to_modhex().into_bytes()
+    }
+
+    /// The item value of a counters row.
+    #[must_use]
+    pub fn value(counters: Counters, otp_digest: &[u8; 32], nonce: &str) -> Vec<u8> {
+        let mut v = Vec::with_capacity(FIXED + nonce.len());
+        v.extend_from_slice(&counters.counter().to_be_bytes());
+        v.push(counters.session_use());
+        v.extend_from_slice(otp_digest);
+        v.extend_from_slice(nonce.as_bytes());
+        v
+    }
+
+    /// Decode an item; `None` if it is malformed.
+    #[must_use]
+    pub fn decode(key: &[u8], value: &[u8]) -> Option<(PublicId, Counters, OtpDigest, String)> {
+        let public_id: PublicId = std::str::from_utf8(key).ok()?.parse().ok()?;
+        // Only the canonical spelling: one key per YubiKey at every site.
+        if public_id.to_modhex().as_bytes() != key || value.len() < FIXED || value.len() > FIXED + MAX_SYNC_NONCE {
+            return None;
+        }
+        let (fixed, nonce) = value.split_at(FIXED);
+        let counters = Counters::new(u16::from_be_bytes([fixed[0], fixed[1]]), fixed[2]).ok()?;
+        let digest: [u8; 32] = fixed[3..].try_into().ok()?;
+        let nonce = std::str::from_utf8(nonce).ok()?.to_owned();
+        Some((public_id, counters, OtpDigest(digest), nonce))
+    }
+}
+
+/// The answer of the cursor job of [`SyncStore::changes`]: the cursor to
+/// read after and the outbox head.
+fn cursor_job(conn: &Connection, peer: &str, after: Option<u64>) -> Result<(u64, u64), String> {
+    let head: i64 = conn
+        .query_row("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'", [], |r| r.get(0))
+        .optional()
+        .map_err(|e| format!("read outbox head: {e}"))?
+        .unwrap_or(0);
+    match after {
+        Some(n) => {
+            // A cursor beyond the head (this site's file restored from an
+            // older backup) is clamped: the puller then asks from the head.
+            let n = i64::try_from(n).unwrap_or(i64::MAX).min(head);
+            conn.execute(
+                "INSERT INTO peer_cursors (peer, acked_seq) VALUES (?1, ?2) \
+                 ON CONFLICT (peer) DO UPDATE SET acked_seq = max(acked_seq, excluded.acked_seq)",
+                params![peer, n],
+            )
+            .map_err(|e| format!("ack: {e}"))?;
+        }
+        None => {
+            conn.execute("INSERT INTO peer_cursors (peer, acked_seq) VALUES (?1, 0) ON CONFLICT (peer) DO NOTHING", params![peer])
+                .map_err(|e| format!("add peer: {e}"))?;
+        }
+    }
+    let cursor: i64 = conn
+        .query_row("SELECT acked_seq FROM peer_cursors WHERE peer = ?1", params![peer], |r| r.get(0))
+        .map_err(|e| format!("cursor: {e}"))?;
+    // Compaction with every acknowledgement: a range delete on the
+    // integer primary key, one B-tree probe when there is nothing to drop.
+    conn.execute("DELETE FROM outbox WHERE seq <= (SELECT min(acked_seq) FROM peer_cursors)", []).map_err(|e| format!("compact: {e}"))?;
+    Ok((u64::try_from(cursor).unwrap_or(0), u64::try_from(head).unwrap_or(0)))
+}
+
+fn sync_err(e: BackendFailure) -> SyncError {
+    SyncError(e.0)
+}
+
+impl SqliteCounters {
+    /// Every counters row as an item, in one consistent read on a
+    /// connection of its own (the hot read connection is not held), passed
+    /// to `f` with its key's bucket.
+    fn scan_items(&self, mut f: impl FnMut(u8, &[u8], &[u8])) -> Result<(), SyncError> {
+        let conn = open_read_only(&self.path, self.options.busy_timeout).map_err(SyncError)?;
+        let err = |e: rusqlite::Error| SyncError(format!("counter store: scan: {e}"));
+        let mut stmt = conn.prepare("SELECT public_id, counter, session_use, nonce, otp_digest FROM counters").map_err(err)?;
+        let mut rows = stmt.query([]).map_err(err)?;
+        while let Some(row) = rows.next().map_err(err)? {
+            let public_id: String = row.get(0).map_err(err)?;
+            let damaged = || SyncError(format!("counter store: the row of {public_id} is damaged"));
+            let counters = counters_from(row.get(1).map_err(err)?, row.get(2).map_err(err)?).ok_or_else(damaged)?;
+            let nonce: String = row.get(3).map_err(err)?;
+            let digest: [u8; 32] = row.get::<_, Vec<u8>>(4).map_err(err)?.try_into().map_err(|_| damaged())?;
+            let key = public_id.as_bytes();
+            f(replication::sync::bucket_of(key), key, &sync_item::value(counters, &digest, &nonce));
+        }
+        Ok(())
+    }
+}
+
+/// The counters dataset: items as in [`sync_item`], merged with
+/// [`SqliteCounters::merge_max`].
+///
+/// [`SyncStore::changes`] records the acknowledgement (registering an
+/// unknown peer, so that the outbox is written for it from then on),
+/// compacts, and answers the outbox rows after the peer's cursor — in one
+/// writer job, then a read. [`SyncStore::digest`] and
+/// [`SyncStore::bucket`] scan the whole table on a read-only connection of
+/// their own. Merged rows are not added to this site's outbox.
+impl SyncStore for SqliteCounters {
+    fn changes(&self, peer: &str, after: Option<u64>, limit: usize) -> Result<Changes, SyncError> {
+        let owned = peer.to_owned();
+        let (cursor, head) =
+            match self.alone(move |conn| cursor_job(conn, &owned, after).map(|(c, h)| Done::Cursor(c, h))).map_err(sync_err)? {
+                Done::Cursor(c, h) => (c, h),
+                _ => return Err(SyncError("counter store: the writer answered another question".to_owned())),
+            };
+        let rows = self.outbox_after(cursor, limit).map_err(sync_err)?;
+        let last = rows.last().map_or(cursor, |r| r.seq);
+        let items = rows
+            .iter()
+            .map(|r| Item { key: sync_item::key(&r.public_id), value: sync_item::value(r.counters, &r.otp_digest.0, &r.nonce) })
+            .collect();
+        Ok(Changes { items, last, head: head.max(last) })
+    }
+
+    fn digest(&self) -> Result<Digest, SyncError> {
+        let mut digest = Digest::default();
+        self.scan_items(|_, k, v| digest.add(k, v))?;
+        Ok(digest)
+    }
+
+    fn bucket(&self, bucket: u8) -> Result<Vec<Item>, SyncError> {
+        let mut items = Vec::new();
+        self.scan_items(|b, k, v| {
+            if b == bucket {
+                items.push(Item { key: k.to_vec(), value: v.to_vec() });
+            }
+        })?;
+        Ok(items)
+    }
+
+    fn merge(&self, peer: &str, items: &[Item]) -> Result<Merged, SyncError> {
+        let now = unix_now();
+        let rows = items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let (public_id, counters, otp_digest, nonce) = sync_item::decode(&item.key, &item.value)
+                    .ok_or_else(|| SyncError(format!("counters from {peer}: item {i} is malformed; nothing merged")))?;
+                Ok(OutboxRow { seq: 0, public_id, counters, nonce, otp_digest, modified: now })
+            })
+            .collect::<Result<Vec<_>, SyncError>>()?;
+        let counts = self.merge_max(&rows).map_err(sync_err)?;
+        Ok(Merged { applied: counts.applied, unchanged: counts.unchanged, conflicts: 0 })
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,284 @@
+//! The three replicated datasets behind `replication::sync::SyncStore`:
+//! counters, AEADs and API clients, each exchanged between two stores on
+//! real SQLite files through the trait only (outbox pull with the
+//! acknowledgement in the next pull, digests, buckets).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::path::Path;
+use std::time::Instant;
+
+use otp::{Counters, PublicId};
+use replication::sync::{bucket_of, Digest, Item, SyncStore};
+use validator::counters::{CounterOptions, SqliteCounters, Synchronous};
+use validator::{CounterStore, CounterUpdate};
+
+fn pid(n: u64) -> PublicId {
+    PublicId::from_number(n, 6).unwrap()
+}
+
+fn ctr(c: u16, u: u8) -> Counters {
+    Counters::new(c, u).unwrap()
+}
+
+fn label_digest(label: &str) -> [u8; 32] {
+    let mut d = [0u8; 32];
+    for (i, b) in label.bytes().enumerate() {
+        d[i % 32] ^= b.wrapping_add(i as u8);
+    }
+    d
+}
+
+fn update(public_id: PublicId, counters: Counters, nonce: &str) -> CounterUpdate {
+    CounterUpdate {
+        public_id,
+        counters,
+        timestamp_high: 1,
+        timestamp_low: 2,
+        nonce: nonce.to_owned(),
+        otp_digest: label_digest(nonce),
+        now: 1_700_000_000,
+    }
+}
+
+/// Pull everything `from` has for `me` into `to`, in pages of `page`,
+/// acknowledging each page with the next pull (`cursor` carries the
+/// puller's position across calls, `None` after a restart). Returns the
+/// items merged that changed something.
+fn pull(from: &dyn SyncStore, to: &dyn SyncStore, me: &str, origin: &str, cursor: &mut Option<u64>, page: usize) -> u64 {
+    let mut applied = 0;
+    loop {
+        let changes = from.changes(me, *cursor, page).unwrap();
+        assert!(changes.head >= changes.last, "{changes:?}");
+        if changes.items.is_empty() {
+            *cursor = Some(changes.last);
+            return applied;
+        }
+        applied += to.merge(origin, &changes.items).unwrap().applied;
+        *cursor = Some(changes.last);
+    }
+}
+
+/// Anti-entropy: pull every bucket of `from` whose digest differs.
+fn repair(from: &dyn SyncStore, to: &dyn SyncStore, origin: &str) -> usize {
+    let differing = from.digest().unwrap().differing(&to.digest().unwrap());
+    for &b in &differing {
+        let items = from.bucket(b).unwrap();
+        assert!(items.iter().all(|i| bucket_of(&i.key) == b));
+        to.merge(origin, &items).unwrap();
+    }
+    differing.len()
+}
+
+fn fill(store: &SqliteCounters, range: std::ops::Range<u64>, c: u16, nonce: &str) {
+    let updates: Vec<_> = range.map(|k| update(pid(k), ctr(c, 0), nonce)).collect();
+    for chunk in updates.chunks(1000) {
+        store.compare_and_set_many(chunk).unwrap();
+    }
+}
+
+// ---------------------------------------------------------------- counters
+
+fn counters_at(path: &Path) -> SqliteCounters {
+    SqliteCounters::open(path).unwrap()
+}
+
+#[test]
+fn counters_converge_both_ways_through_the_trait() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = counters_at(&dir.path().join("a.db"));
+    let b = counters_at(&dir.path().join("b.db"));
+    // Each registers the other by its first pull (the outbox is written
+    // only while a peer is known).
+    let (mut a_from_b, mut b_from_a) = (None, None);
+    assert_eq!(pull(&a, &b, "b", "a", &mut b_from_a, 100), 0);
+    assert_eq!(pull(&b, &a, "a", "b", &mut a_from_b, 100), 0);
+    fill(&a, 1..60, 5, "a-nonce-0000001");
+    fill(&b, 30..90, 7, "b-nonce-0000001");
+    assert_ne!(a.digest().unwrap(), b.digest().unwrap());
+    assert_eq!(pull(&a, &b, "b", "a", &mut b_from_a, 16), 29);
+    assert_eq!(pull(&b, &a, "a", "b", &mut a_from_b, 16), 60);
+    assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+    // Max rule: B's 7s won over A's 5s at A as well.
+    assert_eq!(a.get(&pid(40)).unwrap().unwrap().counters, ctr(7, 0));
+    assert_eq!(b.get(&pid(10)).unwrap().unwrap().counters, ctr(5, 0));
+    // Local columns differ (timestamps are not replicated) but the digest
+    // is over the replicated value only.
+    assert_eq!(b.get(&pid(10)).unwrap().unwrap().timestamp_high, 0);
+    assert_eq!(a.get(&pid(10)).unwrap().unwrap().timestamp_high, 1);
+    // Nothing bounces: merged rows are not in the puller's outbox.
+    assert_eq!(pull(&a, &b, "b", "a", &mut b_from_a, 16), 0);
+    assert_eq!(pull(&b, &a, "a", "b", &mut a_from_b, 16), 0);
+    assert_eq!(b.changes("a", None, 100).unwrap().items.len(), 0);
+}
+
+#[test]
+fn counters_merge_is_idempotent_order_independent_and_never_lowers() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = counters_at(&dir.path().join("a.db"));
+    a.changes("b", None, 1).unwrap();
+    for round in 0..5u16 {
+        fill(&a, 1..40, round + 1, &format!("nonce-round-{round:04}"));
+    }
+    let items = a.changes("b", None, 10_000).unwrap().items;
+    assert_eq!(items.len(), 5 * 39);
+    // B: in order, each page twice; C: reversed, in pages of 7.
+    let b = counters_at(&dir.path().join("b.db"));
+    let c = counters_at(&dir.path().join("c.db"));
+    for page in items.chunks(13) {
+        let first = b.merge("a", page).unwrap();
+        let second = b.merge("a", page).unwrap();
+        assert_eq!((second.applied, second.unchanged), (0, page.len() as u64), "{first:?}");
+    }
+    let mut reversed = items.clone();
+    reversed.reverse();
+    for page in reversed.chunks(7) {
+        c.merge("a", page).unwrap();
+    }
+    assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+    assert_eq!(b.digest().unwrap(), c.digest().unwrap());
+    // Never lowered: a key B holds higher keeps its counters.
+    b.changes("a", None, 1).unwrap();
+    b.compare_and_set(&update(pid(3), ctr(100, 2), "b-own-nonce-0001")).unwrap();
+    let m = b.merge("a", &items).unwrap();
+    assert_eq!((m.applied, m.conflicts), (0, 0));
+    assert_eq!(b.get(&pid(3)).unwrap().unwrap().counters, ctr(100, 2));
+    // A's page of B's change raises A.
+    let mut cursor = None;
+    pull(&b, &a, "a", "b", &mut cursor, 10);
+    assert_eq!(a.get(&pid(3)).unwrap().unwrap().counters, ctr(100, 2));
+}
+
+#[test]
+fn counters_cursors_acks_compaction_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.db");
+    let a = counters_at(&path);
+    // No peer known: no outbox.
+    fill(&a, 1..11, 1, "before-any-peer1");
+    assert_eq!(a.outbox_last_seq().unwrap(), 0);
+    assert_eq!(a.changes("b", None, 100).unwrap(), replication::sync::Changes::default());
+    a.changes("c", None, 100).unwrap();
+    fill(&a, 1..11, 2, "after-peers-0001");
+    let page = a.changes("b", None, 4).unwrap();
+    assert_eq!((page.items.len(), page.last, page.head), (4, 4, 10));
+    // Without an acknowledgement, the same page again.
+    assert_eq!(a.changes("b", None, 4).unwrap(), page);
+    // Acknowledge 4: the next page; nothing compacted while c is at 0.
+    let next = a.changes("b", Some(4), 4).unwrap();
+    assert_eq!((next.items.len(), next.last), (4, 8));
+    assert_eq!(a.changes("b", None, 100).unwrap().items.len(), 6);
+    assert_eq!(a.outbox_after(0, 100).unwrap().len(), 10);
+    // Cursors only move forward.
+    a.changes("b", Some(2), 1).unwrap();
+    assert_eq!(a.peer_cursors().unwrap(), [("b".to_owned(), 4), ("c".to_owned(), 0)]);
+    // c acknowledges 6: rows up to 4 (the minimum) go.
+    a.changes("c", Some(6), 1).unwrap();
+    assert_eq!(a.outbox_after(0, 100).unwrap().first().unwrap().seq, 5);
+    // A cursor past the head is clamped to it.
+    let past = a.changes("c", Some(1000), 1).unwrap();
+    assert_eq!((past.last, past.head), (10, 10));
+    drop(a);
+    // Restart: cursors kept; a puller without a cursor resumes from its own.
+    let a = counters_at(&path);
+    assert_eq!(a.peer_cursors().unwrap(), [("b".to_owned(), 4), ("c".to_owned(), 10)]);
+    let resumed = a.changes("b", None, 100).unwrap();
+    assert_eq!((resumed.items.len(), resumed.last), (6, 10));
+    a.changes("b", Some(10), 1).unwrap();
+    assert!(a.outbox_after(0, 100).unwrap().is_empty());
+    // seq is never reused after compaction.
+    fill(&a, 1..2, 3, "after-compaction");
+    assert_eq!(a.changes("b", None, 10).unwrap().last, 11);
+}
+
+#[test]
+fn counters_anti_entropy_repairs_what_the_outbox_never_had() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = counters_at(&dir.path().join("a.db"));
+    let b = counters_at(&dir.path().join("b.db"));
+    // Written before any peer was known: only the digest sees them.
+    fill(&a, 1..300, 9, "lonely-nonce-001");
+    fill(&b, 200..400, 4, "other-nonce-0001");
+    let differing = repair(&a, &b, "a");
+    assert!(differing > 100, "{differing} buckets");
+    repair(&b, &a, "b");
+    assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+    assert!(repair(&a, &b, "a") == 0);
+    assert_eq!(b.get(&pid(250)).unwrap().unwrap().counters, ctr(9, 0));
+    assert_eq!(a.count().unwrap(), 399);
+    // The digest is the XOR of the items' hashes, whatever the order.
+    let mut d = Digest::default();
+    for bucket in 0..=255u8 {
+        for item in a.bucket(bucket).unwrap() {
+            d.add(&item.key, &item.value);
+        }
+    }
+    assert_eq!(d, a.digest().unwrap());
+}
+
+#[test]
+fn counters_malformed_items_are_refused_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = counters_at(&dir.path().join("a.db"));
+    let b = counters_at(&dir.path().join("b.db"));
+    a.changes("b", None, 1).unwrap();
+    fill(&a, 1..5, 3, "good-nonce-00001");
+    let good = a.changes("b", None, 100).unwrap().items;
+    let mut bad_items: Vec<Vec<Item>> = Vec::new();
+    let template = good[0].clone();
+    for (key, value) in [
+        (b"not modhex!".to_vec(), template.value.clone()),
+        (b"cccccccccccccccccc".to_vec(), template.value.clone()),
+        (template.key.to_ascii_uppercase(), template.value.clone()),
+        (template.key.clone(), template.value[..10].to_vec()),
+        (template.key.clone(), [&[0xff, 0xff, 0][..], &template.value[3..]].concat()),
+        (template.key.clone(), [&template.value[..35], &[0xff, 0xfe][..]].concat()),
+        (template.key.clone(), [template.value.clone(), vec![b'x'; 300]].concat()),
+    ] {
+        let mut page = good.clone();
+        page.push(Item { key, value });
+        bad_items.push(page);
+    }
+    for page in &bad_items {
+        assert!(b.merge("a", page).is_err());
+        assert_eq!(b.count().unwrap(), 0);
+    }
+    assert_eq!(b.merge("a", &good).unwrap().applied, 4);
+}
+
+/// Digest and merge costs of the counters dataset:
+/// `cargo test --release -p validator --test sync_stores -- --ignored --nocapture bench_counters_sync`
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+fn bench_counters_sync() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let opts = CounterOptions { synchronous: Synchronous::Normal, ..CounterOptions::default() };
+    let source = SqliteCounters::open_with(&dir.path().join("source.db"), opts).unwrap();
+    source.changes("target", None, 1).unwrap();
+    let mut filled = 0u64;
+    for total in [100_000u64, 1_000_000] {
+        fill(&source, filled + 1..total + 1, 1, "bench-nonce-0001");
+        filled = total;
+        let started = Instant::now();
+        let digest = source.digest().unwrap();
+        println!("digest over {total} counters: {:.3} s ({digest:?})", started.elapsed().as_secs_f64());
+        if total == 100_000 {
+            let started = Instant::now();
+            let bucket = source.bucket(7).unwrap();
+            println!("one bucket of {total} counters ({} items): {:.3} s", bucket.len(), started.elapsed().as_secs_f64());
+            // Merge 100,000 in pages of 2,000, through the trait (FULL).
+            let target = SqliteCounters::open(&dir.path().join("target.db")).unwrap();
+            let started = Instant::now();
+            let mut cursor = None;
+            let applied = pull(&source, &target, "target", "source", &mut cursor, 2000);
+            println!(
+                "catch-up of {total} counters, pages of 2,000 (changes + merge, FULL): {:.2} s ({applied} applied)",
+                started.elapsed().as_secs_f64()
+            );
+            let items = source.bucket(9).unwrap();
+            let started = Instant::now();
+            let m = target.merge("source", &items).unwrap();
+            println!("merge of one bucket again ({} items, unchanged): {:.3} s", m.unchanged, started.elapsed().as_secs_f64());
+            assert_eq!(target.digest().unwrap(), source.digest().unwrap());
+        }
+    }
+}
