@@ -13,6 +13,15 @@
 //! writer, nor for each other. A full scan ([`AeadStore::for_each`]) opens
 //! a connection of its own so that it does not hold a pool slot.
 //!
+//! **Replication.** An outbox filled by a trigger on `aeads` (so that
+//! imports by other processes are covered), per-peer cursors and a merge
+//! that never overwrites: see [`AeadStore::ack_peer`],
+//! [`AeadStore::outbox_after`] and [`AeadStore::merge_from_peer`]. The
+//! tables are created when missing, so an older file gains them when
+//! opened. The `SyncStore` adapter is in the validator
+//! (`validator::aead_sync`): this crate does not depend on the replication
+//! crate.
+//!
 //! The database file is created with mode 0600; SQLite gives its `-wal` and
 //! `-shm` files the same mode.
 
@@ -53,6 +62,18 @@ CREATE TABLE IF NOT EXISTS aead_conflicts (
     origin     TEXT    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS aead_conflicts_pair ON aead_conflicts (public_id, key_handle);
+CREATE TABLE IF NOT EXISTS aead_outbox (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    public_id  BLOB    NOT NULL,
+    key_handle INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS aead_peer_cursors (
+    peer       TEXT    NOT NULL PRIMARY KEY,
+    acked_seq  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS aead_outbox_insert AFTER INSERT ON aeads
+    WHEN EXISTS (SELECT 1 FROM aead_peer_cursors)
+    BEGIN INSERT INTO aead_outbox (public_id, key_handle) VALUES (NEW.public_id, NEW.key_handle); END;
 ";
 
 const INSERT_NEW: &str = "INSERT INTO aeads (public_id, key_handle, nonce, aead, digest, created, origin) \
@@ -62,6 +83,11 @@ const QUARANTINED: &str = "SELECT 1 FROM aead_conflicts WHERE public_id = ?1 AND
 const QUARANTINE: &str = "INSERT INTO aead_conflicts (public_id, key_handle, nonce, aead, digest, seen, origin) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 const SELECT_ONE: &str = "SELECT nonce, aead FROM aeads WHERE public_id = ?1 AND key_handle = ?2";
+const SELECT_OUTBOX: &str = "SELECT o.seq, o.public_id, o.key_handle, a.nonce, a.aead FROM aead_outbox o \
+     LEFT JOIN aeads a ON a.public_id = o.public_id AND a.key_handle = o.key_handle \
+     WHERE o.seq > ?1 ORDER BY o.seq LIMIT ?2";
+const OUTBOX_HEAD: &str = "SELECT seq FROM sqlite_sequence WHERE name = 'aead_outbox'";
+const COMPACT: &str = "DELETE FROM aead_outbox WHERE seq <= (SELECT min(acked_seq) FROM aead_peer_cursors)";
 
 /// Busy timeout of every connection: how long a writer waits for another
 /// process's write transaction (readers never wait in WAL mode).
@@ -95,6 +121,29 @@ pub struct Conflict {
     /// The AEAD kept for the pair, with its creation time and origin; `None`
     /// if that row has since been removed by hand.
     pub stored: Option<(AeadRecord, i64, String)>,
+}
+
+/// One row of the replication outbox: a pair inserted here, for peers to
+/// pull.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxAead {
+    /// Position in the outbox: increasing in commit order, never reused.
+    pub seq: u64,
+    /// The public id.
+    pub public_id: PublicId,
+    /// The key handle.
+    pub key_handle: KeyHandle,
+    /// The stored AEAD; `None` if the row was since removed by hand.
+    pub record: Option<AeadRecord>,
+}
+
+/// A peer's position in the outbox, as recorded by [`AeadStore::ack_peer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerPosition {
+    /// The peer's acknowledged cursor: it holds every row up to it.
+    pub cursor: u64,
+    /// The highest sequence number ever appended (0 before the first).
+    pub head: u64,
 }
 
 /// The SQLite AEAD store.
@@ -330,6 +379,115 @@ impl AeadStore {
             f(public_id, record)?;
         }
         Ok(())
+    }
+}
+
+/// # Replication
+///
+/// **Outbox.** A trigger on `aeads` appends `aead_outbox(seq, public_id,
+/// key_handle)` for every inserted pair — by this process, by `ksm import`
+/// in another one, or by a peer's merge — but only while some peer is
+/// registered in `aead_peer_cursors(peer, acked_seq)`: a lone site keeps
+/// no outbox (a peer joining later starts with a full comparison of
+/// digests). `seq` grows in commit order and is never reused
+/// (`AUTOINCREMENT`). A pair merged from a peer is in this site's outbox
+/// too: its origin pulls it back as already present, and a third site gets
+/// it through either.
+///
+/// **Merge.** [`AeadStore::merge_from_peer`] is [`AeadStore::put_many`]
+/// with the peer as the origin: new pairs are inserted, a pair held with
+/// other bytes is quarantined (once) and never overwritten.
+impl AeadStore {
+    /// Register `peer` with cursor 0 if it is unknown: from now on inserted
+    /// pairs are kept in the outbox until it acknowledges them.
+    pub fn add_peer(&self, peer: &str) -> Result<(), LookupError> {
+        self.ack_peer(peer, None).map(drop)
+    }
+
+    /// Forget `peer`: it no longer holds back compaction.
+    pub fn remove_peer(&self, peer: &str) -> Result<(), LookupError> {
+        lock(&self.writer).execute("DELETE FROM aead_peer_cursors WHERE peer = ?1", params![peer]).map(drop).map_err(db_err)
+    }
+
+    /// Record that `peer` holds every outbox row up to `acked` (registering
+    /// it if unknown; `None` only registers), compact the rows every known
+    /// peer holds, and answer its cursor — all in one transaction. Cursors
+    /// only move forward; one past the head (this file restored from an
+    /// older backup) is clamped to the head.
+    pub fn ack_peer(&self, peer: &str, acked: Option<u64>) -> Result<PeerPosition, LookupError> {
+        let mut conn = lock(&self.writer);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+        let head: i64 = tx.query_row(OUTBOX_HEAD, [], |r| r.get(0)).optional().map_err(db_err)?.unwrap_or(0);
+        let acked = acked.map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX).min(head));
+        tx.execute(
+            "INSERT INTO aead_peer_cursors (peer, acked_seq) VALUES (?1, ?2) \
+             ON CONFLICT (peer) DO UPDATE SET acked_seq = max(acked_seq, excluded.acked_seq)",
+            params![peer, acked],
+        )
+        .map_err(db_err)?;
+        let cursor: i64 =
+            tx.query_row("SELECT acked_seq FROM aead_peer_cursors WHERE peer = ?1", params![peer], |r| r.get(0)).map_err(db_err)?;
+        // A range delete on the integer primary key: one probe when there
+        // is nothing to drop, so it runs with every acknowledgement.
+        tx.execute(COMPACT, []).map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        Ok(PeerPosition { cursor: u64::try_from(cursor).unwrap_or(0), head: u64::try_from(head).unwrap_or(0) })
+    }
+
+    /// Every known peer and its acknowledged cursor, by name.
+    pub fn peer_cursors(&self) -> Result<Vec<(String, u64)>, LookupError> {
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached("SELECT peer, acked_seq FROM aead_peer_cursors ORDER BY peer").map_err(db_err)?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, count_at(r, 1)?))).map_err(db_err)?;
+        rows.collect::<Result<_, _>>().map_err(db_err)
+    }
+
+    /// Delete the outbox rows every known peer has acknowledged (none while
+    /// no peer is known); how many.
+    pub fn compact(&self) -> Result<u64, LookupError> {
+        let n = lock(&self.writer).execute(COMPACT, []).map_err(db_err)?;
+        Ok(n as u64)
+    }
+
+    /// The highest `seq` ever appended to the outbox (0 before the first).
+    pub fn outbox_last_seq(&self) -> Result<u64, LookupError> {
+        let seq: Option<u64> = self.reader().query_row(OUTBOX_HEAD, [], count_column).optional().map_err(db_err)?;
+        Ok(seq.unwrap_or(0))
+    }
+
+    /// Up to `limit` outbox rows after `after`, in `seq` order, with the
+    /// AEADs they name (committed state).
+    pub fn outbox_after(&self, after: u64, limit: usize) -> Result<Vec<OutboxAead>, LookupError> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(SELECT_OUTBOX).map_err(db_err)?;
+        let mut rows = stmt.query(params![after, limit]).map_err(db_err)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(db_err)? {
+            let seq = count_at(row, 0).map_err(db_err)?;
+            let kh: u32 = row.get(2).map_err(db_err)?;
+            let id = blob(row, 1)?;
+            let nonce = row.get_ref(3).map_err(db_err)?.as_blob_or_null().map_err(|e| LookupError(format!("AEAD store: {e}")))?;
+            let aead = row.get_ref(4).map_err(db_err)?.as_blob_or_null().map_err(|e| LookupError(format!("AEAD store: {e}")))?;
+            let (public_id, record) = match (nonce, aead) {
+                (Some(n), Some(a)) => {
+                    let (public_id, record) = record_from(id, kh, n, a)?;
+                    (public_id, Some(record))
+                }
+                _ => (PublicId::from_bytes(id).map_err(|e| LookupError(format!("AEAD store: outbox row {seq} is damaged: {e}")))?, None),
+            };
+            out.push(OutboxAead { seq, public_id, key_handle: KeyHandle::new(kh), record });
+        }
+        Ok(out)
+    }
+
+    /// Merge a peer's AEADs: [`Self::put_many`] with origin `peer:<name>`.
+    /// New pairs are added (and enter this site's outbox); a pair held with
+    /// other bytes is quarantined once and reported
+    /// [`PutOutcome::Conflict`], never overwritten. Durable on return.
+    pub fn merge_from_peer(&self, peer: &str, rows: &[(PublicId, AeadRecord)], now: i64) -> Result<Vec<PutOutcome>, LookupError> {
+        self.put_many(rows, &format!("peer:{peer}"), now)
     }
 }
 

@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod aead_sync;
 pub mod authfile;
 pub mod clients;
 pub mod config;

@@ -7,8 +7,13 @@
 use std::path::Path;
 use std::time::Instant;
 
-use otp::{Counters, PublicId};
+use std::sync::Arc;
+
+use ksm::store::AeadStore;
+use otp::aead_file::AeadRecord;
+use otp::{Aead, AeadNonce, Counters, KeyHandle, PublicId};
 use replication::sync::{bucket_of, Digest, Item, SyncStore};
+use validator::aead_sync::{item_key, AeadSync};
 use validator::counters::{CounterOptions, SqliteCounters, Synchronous};
 use validator::{CounterStore, CounterUpdate};
 
@@ -243,6 +248,143 @@ fn counters_malformed_items_are_refused_whole() {
         assert_eq!(b.count().unwrap(), 0);
     }
     assert_eq!(b.merge("a", &good).unwrap().applied, 4);
+}
+
+// ------------------------------------------------------------------- AEADs
+
+fn record(kh: u32, byte: u8) -> AeadRecord {
+    AeadRecord {
+        key_handle: KeyHandle::new(kh),
+        nonce: AeadNonce::new([byte, 0, 0, 0, 0, 1]),
+        aead: Aead::from_slice(&[byte; 30]).unwrap(),
+    }
+}
+
+fn aeads_at(path: &Path) -> AeadSync {
+    AeadSync::new(Arc::new(AeadStore::open(path).unwrap()))
+}
+
+fn import(sync: &AeadSync, ids: std::ops::Range<u64>, kh: u32, byte: u8) {
+    let rows: Vec<_> = ids.map(|n| (pid(n), record(kh, byte))).collect();
+    sync.store().put_many(&rows, "import", 1).unwrap();
+}
+
+#[test]
+fn aeads_converge_and_a_conflict_is_quarantined_not_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = aeads_at(&dir.path().join("a.db"));
+    let b = aeads_at(&dir.path().join("b.db"));
+    let (mut b_from_a, mut a_from_b) = (None, None);
+    pull(&a, &b, "b", "a", &mut b_from_a, 10);
+    pull(&b, &a, "a", "b", &mut a_from_b, 10);
+    import(&a, 1..50, 1, 1);
+    import(&b, 40..80, 1, 1);
+    // `ksm import` in another process: another connection to A's file.
+    let a_import = AeadStore::open(a.store().path()).unwrap();
+    a_import.put_many(&[(pid(500), record(2, 5))], "ksm import", 2).unwrap();
+    // The same pair with other bytes at both sites.
+    a.store().put(&pid(1000), &record(1, 0xaa), "import", 1).unwrap();
+    b.store().put(&pid(1000), &record(1, 0xbb), "import", 1).unwrap();
+    assert_eq!(pull(&a, &b, "b", "a", &mut b_from_a, 7), 39 + 1);
+    assert_eq!(pull(&b, &a, "a", "b", &mut a_from_b, 7), 30);
+    // Only the conflicting pair's bucket differs.
+    assert_eq!(a.digest().unwrap().differing(&b.digest().unwrap()), [bucket_of(&item_key(&pid(1000), KeyHandle::new(1)))]);
+    for (site, kept, refused) in [(&a, 0xaa, 0xbb), (&b, 0xbb, 0xaa)] {
+        assert_eq!(site.store().get(&pid(1000), KeyHandle::new(1)).unwrap(), Some(record(1, kept)));
+        let conflicts = site.store().conflicts().unwrap();
+        assert_eq!(conflicts.len(), 1);
+        assert_eq!(conflicts[0].refused, record(1, refused));
+        assert!(conflicts[0].origin.starts_with("peer:"), "{}", conflicts[0].origin);
+        assert_eq!(conflicts[0].stored.as_ref().map(|s| s.0), Some(record(1, kept)));
+    }
+    // Anti-entropy reports the conflict again, quarantines nothing twice.
+    let bucket = b.bucket(bucket_of(&item_key(&pid(1000), KeyHandle::new(1)))).unwrap();
+    let m = a.merge("b", &bucket).unwrap();
+    assert_eq!((m.applied, m.conflicts), (0, 1));
+    assert_eq!(a.store().conflict_count().unwrap(), 1);
+    // Nothing bounces for ever: merged pairs are in the puller's outbox,
+    // their origin finds them present.
+    assert_eq!(pull(&a, &b, "b", "a", &mut b_from_a, 7), 0);
+    assert_eq!(pull(&b, &a, "a", "b", &mut a_from_b, 7), 0);
+    assert_eq!(a.store().count().unwrap(), 81);
+    assert_eq!(b.store().count().unwrap(), 81);
+}
+
+#[test]
+fn aeads_merge_is_idempotent_and_order_independent_and_repairs_by_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = aeads_at(&dir.path().join("a.db"));
+    // Imported before any peer: outbox empty, the digest repairs.
+    import(&a, 1..200, 1, 3);
+    import(&a, 100..150, 7, 4);
+    assert!(a.changes("b", None, 100).unwrap().items.is_empty());
+    let b = aeads_at(&dir.path().join("b.db"));
+    let c = aeads_at(&dir.path().join("c.db"));
+    assert!(repair(&a, &b, "a") > 100);
+    assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+    let mut all: Vec<Item> = (0..=255u8).flat_map(|bk| a.bucket(bk).unwrap()).collect();
+    assert_eq!(all.len(), 249);
+    all.reverse();
+    for page in all.chunks(11) {
+        assert_eq!(c.merge("a", page).unwrap().applied, page.len() as u64);
+        let again = c.merge("a", page).unwrap();
+        assert_eq!((again.applied, again.unchanged, again.conflicts), (0, page.len() as u64, 0));
+    }
+    assert_eq!(c.digest().unwrap(), a.digest().unwrap());
+    assert_eq!(b.store().get(&pid(120), KeyHandle::new(7)).unwrap(), Some(record(7, 4)));
+}
+
+#[test]
+fn aeads_cursors_acks_compaction_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.db");
+    let a = aeads_at(&path);
+    a.changes("b", None, 1).unwrap();
+    a.store().add_peer("c").unwrap();
+    import(&a, 1..11, 1, 1);
+    let page = a.changes("b", None, 4).unwrap();
+    assert_eq!((page.items.len(), page.last, page.head), (4, 4, 10));
+    assert_eq!(a.changes("b", None, 4).unwrap(), page);
+    assert_eq!(a.changes("b", Some(4), 100).unwrap().last, 10);
+    a.changes("b", Some(1), 1).unwrap();
+    assert_eq!(a.store().peer_cursors().unwrap(), [("b".to_owned(), 4), ("c".to_owned(), 0)]);
+    assert_eq!(a.store().outbox_after(0, 100).unwrap().len(), 10);
+    a.changes("c", Some(7), 1).unwrap();
+    assert_eq!(a.store().outbox_after(0, 100).unwrap().first().unwrap().seq, 5);
+    assert_eq!(a.changes("c", Some(99), 1).unwrap().last, 10);
+    drop(a);
+    let a = aeads_at(&path);
+    assert_eq!(a.store().peer_cursors().unwrap(), [("b".to_owned(), 4), ("c".to_owned(), 10)]);
+    assert_eq!(a.changes("b", None, 100).unwrap().items.len(), 6);
+    a.changes("b", Some(10), 1).unwrap();
+    assert!(a.store().outbox_after(0, 100).unwrap().is_empty());
+    assert_eq!(a.store().outbox_last_seq().unwrap(), 10);
+    import(&a, 20..21, 1, 1);
+    assert_eq!(a.changes("b", None, 10).unwrap().last, 11);
+}
+
+#[test]
+fn aeads_malformed_items_are_refused_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = aeads_at(&dir.path().join("a.db"));
+    a.changes("b", None, 1).unwrap();
+    import(&a, 1..4, 1, 1);
+    let good = a.changes("b", None, 100).unwrap().items;
+    let b = aeads_at(&dir.path().join("b.db"));
+    let t = good[0].clone();
+    for (key, value) in [
+        (vec![1, 2, 3], t.value.clone()),
+        (vec![1; 13], t.value.clone()),
+        (t.key.clone(), t.value[..5].to_vec()),
+        (t.key.clone(), t.value[..10].to_vec()),
+        (t.key.clone(), [t.value.clone(), vec![0; 60]].concat()),
+    ] {
+        let mut page = good.clone();
+        page.insert(1, Item { key, value });
+        assert!(b.merge("a", &page).is_err());
+        assert_eq!(b.store().count().unwrap(), 0);
+    }
+    assert_eq!(b.merge("a", &good).unwrap().applied, 3);
 }
 
 /// Digest and merge costs of the counters dataset:
