@@ -12,6 +12,8 @@
 //! - [`node`]: the async driver of one site (machine, transport, peers, store).
 //! - [`sync`]: catch-up (outbox pull) and anti-entropy (bucketed digests)
 //!   of counters, AEADs and API clients behind one store trait.
+//! - [`syncer`]: the sync exchange driven by the node (pullers per peer and
+//!   dataset, serving, status).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -19,5 +21,6 @@ pub mod node;
 pub mod pki;
 pub mod quorum;
 pub mod sync;
+pub mod syncer;
 pub mod transport;
 pub mod wire;

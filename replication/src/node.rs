@@ -28,6 +28,13 @@
 //!   that marks it up and feeds [`Input::PeerUp`], so that outstanding
 //!   requests are sent to it again.
 //!
+//! - With [`Node::start_with`], the node also replicates datasets
+//!   ([`SyncSetup`]): a puller task per (peer, dataset) and the server side
+//!   of the sync exchange, both in [`syncer`](crate::syncer). The transport
+//!   handler tells sync frames from quorum frames by their tag
+//!   ([`wire::is_sync`]). Sync RPCs count for the peers' reachability like
+//!   the quorum's.
+//!
 //! Request ids start from a random 64-bit base at every start, so that they
 //! do not repeat across restarts (see [`quorum`](crate::quorum)'s
 //! idempotency notes).
@@ -46,6 +53,8 @@ use tokio::task::JoinHandle;
 use crate::quorum::{
     Action, ConfigError, Event, IgnoredReason, Input, Machine, Message, PeerCasResult, Proposal, QuorumConfig, RequestId, SiteId, Verdict,
 };
+use crate::sync::{Dataset, SyncStore};
+use crate::syncer::{self, Puller, RpcReport, Statuses, SyncSetup, SyncStatus};
 use crate::transport::{Endpoint, Peer, PeerIdentity, RpcError};
 use crate::wire;
 
@@ -322,6 +331,8 @@ pub struct Node {
     /// this site alone holding the counters.
     fallback: Verdict,
     driver: Option<JoinHandle<()>>,
+    sync_statuses: Arc<Statuses>,
+    sync_tasks: Vec<JoinHandle<()>>,
 }
 
 impl fmt::Debug for Node {
@@ -335,7 +346,18 @@ impl Node {
     /// peers' requests on `endpoint` (already bound, with this site's
     /// identity and the peers' authorization rules). Must be called from
     /// within a tokio runtime.
+    ///
+    /// No dataset is replicated: peers' sync requests are refused as
+    /// [`RefusalCode::UnknownDataset`](crate::wire::RefusalCode::UnknownDataset).
+    /// See [`start_with`](Self::start_with).
     pub fn start<S: DurableCas>(config: NodeConfig, endpoint: Endpoint, store: Arc<S>) -> Result<Self, Error> {
+        Self::start_with(config, endpoint, store, SyncSetup::default())
+    }
+
+    /// Starts the node as [`start`](Self::start) does, and replicates the
+    /// datasets of `sync`: each is served to peers and pulled from every
+    /// peer of the table (see [`syncer`](crate::syncer)).
+    pub fn start_with<S: DurableCas>(config: NodeConfig, endpoint: Endpoint, store: Arc<S>, sync: SyncSetup) -> Result<Self, Error> {
         tokio::runtime::Handle::try_current().map_err(|e| Error::NoRuntime(e.to_string()))?;
         let NodeConfig { site, quorum, peers } = config;
         let machine = Machine::new(site, quorum.clone())?;
@@ -375,6 +397,11 @@ impl Node {
         let (commands, rx) = mpsc::unbounded_channel();
 
         let fallback = Verdict::NotEnoughAnswers { sl: u8::try_from(100 / quorum.group_size()).unwrap_or(100) };
+        let sync_statuses = Arc::new(Statuses::default());
+        let sync_tasks = spawn_pullers(&shared, &commands, &peers, &endpoint, &sync, &sync_statuses);
+        let names: Arc<BTreeMap<SiteId, String>> = Arc::new(peers.iter().map(|(id, peer)| (*id, peer.name.clone())).collect());
+        let sync_stores = Arc::new(sync.stores);
+        let max_frame = endpoint.settings().max_frame;
         let driver = Driver {
             machine,
             deadline: quorum.deadline,
@@ -396,12 +423,29 @@ impl Node {
             let from = by_name.get(&peer.name.to_ascii_lowercase()).copied();
             let commands = handler_commands.clone();
             let shared = handler_shared.clone();
-            async move { serve_request(&shared, &commands, from, &peer, &request).await }
+            let names = names.clone();
+            let sync_stores = sync_stores.clone();
+            async move {
+                if wire::is_sync(&request) {
+                    serve_sync(&shared, &names, &sync_stores, max_frame, from, &peer, &request).await
+                } else {
+                    serve_request(&shared, &commands, from, &peer, &request).await
+                }
+            }
         };
         tokio::spawn(endpoint.clone().serve(handler));
 
         tracing::info!(node = %site, group = quorum.group_size(), required = quorum.required, deadline = ?quorum.deadline, "replication node started");
-        Ok(Self { shared, commands, endpoint, next_req_id: AtomicU64::new(random_base()), fallback, driver: Some(driver) })
+        Ok(Self {
+            shared,
+            commands,
+            endpoint,
+            next_req_id: AtomicU64::new(random_base()),
+            fallback,
+            driver: Some(driver),
+            sync_statuses,
+            sync_tasks,
+        })
     }
 
     /// This node.
@@ -460,6 +504,13 @@ impl Node {
         peers.values().cloned().collect()
     }
 
+    /// The sync state of every (peer, dataset) pair this node pulls, in
+    /// (peer, dataset) order. Cheap: a copy of a small table.
+    #[must_use]
+    pub fn sync_status(&self) -> Vec<SyncStatus> {
+        self.sync_statuses.snapshot()
+    }
+
     /// Events from now on (peers up and down, the machine's events).
     #[must_use]
     pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
@@ -470,6 +521,12 @@ impl Node {
     /// (peers see their connections closed) and this waits for both.
     pub async fn shutdown(mut self) {
         let _ = self.commands.send(Command::Shutdown);
+        for task in &self.sync_tasks {
+            task.abort();
+        }
+        for task in std::mem::take(&mut self.sync_tasks) {
+            let _ = task.await;
+        }
         self.endpoint.close();
         if let Some(driver) = self.driver.take() {
             let _ = driver.await;
@@ -480,6 +537,9 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        for task in &self.sync_tasks {
+            task.abort();
+        }
         if self.driver.is_some() {
             let _ = self.commands.send(Command::Shutdown);
             self.endpoint.close();
@@ -501,6 +561,76 @@ fn random_base() -> u64 {
             (nanos & u128::from(u64::MAX)) as u64
         }
     }
+}
+
+/// One puller task per (peer, dataset), reporting its RPCs to the peers'
+/// reachability.
+fn spawn_pullers(
+    shared: &Arc<Shared>,
+    commands: &mpsc::UnboundedSender<Command>,
+    peers: &BTreeMap<SiteId, Peer>,
+    endpoint: &Endpoint,
+    sync: &SyncSetup,
+    statuses: &Arc<Statuses>,
+) -> Vec<JoinHandle<()>> {
+    if sync.stores.is_empty() {
+        return Vec::new();
+    }
+    let report: RpcReport = {
+        let shared = shared.clone();
+        let commands = commands.clone();
+        Arc::new(move |site, result| match result {
+            Ok(rtt) => {
+                if shared.peer_answered(site, rtt) {
+                    let _ = commands.send(Command::PeerUp { site });
+                }
+            }
+            // Our own shutdown says nothing about the peer.
+            Err(RpcError::Closed) => {}
+            Err(error) => shared.peer_failed(site, error),
+        })
+    };
+    let mut tasks = Vec::new();
+    for (site, peer) in peers {
+        for (dataset, store) in &sync.stores {
+            let puller = Puller {
+                node: shared.site,
+                site: *site,
+                peer: peer.clone(),
+                dataset: *dataset,
+                store: store.clone(),
+                endpoint: endpoint.clone(),
+                options: sync.options.clone(),
+                statuses: statuses.clone(),
+                events: shared.events.subscribe(),
+                report: report.clone(),
+            };
+            puller.register();
+            tasks.push(tokio::spawn(puller.run()));
+        }
+    }
+    tasks
+}
+
+/// The transport handler for sync frames: the reply frame (an empty frame
+/// for a sender outside the group).
+async fn serve_sync(
+    shared: &Shared,
+    names: &BTreeMap<SiteId, String>,
+    stores: &BTreeMap<Dataset, Arc<dyn SyncStore>>,
+    max_frame: usize,
+    from: Option<SiteId>,
+    peer: &PeerIdentity,
+    request: &[u8],
+) -> Bytes {
+    let Some(name) = from.and_then(|from| names.get(&from)) else {
+        tracing::warn!(node = %shared.site, peer = %peer.name, "sync request from an authorized peer that is not in the group: ignored");
+        return Bytes::new();
+    };
+    if wire::decode_sync_request(request).is_err() {
+        bump(&shared.metrics.bad_messages);
+    }
+    syncer::serve(stores, name, request, max_frame).await
 }
 
 /// The transport handler: one peer's request in, the reply frame out (an
