@@ -10,7 +10,9 @@ cd "$(dirname "$0")/.."
 #   libpam-yubico    pam_yubico.so, the real PAM client of the validator
 #   pamtester        drives PAM services from the tests (which run as root)
 #   libykclient-dev  the `ykclient` command line (Yubico's C validation client)
-apt_packages=(libyubikey-dev libpam-yubico pamtester libykclient-dev)
+#   iproute2 nftables iptables  network namespaces, partitions and loss for
+#                    the replication tests (run as root; skipped otherwise)
+apt_packages=(libyubikey-dev libpam-yubico pamtester libykclient-dev iproute2 nftables iptables)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
