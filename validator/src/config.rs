@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use httpd::HttpOptions;
 use ksm::aead_dir::KeyHandleDir;
@@ -63,11 +63,60 @@ pub struct KsmSection {
     pub timeout_ms: Option<u64>,
 }
 
-/// `[replication]`: this site's QUIC endpoint and its peers.
+/// What a node of the replication group does.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A full site: verifies OTPs (keystore, KSM, API clients) and
+    /// replicates their counters.
+    #[default]
+    Site,
+    /// The counters-only witness of two sites: answers their
+    /// compare-and-sets, verifies nothing.
+    Witness,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Site => "site",
+            Self::Witness => "witness",
+        })
+    }
+}
+
+/// The longest accept-at-risk window [`ConfigFile::resolve_node`] accepts,
+/// counted from the start.
+pub const MAX_ACCEPT_AT_RISK: Duration = Duration::from_secs(24 * 3600);
+
+/// A point in time as written in the file: an RFC 3339 string, or a TOML
+/// offset date-time (the same text unquoted).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Timestamp {
+    /// `"2026-11-27T08:00:00Z"`.
+    Text(String),
+    /// `2026-11-27T08:00:00Z`.
+    Toml(toml::value::Datetime),
+}
+
+impl Timestamp {
+    /// The instant, which must be given in UTC (`Z` or `+00:00`).
+    pub fn to_system_time(&self) -> Result<SystemTime, String> {
+        match self {
+            Self::Text(s) => parse_utc(s),
+            Self::Toml(d) => parse_utc(&d.to_string()),
+        }
+    }
+}
+
+/// `[replication]`: this node's QUIC endpoint, role and peers.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicationSection {
-    /// This site's id in the group.
+    /// `site` (default) or `witness`.
+    pub role: Option<Role>,
+    /// This node's id in the group.
     pub site: Option<u16>,
     /// The UDP address the QUIC endpoint binds.
     pub listen: Option<SocketAddr>,
@@ -79,8 +128,13 @@ pub struct ReplicationSection {
     pub ca: Option<PathBuf>,
     /// The longest a request waits for the quorum, in milliseconds (1000).
     pub deadline_ms: Option<u64>,
-    /// The name of the peer that is the counters-only witness, if any.
+    /// The name of the peer that is the counters-only witness, if any
+    /// (sites only).
     pub witness: Option<String>,
+    /// End of an accept-at-risk window (RFC 3339, UTC; sites only, at most
+    /// [`MAX_ACCEPT_AT_RISK`] ahead): until then an OTP whose quorum is
+    /// missed is accepted anyway, logged and counted.
+    pub accept_at_risk_until: Option<Timestamp>,
     /// The other nodes of the group.
     #[serde(default)]
     pub peers: Vec<PeerSection>,
@@ -100,10 +154,11 @@ pub struct PeerSection {
     pub fingerprint: Option<String>,
 }
 
-/// A resolved `[replication]` section.
+/// A resolved `[replication]` section. For a witness, `peers` holds the
+/// two sites and `witness` is `None`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReplicationConfig {
-    /// This site's id.
+    /// This node's id.
     pub site: u16,
     /// The UDP address to bind.
     pub listen: SocketAddr,
@@ -121,39 +176,191 @@ pub struct ReplicationConfig {
     pub witness: Option<PeerSection>,
 }
 
+/// A resolved `[replication]` section with what [`ReplicationConfig`] does
+/// not carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicationSetup {
+    /// Endpoint, identity, peers, deadline.
+    pub config: ReplicationConfig,
+    /// Site or witness.
+    pub role: Role,
+    /// End of the accept-at-risk window, if one is configured (sites only;
+    /// possibly already past, which means failing closed).
+    pub accept_at_risk_until: Option<SystemTime>,
+}
+
 impl ReplicationSection {
-    /// Check and resolve: exactly one other full site, an optional witness
-    /// named among the peers, distinct site ids and names.
+    /// Check and resolve, ignoring the role and any accept-at-risk window
+    /// (see [`Self::resolve_setup`]).
     pub fn resolve(self) -> Result<ReplicationConfig, String> {
+        self.resolve_setup(SystemTime::now()).map(|s| s.config)
+    }
+
+    /// Check and resolve, `now` being the start:
+    ///
+    /// - both roles: distinct site ids (this node's included), names and
+    ///   addresses, valid pins, a deadline in `(0, 3600 s]`;
+    /// - a site: exactly one other full site among the peers, plus the
+    ///   optional witness named by `witness`; an accept-at-risk window
+    ///   ending at most [`MAX_ACCEPT_AT_RISK`] after `now`;
+    /// - a witness: exactly the two sites as peers, no `witness`, no
+    ///   accept-at-risk window (it decides nothing).
+    pub fn resolve_setup(self, now: SystemTime) -> Result<ReplicationSetup, String> {
         let need = |v: Option<PathBuf>, what: &str| v.ok_or_else(|| format!("replication: `{what}` is required"));
+        let role = self.role.unwrap_or_default();
         let site = self.site.ok_or("replication: `site` is required")?;
         let listen = self.listen.ok_or("replication: `listen` is required")?;
         let (certificate, key, ca) = (need(self.certificate, "certificate")?, need(self.key, "key")?, need(self.ca, "ca")?);
         let deadline = Duration::from_millis(positive(self.deadline_ms.unwrap_or(1000), "replication deadline_ms")?);
+        if deadline > replication::quorum::MAX_DEADLINE {
+            return Err(format!("replication: deadline_ms must be at most {}", replication::quorum::MAX_DEADLINE.as_millis()));
+        }
         let mut seen = std::collections::BTreeSet::from([site]);
         let mut names = std::collections::BTreeSet::new();
+        let mut addrs = std::collections::BTreeSet::new();
         for p in &self.peers {
             if !seen.insert(p.site) {
-                return Err(format!("replication: site id {} appears twice", p.site));
+                let whose = if p.site == site { " (it is this node's own `site`)" } else { "" };
+                return Err(format!("replication: site id {} appears twice{whose}", p.site));
             }
             if !names.insert(p.name.to_ascii_lowercase()) {
                 return Err(format!("replication: peer name {:?} appears twice", p.name));
+            }
+            if !addrs.insert(p.addr) {
+                return Err(format!("replication: two peers have the address {}", p.addr));
             }
             if let Some(f) = &p.fingerprint {
                 f.parse::<replication::pki::Fingerprint>().map_err(|e| format!("replication: peer {:?} fingerprint: {e}", p.name))?;
             }
         }
-        let (witness, peers): (Vec<_>, Vec<_>) = self.peers.into_iter().partition(|p| self.witness.as_deref() == Some(p.name.as_str()));
-        if let Some(w) = &self.witness {
-            if witness.is_empty() {
-                return Err(format!("replication: witness {w:?} is not among the peers"));
+        let accept_at_risk_until = self.accept_at_risk_until.as_ref().map(Timestamp::to_system_time).transpose()?;
+        let config = match role {
+            Role::Witness => {
+                if let Some(w) = &self.witness {
+                    return Err(format!(
+                        "replication: role = \"witness\" with `witness = {w:?}`: this node is the witness; remove `witness`"
+                    ));
+                }
+                if accept_at_risk_until.is_some() {
+                    return Err("replication: a witness decides no OTP: `accept_at_risk_until` belongs to a site".to_owned());
+                }
+                if self.peers.len() != 2 {
+                    return Err(format!(
+                        "replication: a witness needs exactly the two sites as [[replication.peers]], {} given",
+                        self.peers.len()
+                    ));
+                }
+                ReplicationConfig { site, listen, certificate, key, ca, deadline, peers: self.peers, witness: None }
             }
-        }
-        if peers.len() != 1 {
-            return Err(format!("replication: exactly one other full site is supported, {} given", peers.len()));
-        }
-        Ok(ReplicationConfig { site, listen, certificate, key, ca, deadline, peers, witness: witness.into_iter().next() })
+            Role::Site => {
+                if self.peers.is_empty() {
+                    return Err("replication: a site needs its peer site: add a [[replication.peers]] for the other site".to_owned());
+                }
+                let (witness, peers): (Vec<_>, Vec<_>) =
+                    self.peers.into_iter().partition(|p| self.witness.as_deref() == Some(p.name.as_str()));
+                if let Some(w) = &self.witness {
+                    if witness.is_empty() {
+                        return Err(format!("replication: witness {w:?} is not among the peers"));
+                    }
+                }
+                if peers.len() != 1 {
+                    return Err(format!("replication: exactly one other full site is supported, {} given", peers.len()));
+                }
+                if let Some(until) = accept_at_risk_until {
+                    if until.duration_since(now).is_ok_and(|ahead| ahead > MAX_ACCEPT_AT_RISK) {
+                        return Err(format!(
+                            "replication: accept_at_risk_until = {} is more than {} h ahead: an accept-at-risk window is an \
+                             emergency measure of at most 24 h",
+                            format_utc(until),
+                            MAX_ACCEPT_AT_RISK.as_secs() / 3600
+                        ));
+                    }
+                }
+                ReplicationConfig { site, listen, certificate, key, ca, deadline, peers, witness: witness.into_iter().next() }
+            }
+        };
+        Ok(ReplicationSetup { config, role, accept_at_risk_until })
     }
+}
+
+/// Parse an RFC 3339 date-time in UTC: `YYYY-MM-DDTHH:MM:SS[.fraction]`
+/// then `Z` or `+00:00` (`t`, `z` and a space for `T` accepted).
+pub fn parse_utc(text: &str) -> Result<SystemTime, String> {
+    let bad = || format!("{text:?} is not an RFC 3339 UTC time such as \"2026-11-27T08:00:00Z\"");
+    let s = text.trim();
+    let body = s
+        .strip_suffix('Z')
+        .or_else(|| s.strip_suffix('z'))
+        .or_else(|| s.strip_suffix("+00:00"))
+        .or_else(|| s.strip_suffix("-00:00"))
+        .ok_or_else(|| format!("{}: give the time in UTC (ending in `Z`)", bad()))?;
+    let b = body.as_bytes();
+    if b.len() < 19 || !matches!(b[10], b'T' | b't' | b' ') || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
+        return Err(bad());
+    }
+    let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
+        let part = body.get(r).ok_or_else(bad)?;
+        if part.bytes().all(|c| c.is_ascii_digit()) {
+            part.parse().map_err(|_| bad())
+        } else {
+            Err(bad())
+        }
+    };
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let nanos = match body.get(19..) {
+        Some("") | None => 0,
+        Some(frac) => {
+            let digits = frac.strip_prefix('.').filter(|d| !d.is_empty() && d.len() <= 9 && d.bytes().all(|c| c.is_ascii_digit()));
+            let digits = digits.ok_or_else(bad)?;
+            let n: u32 = digits.parse().map_err(|_| bad())?;
+            n * 10u32.pow(9 - u32::try_from(digits.len()).map_err(|_| bad())?)
+        }
+    };
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let days_in_month = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return Err(bad()),
+    };
+    if !(1970..=9999).contains(&year) || day < 1 || day > days_in_month || hour > 23 || minute > 59 || second > 59 {
+        return Err(bad());
+    }
+    // Days since 1970-01-01 from the civil date (March-based years).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = u64::try_from(days * 86_400 + hour * 3600 + minute * 60 + second).map_err(|_| bad())?;
+    Ok(UNIX_EPOCH + Duration::new(secs, nanos))
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` (whole seconds, UTC; before 1970 shown as 1970).
+#[must_use]
+pub fn format_utc(t: SystemTime) -> String {
+    format_unix(t.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)))
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` from Unix seconds (proleptic Gregorian, UTC).
+#[must_use]
+pub fn format_unix(t: i64) -> String {
+    let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
+    // The civil date of a day count (March-based years, 400-year eras).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
 }
 
 /// Where OTPs are decrypted.
@@ -201,6 +408,65 @@ pub struct ServeConfig {
     pub replication: Option<ReplicationConfig>,
 }
 
+/// A full site: the service, and its accept-at-risk window if any.
+#[derive(Clone, Debug)]
+pub struct SiteConfig {
+    /// Everything but the window.
+    pub serve: ServeConfig,
+    /// End of the accept-at-risk window (needs `serve.replication`).
+    pub accept_at_risk_until: Option<SystemTime>,
+}
+
+/// A counters-only witness: a counter database, its replication endpoint
+/// and HTTP for `/health`, `/metrics` and `/status`. No keystore, no KSM,
+/// no API clients.
+#[derive(Clone, Debug)]
+pub struct WitnessConfig {
+    /// The counter database.
+    pub db: PathBuf,
+    /// Its durability.
+    pub synchronous: Synchronous,
+    /// HTTP settings.
+    pub http: HttpOptions,
+    /// The witness's endpoint and the two sites (`peers`).
+    pub replication: ReplicationConfig,
+}
+
+/// What `validator serve` runs, by `[replication] role`.
+#[derive(Clone, Debug)]
+pub enum NodeConfig {
+    /// A full site (with or without replication).
+    Site(SiteConfig),
+    /// A counters-only witness.
+    Witness(WitnessConfig),
+}
+
+impl NodeConfig {
+    /// The role.
+    #[must_use]
+    pub fn role(&self) -> Role {
+        match self {
+            Self::Site(_) => Role::Site,
+            Self::Witness(_) => Role::Witness,
+        }
+    }
+
+    /// Its HTTP settings.
+    #[must_use]
+    pub fn http(&self) -> &HttpOptions {
+        match self {
+            Self::Site(s) => &s.serve.http,
+            Self::Witness(w) => &w.http,
+        }
+    }
+}
+
+impl From<ServeConfig> for NodeConfig {
+    fn from(serve: ServeConfig) -> Self {
+        Self::Site(SiteConfig { serve, accept_at_risk_until: None })
+    }
+}
+
 impl ConfigFile {
     /// Read and parse `path`.
     pub fn load(path: &Path) -> Result<Self, String> {
@@ -241,8 +507,48 @@ impl ConfigFile {
         }
     }
 
-    /// Check completeness.
+    /// Check completeness of a site's configuration (any accept-at-risk
+    /// window is left out: fail closed). A witness configuration is
+    /// refused; see [`Self::resolve_node`].
     pub fn resolve(self) -> Result<ServeConfig, String> {
+        match self.resolve_node()? {
+            NodeConfig::Site(s) => Ok(s.serve),
+            NodeConfig::Witness(_) => Err("this is a witness configuration ([replication] role = \"witness\")".to_owned()),
+        }
+    }
+
+    /// Check completeness, by role; accept-at-risk windows are measured
+    /// from now.
+    pub fn resolve_node(self) -> Result<NodeConfig, String> {
+        self.resolve_node_at(SystemTime::now())
+    }
+
+    /// [`Self::resolve_node`] as if started at `now`.
+    pub fn resolve_node_at(self, now: SystemTime) -> Result<NodeConfig, String> {
+        let http = self.http()?;
+        let synchronous = self.synchronous.as_deref().map(str::parse).transpose()?.unwrap_or_default();
+        let setup = self.replication.map(|r| r.resolve_setup(now)).transpose()?;
+        if let Some(ReplicationSetup { config, role: Role::Witness, .. }) = setup {
+            let ksm = self.ksm.unwrap_or_default();
+            let ksm_keys = [
+                ("ksm.store", ksm.store.is_some()),
+                ("ksm.aead_dir", ksm.aead_dir.is_some()),
+                ("ksm.urls", ksm.urls.is_some()),
+                ("ksm.key_handles", ksm.key_handles.is_some()),
+                ("ksm.timeout_ms", ksm.timeout_ms.is_some()),
+                ("keystore", self.keystore.is_some()),
+                ("password_file", self.password_file.is_some()),
+            ];
+            let given: Vec<&str> = ksm_keys.iter().filter(|(_, set)| *set).map(|(k, _)| *k).collect();
+            if !given.is_empty() {
+                return Err(format!(
+                    "a witness verifies no OTP and holds no keys: remove {} (role = \"witness\" needs only `db`, `listen` and [replication])",
+                    given.join(", ")
+                ));
+            }
+            let db = self.db.ok_or("no database: give --db or `db` in the config (the witness's counters)")?;
+            return Ok(NodeConfig::Witness(WitnessConfig { db, synchronous, http, replication: config }));
+        }
         let db = self.db.ok_or("no database: give --db or `db` in the config")?;
         let keystore = self.keystore.ok_or("no keystore: give --keystore or `keystore` in the config")?;
         let k = self.ksm.unwrap_or_default();
@@ -266,17 +572,24 @@ impl ConfigFile {
             }
             _ => return Err("give one KSM: --store, --aead-dir or --ksm-url".to_owned()),
         };
+        let (replication, accept_at_risk_until) = match setup {
+            Some(s) => (Some(s.config), s.accept_at_risk_until),
+            None => (None, None),
+        };
+        let serve = ServeConfig { db, synchronous, keystore, password_file: self.password_file, ksm, http, replication };
+        Ok(NodeConfig::Site(SiteConfig { serve, accept_at_risk_until }))
+    }
+
+    /// The HTTP settings, defaults filled in.
+    pub fn http(&self) -> Result<HttpOptions, String> {
         let d = HttpOptions::new(DEFAULT_LISTEN);
-        let http = HttpOptions {
+        Ok(HttpOptions {
             listen: self.listen.unwrap_or(d.listen),
             request_timeout: Duration::from_millis(positive(self.request_timeout_ms.unwrap_or(5000), "request_timeout_ms")?),
             workers: self.workers.unwrap_or(d.workers),
             max_blocking_threads: self.max_blocking_threads.unwrap_or(d.max_blocking_threads).max(1),
             max_connections: self.max_connections.unwrap_or(d.max_connections).max(1),
-        };
-        let synchronous = self.synchronous.as_deref().map(str::parse).transpose()?.unwrap_or_default();
-        let replication = self.replication.map(ReplicationSection::resolve).transpose()?;
-        Ok(ServeConfig { db, synchronous, keystore, password_file: self.password_file, ksm, http, replication })
+        })
     }
 }
 

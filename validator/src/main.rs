@@ -13,6 +13,7 @@ use hsm::cli::{KeystoreArgs, KeystoreCommand};
 use ksm::store::AeadStore;
 use validator::authfile::{self, StoreIds};
 use validator::clients::{ClientDb, ClientInfo};
+use validator::config::Role;
 use validator::{ClientId, ClientKey};
 use zeroize::Zeroizing;
 
@@ -76,12 +77,111 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         }),
         ..ConfigFile::default()
     };
-    let config = file.overridden_by(flags).resolve()?;
-    let parts = validator::serve::assemble(&config)?;
-    let running =
-        validator::serve::start(parts, config.http.clone()).map_err(|e| format!("cannot listen on {}: {e}", config.http.listen))?;
-    eprintln!("validator: serving http://{}/wsapi/2.0/verify", running.local_addr());
+    let config = file.overridden_by(flags).resolve_node()?;
+    let node = validator::serve::assemble_node(&config)?;
+    let http = config.http().clone();
+    let running = validator::serve::start_node(node, http.clone()).map_err(|e| format!("cannot listen on {}: {e}", http.listen))?;
+    match config.role() {
+        Role::Site => eprintln!("validator: serving http://{}/wsapi/2.0/verify", running.local_addr()),
+        Role::Witness => eprintln!("validator: witness serving http://{}/status (counters only)", running.local_addr()),
+    }
     running.wait_for_signal().map_err(|e| e.to_string())
+}
+
+const STATUS_HELP: &str = "Print a running server's GET /status: this node (site or witness), its
+quorum (required of the group), its policy (fail-closed, or the accept-at-risk
+window and what is left of it), verdict counters, and one line per peer (name,
+site, role, address, up/down/unknown, since, last RTT, replies, failures,
+requests received, last error).
+
+A peer is `unknown` until this node has exchanged a request with it; a
+witness sends no requests, so it reports a site up once it has answered one.";
+
+const STATUS_EXIT: &str = "Exit status: 0 when every peer is up (or replication is off); 1 when a peer is down or unknown; 2 when the status could not be fetched or read.";
+
+/// `validator status`: where the server is.
+#[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("server").required(true).args(["url", "config"]))]
+struct StatusArgs {
+    /// The server's base URL, e.g. http://127.0.0.1:8080 (its /status is fetched).
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
+    /// The server's configuration file: its `listen` address is used.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Connect and read timeout, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    timeout_ms: u64,
+}
+
+/// `host:port` of an `http://` URL (path ignored).
+fn url_addr(url: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs as _;
+    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url:?}: only http:// URLs are served"))?;
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let authority = if authority.rsplit_once(':').is_some_and(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty()) {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    authority.to_socket_addrs().map_err(|e| format!("{url:?}: {e}"))?.next().ok_or_else(|| format!("{url:?}: no address"))
+}
+
+/// The address to reach a server listening on `listen` (an unspecified
+/// address is reached over loopback).
+fn reachable(listen: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, listen.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, listen.port()).into(),
+        _ => listen,
+    }
+}
+
+/// Fetch and print the status; the exit code as documented in `STATUS_EXIT`.
+fn status_command(args: &StatusArgs) -> ExitCode {
+    match fetch_status(args) {
+        Ok(text) => {
+            print!("{text}");
+            match peers_all_up(&text) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn fetch_status(args: &StatusArgs) -> Result<String, String> {
+    let addr = match (&args.url, &args.config) {
+        (Some(url), _) => url_addr(url)?,
+        (None, Some(path)) => reachable(validator::config::ConfigFile::load(path)?.http()?.listen),
+        (None, None) => return Err("give --url or --config".to_owned()),
+    };
+    let timeout = std::time::Duration::from_millis(args.timeout_ms.max(1));
+    let mut conn = httpd::client::Connection::new(addr, timeout);
+    let response = conn.get("/status").map_err(|e| format!("GET http://{addr}/status: {e}"))?;
+    if response.head.status != 200 {
+        return Err(format!("GET http://{addr}/status: HTTP {}", response.head.status));
+    }
+    String::from_utf8(response.body).map_err(|_| format!("GET http://{addr}/status: the answer is not UTF-8"))
+}
+
+/// From the status page: every `peer:` line says `state=up`. Errors when
+/// the page has no `peers:` summary (not a status page, or replication not
+/// reported).
+fn peers_all_up(text: &str) -> Result<bool, String> {
+    if !text.lines().any(|l| l.starts_with("peers: ")) {
+        return Err("the answer has no `peers:` line: not a validator status page".to_owned());
+    }
+    Ok(text.lines().filter(|l| l.starts_with("peer: ")).all(|l| l.split(' ').any(|field| field == "state=up")))
 }
 
 /// Validation server: Yubico validation protocol 2.0 for pam_yubico, with
@@ -96,8 +196,12 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve Yubico's validation protocol 2.0 (`/wsapi/2.0/verify`) with
-    /// `/health` and Prometheus `/metrics`, until SIGTERM/SIGINT.
+    /// `/health`, Prometheus `/metrics` and `/status`, until SIGTERM/SIGINT;
+    /// or, with `[replication] role = "witness"`, a counters-only witness.
     Serve(ServeArgs),
+    /// Print a running server's replication status (exit 0: all peers up, 1: a peer down or unknown, 2: no answer).
+    #[command(long_about = STATUS_HELP, after_help = STATUS_EXIT)]
+    Status(StatusArgs),
     /// Manage validation API clients (id and HMAC key) in the validator's database.
     #[command(subcommand)]
     Client(ClientCommand),
@@ -249,20 +353,9 @@ fn print_key(id: ClientId, key: &ClientKey) {
     println!("key={}", b64.as_str());
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` from Unix seconds (proleptic Gregorian, UTC).
+/// `YYYY-MM-DDTHH:MM:SSZ` from Unix seconds.
 fn utc(t: i64) -> String {
-    let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+    validator::config::format_unix(t)
 }
 
 fn client(cmd: ClientCommand) -> Result<(), String> {
@@ -359,6 +452,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => exit(serve(args)),
+        Command::Status(args) => status_command(&args),
         Command::Client(cmd) => exit(client(cmd)),
         Command::Authfile(args) => exit(authfile_command(&args)),
         Command::Keystore(cmd) => exit(hsm::cli::run(&cmd, &mut std::io::stdout()).map_err(|e| e.to_string())),
@@ -381,6 +475,22 @@ mod tests {
     fn cli_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn status_urls_and_verdicts() {
+        assert_eq!(url_addr("http://127.0.0.1:8080").unwrap(), "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(url_addr("http://127.0.0.2:9/status").unwrap(), "127.0.0.2:9".parse().unwrap());
+        assert_eq!(url_addr("http://127.0.0.1").unwrap(), "127.0.0.1:80".parse().unwrap());
+        assert!(url_addr("https://127.0.0.1:1").is_err());
+        assert_eq!(reachable("0.0.0.0:8080".parse().unwrap()), "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(reachable("[::]:1".parse().unwrap()), "[::1]:1".parse().unwrap());
+        let up = "peer: name=a site=2 state=up since_s=1\npeers: total=1 up=1 down=0 unknown=0\n";
+        assert_eq!(peers_all_up(up), Ok(true));
+        assert_eq!(peers_all_up(&up.replace("state=up", "state=down")), Ok(false));
+        assert_eq!(peers_all_up(&up.replace("state=up", "state=unknown")), Ok(false));
+        assert_eq!(peers_all_up("peers: total=0 up=0 down=0 unknown=0\n"), Ok(true));
+        assert!(peers_all_up("<html>").is_err());
     }
 
     #[test]

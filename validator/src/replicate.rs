@@ -9,19 +9,37 @@
 //! the node, which works across runtimes; no async worker blocks. On drop
 //! the runtime is shut down in the background (safe inside another
 //! runtime): the endpoint's tasks stop, so peers see this site go down.
+//!
+//! **Roles.** A site's group is its peer site plus the optional witness
+//! (`QuorumConfig::two_sites`, or `with_witness`: 2 of 3); a witness's own
+//! group lists both sites as peers (`QuorumConfig::witness_of`) and it only
+//! answers their compare-and-sets.
+//!
+//! **Accept-at-risk.** A site configured with `accept_at_risk_until` runs
+//! `Policy::AcceptAtRisk` until that (wall-clock) time, turned into a
+//! monotonic instant at the start: moving the clock afterwards neither
+//! lengthens nor shortens the window. Each acceptance without quorum is
+//! logged (WARN) and counted; afterwards the machine fails closed again.
+//!
+//! **Status.** [`Replication::render_status`] writes the `/status` lines:
+//! this node, its quorum and policy, verdict counters, one line per peer.
+//! Peers' reachability is what this node's own requests found; a witness
+//! sends none, so it reports a site `up` once it has answered one of its
+//! requests and `unknown` before (it cannot see a site go down: ask the
+//! sites).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use httpd::metrics::header;
-use replication::node::{Node, NodeConfig, Reachability};
+use replication::node::{DurableCas, Node, NodeConfig, Reachability};
 use replication::pki::{Fingerprint, Identity};
-use replication::quorum::{OtpDigest, Proposal, QuorumConfig, SiteId, Verdict};
+use replication::quorum::{OtpDigest, PeerCasResult, Policy, Proposal, QuorumConfig, SiteId, Verdict};
 use replication::transport::{Endpoint, EndpointConfig, Peer, PeerRule, Settings, Trust};
 
-use crate::config::{PeerSection, ReplicationConfig};
+use crate::config::{format_utc, PeerSection, ReplicationConfig, Role};
 use crate::counters::SqliteCounters;
 use crate::verify::{AsyncPeerSync, BoxFuture, SyncOutcome};
 use crate::CounterUpdate;
@@ -30,6 +48,45 @@ use crate::CounterUpdate;
 pub struct Replication {
     node: Option<Node>,
     runtime: Option<tokio::runtime::Runtime>,
+    role: Role,
+    site: u16,
+    listen: std::net::SocketAddr,
+    quorum: QuorumConfig,
+    /// The accept-at-risk window's end: monotonic, and as configured.
+    window: Option<(Instant, SystemTime)>,
+    /// Names and roles of the other nodes, by site id.
+    roles: BTreeMap<SiteId, Role>,
+    heard: Arc<Heard>,
+}
+
+/// Peers' compare-and-set requests this node answered, by origin: when the
+/// last one came and how many.
+#[derive(Debug, Default)]
+struct Heard(Mutex<BTreeMap<SiteId, (Instant, u64)>>);
+
+impl Heard {
+    fn get(&self, site: SiteId) -> Option<(Instant, u64)> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&site).copied()
+    }
+}
+
+/// The counter store as the node's [`DurableCas`], noting who asked.
+///
+/// (When dataset sync arrives, this wrapper forwards its store trait too,
+/// or the sync setup takes the bare store.)
+struct Observed<S> {
+    store: Arc<S>,
+    heard: Arc<Heard>,
+}
+
+impl<S: DurableCas> DurableCas for Observed<S> {
+    fn peer_cas(&self, origin: SiteId, proposal: &Proposal) -> PeerCasResult {
+        let result = self.store.peer_cas(origin, proposal);
+        let mut heard = self.heard.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = heard.entry(origin).or_insert((Instant::now(), 0));
+        *entry = (Instant::now(), entry.1 + 1);
+        result
+    }
 }
 
 impl std::fmt::Debug for Replication {
@@ -49,20 +106,45 @@ fn rule(p: &PeerSection) -> Result<PeerRule, String> {
 }
 
 impl Replication {
+    /// [`Self::start_with`] for a site failing closed.
+    pub fn start(config: &ReplicationConfig, counters: Arc<SqliteCounters>) -> Result<Self, String> {
+        Self::start_with(config, Role::Site, None, counters)
+    }
+
     /// Load the certificates, bind the QUIC endpoint, register each peer's
     /// outbox in `counters` and start the node over `counters` as its
-    /// durable compare-and-set.
-    pub fn start(config: &ReplicationConfig, counters: Arc<SqliteCounters>) -> Result<Self, String> {
+    /// durable compare-and-set, as a site (accepting at risk until
+    /// `accept_at_risk_until`, if given) or as the witness.
+    pub fn start_with(
+        config: &ReplicationConfig,
+        role: Role,
+        accept_at_risk_until: Option<SystemTime>,
+        counters: Arc<SqliteCounters>,
+    ) -> Result<Self, String> {
         let identity = Identity::load(&config.certificate, &config.key).map_err(|e| format!("replication identity: {e}"))?;
         let ca = replication::pki::load_certificate(&config.ca).map_err(|e| format!("replication CA: {e}"))?;
         let all: Vec<&PeerSection> = config.peers.iter().chain(config.witness.as_ref()).collect();
         let rules = all.iter().map(|p| rule(p)).collect::<Result<Vec<_>, _>>()?;
         let trust = Trust::new(ca, rules).map_err(|e| format!("replication trust: {e}"))?;
-        let peer = config.peers.first().ok_or("replication: no peer site")?;
-        let quorum = match &config.witness {
-            Some(w) => QuorumConfig::with_witness(SiteId(peer.site), SiteId(w.site), config.deadline),
-            None => QuorumConfig::two_sites(SiteId(peer.site), config.deadline),
+        let mut quorum = match (role, config.peers.as_slice(), &config.witness) {
+            (Role::Witness, [a, b], None) => QuorumConfig::witness_of(SiteId(a.site), SiteId(b.site), config.deadline),
+            (Role::Witness, _, _) => return Err("replication: a witness needs exactly the two sites as peers".to_owned()),
+            (Role::Site, [peer], Some(w)) => QuorumConfig::with_witness(SiteId(peer.site), SiteId(w.site), config.deadline),
+            (Role::Site, [peer], None) => QuorumConfig::two_sites(SiteId(peer.site), config.deadline),
+            (Role::Site, _, _) => return Err("replication: a site needs exactly one peer site".to_owned()),
         };
+        let window = match (role, accept_at_risk_until) {
+            (Role::Site, Some(until)) => Some(open_window(until)),
+            (Role::Witness, Some(_)) => return Err("replication: a witness cannot accept at risk".to_owned()),
+            (_, None) => None,
+        };
+        if let Some((end, _)) = window {
+            quorum.policy = Policy::AcceptAtRisk { until: end };
+        }
+        let mut roles: BTreeMap<SiteId, Role> = config.peers.iter().map(|p| (SiteId(p.site), Role::Site)).collect();
+        if let Some(w) = &config.witness {
+            roles.insert(SiteId(w.site), Role::Witness);
+        }
         let peers: BTreeMap<SiteId, Peer> = all.iter().map(|p| (SiteId(p.site), Peer::new(p.name.clone(), p.addr))).collect();
         for p in &all {
             counters.add_peer(&p.name).map_err(|e| format!("replication: registering peer {:?}: {e}", p.name))?;
@@ -73,14 +155,37 @@ impl Replication {
             .enable_all()
             .build()
             .map_err(|e| format!("replication runtime: {e}"))?;
+        let heard = Arc::new(Heard::default());
+        let store = Arc::new(Observed { store: counters, heard: heard.clone() });
         let node = {
             let _entered = runtime.enter();
             let endpoint = Endpoint::bind(EndpointConfig { bind: config.listen, identity, trust, settings: Settings::default() })
                 .map_err(|e| format!("replication endpoint {}: {e}", config.listen))?;
-            Node::start(NodeConfig { site: SiteId(config.site), quorum, peers }, endpoint, counters)
+            Node::start(NodeConfig { site: SiteId(config.site), quorum: quorum.clone(), peers }, endpoint, store)
                 .map_err(|e| format!("replication node: {e}"))?
         };
-        Ok(Self { node: Some(node), runtime: Some(runtime) })
+        if let Some((end, until)) = window {
+            let site = config.site;
+            runtime.spawn(async move {
+                tokio::time::sleep_until(end.into()).await;
+                tracing::warn!(site, until = %format_utc(until), "accept-at-risk window closed: failing closed again");
+            });
+        }
+        tracing::info!(site = config.site, %role, group = quorum.group_size(), required = quorum.required, "replication started");
+        Ok(Self { node: Some(node), runtime: Some(runtime), role, site: config.site, listen: config.listen, quorum, window, roles, heard })
+    }
+
+    /// This node's role.
+    #[must_use]
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// What is left of the accept-at-risk window (zero once closed, `None`
+    /// when none was configured).
+    #[must_use]
+    pub fn accept_at_risk_remaining(&self) -> Option<Duration> {
+        self.window.map(|(end, _)| end.saturating_duration_since(Instant::now()))
     }
 
     /// The node.
@@ -107,6 +212,14 @@ impl Replication {
         ] {
             let _ = writeln!(out, "validator_replication_verdicts_total{{verdict=\"{verdict}\"}} {n}");
         }
+        header(
+            out,
+            "validator_replication_accept_at_risk_window_seconds",
+            "gauge",
+            "Seconds left in the accept-at-risk window (0 when closed or none).",
+        );
+        let left = self.accept_at_risk_remaining().unwrap_or_default();
+        let _ = writeln!(out, "validator_replication_accept_at_risk_window_seconds {}", left.as_secs_f64().ceil());
         header(out, "validator_replication_accepted_at_risk_total", "counter", "OTPs accepted without their quorum (accept-at-risk).");
         let _ = writeln!(out, "validator_replication_accepted_at_risk_total {}", m.accepted_at_risk);
         header(out, "validator_replication_quorum_failures_total", "counter", "Requests that missed their quorum.");
@@ -129,6 +242,108 @@ impl Replication {
             let _ = writeln!(out, "validator_replication_peer_up{{peer=\"{}\",site=\"{}\"}} {up}", p.peer.name, p.site.0);
         }
     }
+
+    /// The `/status` lines of replication (see [`crate::serve`]): `node:`,
+    /// `quorum:`, `policy:`, `verdicts:`, one `peer:` per other node, and
+    /// `peers:` with the count by state.
+    pub fn render_status(&self, out: &mut String) {
+        let Some(node) = &self.node else { return };
+        let _ = writeln!(out, "node: role={} site={} listen={}", self.role, self.site, self.listen);
+        let _ = writeln!(
+            out,
+            "quorum: required={} group={} deadline_ms={}",
+            self.quorum.required,
+            self.quorum.group_size(),
+            self.quorum.deadline.as_millis()
+        );
+        match (self.role, self.window) {
+            (Role::Witness, _) => {
+                let _ = writeln!(out, "policy: witness (answers the sites' compare-and-sets, decides nothing)");
+            }
+            (Role::Site, None) => {
+                let _ = writeln!(out, "policy: fail-closed");
+            }
+            (Role::Site, Some((end, until))) => {
+                let left = end.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    let _ = writeln!(out, "policy: fail-closed (accept-at-risk window ended {})", format_utc(until));
+                } else {
+                    let _ = writeln!(
+                        out,
+                        "policy: ACCEPT-AT-RISK until={} remaining_s={} (an OTP missing its quorum is accepted; it may be replayed at a site that missed it)",
+                        format_utc(until),
+                        left.as_secs()
+                    );
+                }
+            }
+        }
+        let m = node.metrics();
+        let _ = writeln!(
+            out,
+            "verdicts: accepted={} replayed={} not_enough_answers={} accepted_at_risk={} peer_requests={} rpc_failures={}",
+            m.accepted, m.replayed, m.not_enough_answers, m.accepted_at_risk, m.peer_requests, m.rpc_failures
+        );
+        let now = Instant::now();
+        let (mut up, mut down, mut unknown) = (0, 0, 0);
+        for p in node.peers() {
+            let heard = self.heard.get(p.site);
+            let state = match (p.reachability, self.role, heard) {
+                (Reachability::Up, _, _) => "up",
+                (Reachability::Down, _, _) => "down",
+                // A witness sends nothing: a site it has answered is up as
+                // far as it can tell.
+                (Reachability::Unknown, Role::Witness, Some(_)) => "up",
+                (Reachability::Unknown, _, _) => "unknown",
+            };
+            match state {
+                "up" => up += 1,
+                "down" => down += 1,
+                _ => unknown += 1,
+            }
+            let role = self.roles.get(&p.site).copied().unwrap_or_default();
+            let ago = |t: Option<Instant>| t.map_or_else(|| "-".to_owned(), |t| now.saturating_duration_since(t).as_secs().to_string());
+            let _ = writeln!(
+                out,
+                "peer: name={} site={} role={role} addr={} state={state} since_s={} last_rtt_ms={} replies={} failures={} requests_in={} last_request_in_s={} last_error={}",
+                p.peer.name,
+                p.site.0,
+                p.peer.addr,
+                ago(p.since),
+                p.last_rtt.map_or_else(|| "-".to_owned(), rtt_ms),
+                p.replies,
+                p.failures,
+                heard.map_or(0, |h| h.1),
+                ago(heard.map(|h| h.0)),
+                p.last_error.as_ref().map_or_else(|| "-".to_owned(), |e| format!("{:?}", e.to_string())),
+            );
+        }
+        let _ = writeln!(out, "peers: total={} up={up} down={down} unknown={unknown}", up + down + unknown);
+    }
+}
+
+/// The window ending at `until` (wall clock) as a monotonic instant,
+/// announced in the log with its exposure.
+fn open_window(until: SystemTime) -> (Instant, SystemTime) {
+    let now = Instant::now();
+    match until.duration_since(SystemTime::now()) {
+        Ok(left) if !left.is_zero() => {
+            tracing::warn!(
+                until = %format_utc(until),
+                remaining_s = left.as_secs(),
+                "ACCEPT-AT-RISK window open: until then an OTP whose quorum is missed is answered OK anyway (logged and \
+                 counted); exposure: such an OTP can be accepted a second time at a site that did not receive it"
+            );
+            (now.checked_add(left).unwrap_or(now), until)
+        }
+        _ => {
+            tracing::warn!(until = %format_utc(until), "accept_at_risk_until has passed: failing closed (remove it from the configuration)");
+            (now, until)
+        }
+    }
+}
+
+fn rtt_ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1000.0)
 }
 
 impl AsyncPeerSync for Replication {

@@ -19,6 +19,20 @@
 //! local compare-and-set accepts an OTP, the replication node's verdict is
 //! awaited under the same deadline: `OK` with its `sl`, `REPLAYED_OTP`,
 //! `NOT_ENOUGH_ANSWERS`, or `OK` (logged, counted) when accepted at risk.
+//!
+//! **Roles** ([`assemble_node`]): a site serves all of the above; a
+//! counters-only witness (`[replication] role = "witness"`) serves only
+//! `/health`, `/metrics` and `/status`, and answers every other path 404
+//! with a line saying it verifies nothing.
+//!
+//! **`GET /status`** (text, `key: field=value …` lines, for people and for
+//! `validator status`): `node:` (role, site, QUIC address), `quorum:`,
+//! `policy:` (fail-closed, or the accept-at-risk window and what is left
+//! of it), `verdicts:`, one `peer:` line per other node (name, site, role,
+//! address, `state=up|down|unknown`, since, last RTT, replies, failures,
+//! requests received, last error), `sync:` (dataset sync, reserved), and
+//! `peers:` with the count by state. Without replication, `replication:
+//! off` and `peers: total=0 …`.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +43,9 @@ use httpd::metrics::{header, Histogram};
 pub use httpd::{HttpOptions, Running};
 use httpd::{Method, Rejection, Reply, Request, StatusCode};
 
+use crate::config::Role;
 use crate::protocol::{Response, Status, Version};
+use crate::replicate::Replication;
 use crate::verify::{Prepared, Verifier};
 
 /// A readiness check: `Err` says what is not ready.
@@ -47,25 +63,125 @@ pub struct Parts {
     pub metrics: Vec<MetricsSource>,
 }
 
+/// A node of either role, assembled by [`assemble_node`], ready for
+/// [`start_node`].
+pub struct Assembled {
+    role: Role,
+    /// The decision; `None` on a witness.
+    verifier: Option<Arc<Verifier>>,
+    health: Vec<HealthCheck>,
+    metrics: Vec<MetricsSource>,
+    replication: Replicated,
+}
+
+impl std::fmt::Debug for Assembled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assembled").field("role", &self.role).finish_non_exhaustive()
+    }
+}
+
+/// What `/status` can say about replication.
+enum Replicated {
+    /// No `[replication]` section.
+    Off,
+    /// Running.
+    On(Arc<Replication>),
+    /// Started from bare [`Parts`], which do not say.
+    Unreported,
+}
+
+impl From<Parts> for Assembled {
+    fn from(parts: Parts) -> Self {
+        Self {
+            role: Role::Site,
+            verifier: Some(parts.verifier),
+            health: parts.health,
+            metrics: parts.metrics,
+            replication: Replicated::Unreported,
+        }
+    }
+}
+
+impl Assembled {
+    /// The role.
+    #[must_use]
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The replication node, when there is one.
+    #[must_use]
+    pub fn replication(&self) -> Option<&Arc<Replication>> {
+        match &self.replication {
+            Replicated::On(r) => Some(r),
+            Replicated::Off | Replicated::Unreported => None,
+        }
+    }
+}
+
 /// Bind `opts.listen` and serve. `opts.request_timeout` is the ceiling on
-/// every answer.
+/// every answer. `/status` cannot report replication for bare parts: use
+/// [`assemble_node`] and [`start_node`] for that.
 pub fn start(parts: Parts, opts: HttpOptions) -> std::io::Result<Running> {
+    start_node(parts.into(), opts)
+}
+
+/// Bind `opts.listen` and serve a site or a witness.
+pub fn start_node(node: Assembled, opts: HttpOptions) -> std::io::Result<Running> {
     let service =
-        ValidatorService { parts, ceiling: opts.request_timeout, by_status: Default::default(), deadline_missed: AtomicU64::new(0) };
+        ValidatorService { node, ceiling: opts.request_timeout, by_status: Default::default(), deadline_missed: AtomicU64::new(0) };
     httpd::start(Arc::new(service), opts)
 }
 
+/// What a witness answers on any path but `/health`, `/metrics`, `/status`.
+pub const WITNESS_REFUSAL: &str = "this node is a counters-only replication witness: it verifies no OTP (ask a site)";
+
 struct ValidatorService {
-    parts: Parts,
+    node: Assembled,
     ceiling: Duration,
     by_status: [Histogram; Status::ALL.len()],
     deadline_missed: AtomicU64,
+}
+
+impl ValidatorService {
+    /// The `/status` page (see the module docs).
+    fn status_text(&self) -> String {
+        let mut out = String::from("validator status\n");
+        match &self.node.replication {
+            Replicated::On(r) => r.render_status(&mut out),
+            Replicated::Off => {
+                let _ = writeln!(out, "node: role={}", self.node.role);
+                let _ = writeln!(out, "replication: off (no [replication] section): this site decides alone");
+            }
+            Replicated::Unreported => {
+                let _ = writeln!(out, "node: role={}", self.node.role);
+                let _ = writeln!(out, "replication: not reported (served from bare serve::Parts)");
+            }
+        }
+        // SYNC-STATUS: dataset sync (catch-up, anti-entropy) goes here once
+        // `Node::sync_status()` exists: one `sync:` line per dataset and
+        // peer (backlog, lag, last catch-up, digest mismatches).
+        let _ = writeln!(out, "sync: not reported yet (dataset sync status will appear here)");
+        if matches!(self.node.replication, Replicated::Off) {
+            let _ = writeln!(out, "peers: total=0 up=0 down=0 unknown=0");
+        }
+        out
+    }
 }
 
 impl httpd::Handler for ValidatorService {
     const NAME: &'static str = "validator";
 
     async fn handle(self: Arc<Self>, req: Request) -> Result<Reply, Rejection> {
+        if req.path == "/status" {
+            if req.method != Method::GET {
+                return Err(Rejection::MethodNotAllowed);
+            }
+            return Ok(Reply::text(StatusCode::OK, self.status_text()));
+        }
+        let Some(verifier) = self.node.verifier.clone() else {
+            return Ok(Reply::line(StatusCode::NOT_FOUND, WITNESS_REFUSAL));
+        };
         let version = Version::from_path(&req.path).ok_or(Rejection::NotFound)?;
         // As yubikey-val: the query string, or the form body when the query
         // is empty.
@@ -76,7 +192,7 @@ impl httpd::Handler for ValidatorService {
             _ => return Err(Rejection::MethodNotAllowed),
         };
         let response = match httpd::form::pairs(&form) {
-            Ok(pairs) => self.verify(req.started, pairs, version).await,
+            Ok(pairs) => self.verify(&verifier, req.started, pairs, version).await,
             // Nothing in a garbled query can be trusted, the id included.
             Err(_) => Response::bare(Status::MissingParameter, SystemTime::now()),
         };
@@ -88,12 +204,18 @@ impl httpd::Handler for ValidatorService {
     async fn health(self: Arc<Self>) -> Result<(), String> {
         let me = self.clone();
         let deadline = std::time::Instant::now() + self.ceiling;
-        httpd::blocking(deadline, move || me.parts.health.iter().try_for_each(|check| check()))
+        httpd::blocking(deadline, move || me.node.health.iter().try_for_each(|check| check()))
             .await
             .unwrap_or_else(|| Err("health check timed out".to_owned()))
     }
 
     fn metrics(&self, out: &mut String) {
+        if self.node.verifier.is_none() {
+            for source in &self.node.metrics {
+                source(out);
+            }
+            return;
+        }
         header(out, "validator_verify_requests_total", "counter", "Verify requests answered, by status.");
         for (s, h) in Status::ALL.iter().zip(&self.by_status) {
             let _ = writeln!(out, "validator_verify_requests_total{{status=\"{}\"}} {}", s.as_str(), h.count());
@@ -109,7 +231,7 @@ impl httpd::Handler for ValidatorService {
             "Requests answered BACKEND_ERROR because the decision missed its deadline.",
         );
         let _ = writeln!(out, "validator_deadline_missed_total {}", self.deadline_missed.load(Ordering::Relaxed));
-        for source in &self.parts.metrics {
+        for source in &self.node.metrics {
             source(out);
         }
     }
@@ -124,14 +246,20 @@ impl ValidatorService {
     /// HMAC: microseconds), then decide on the blocking pool (KSM, module,
     /// counter store), answering by the deadline whatever those do. Once
     /// the client is known, even a missed deadline is signed with its key.
-    async fn verify(&self, started: std::time::Instant, pairs: Vec<(String, String)>, version: Version) -> Response {
-        let checked = match self.parts.verifier.prepare(&pairs, version, SystemTime::now()) {
+    async fn verify(
+        &self,
+        verifier: &Arc<Verifier>,
+        started: std::time::Instant,
+        pairs: Vec<(String, String)>,
+        version: Version,
+    ) -> Response {
+        let checked = match verifier.prepare(&pairs, version, SystemTime::now()) {
             Prepared::Done(r) => return r,
             Prepared::Checked(c) => c,
         };
         // The request's own timeout can only shorten the ceiling.
         let deadline = started + checked.deadline(self.ceiling);
-        let verifier = self.parts.verifier.clone();
+        let verifier = verifier.clone();
         let missed = || {
             self.deadline_missed.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
@@ -178,10 +306,51 @@ impl ValidatorService {
     }
 }
 
-/// Open everything a configuration names: the keystore (unlocked), the
-/// client and counter stores, the KSM. Fails, saying what, before anything
-/// listens.
+/// Open everything a site's configuration names (failing closed, see
+/// [`assemble_node`]).
 pub fn assemble(config: &crate::config::ServeConfig) -> Result<Parts, String> {
+    assemble_site(config, None).map(|(parts, _)| parts)
+}
+
+/// Open everything a configuration names, by role: for a site, the
+/// keystore (unlocked), the client and counter stores, the KSM and the
+/// replication node (with its accept-at-risk window); for a witness, the
+/// counter store and the replication node only. Fails, saying what, before
+/// anything listens.
+pub fn assemble_node(config: &crate::config::NodeConfig) -> Result<Assembled, String> {
+    use crate::config::NodeConfig;
+    match config {
+        NodeConfig::Site(site) => {
+            let (parts, replication) = assemble_site(&site.serve, site.accept_at_risk_until)?;
+            let replication = match replication {
+                Some(r) => Replicated::On(r),
+                None => Replicated::Off,
+            };
+            Ok(Assembled { role: Role::Site, verifier: Some(parts.verifier), health: parts.health, metrics: parts.metrics, replication })
+        }
+        NodeConfig::Witness(w) => {
+            use crate::counters::{CounterOptions, SqliteCounters};
+            let counters = Arc::new(
+                SqliteCounters::open_with(&w.db, CounterOptions { synchronous: w.synchronous, ..CounterOptions::default() })
+                    .map_err(|e| format!("counter store: {e}"))?,
+            );
+            let c = counters.clone();
+            let health: Vec<HealthCheck> = vec![Box::new(move || c.check().map_err(|e| e.to_string()))];
+            let c = counters.clone();
+            let mut metrics: Vec<MetricsSource> = vec![Box::new(move |out: &mut String| c.render_metrics(out))];
+            let r = Arc::new(Replication::start_with(&w.replication, Role::Witness, None, counters)?);
+            let m = r.clone();
+            metrics.push(Box::new(move |out: &mut String| m.render_metrics(out)));
+            Ok(Assembled { role: Role::Witness, verifier: None, health, metrics, replication: Replicated::On(r) })
+        }
+    }
+}
+
+/// A site's parts and its replication node.
+fn assemble_site(
+    config: &crate::config::ServeConfig,
+    accept_at_risk_until: Option<SystemTime>,
+) -> Result<(Parts, Option<Arc<Replication>>), String> {
     use hsm::SecurityModule;
 
     use crate::config::KsmSource;
@@ -229,15 +398,18 @@ pub fn assemble(config: &crate::config::ServeConfig) -> Result<Parts, String> {
     let c = counters.clone();
     let mut metrics: Vec<MetricsSource> = vec![Box::new(move |out: &mut String| c.render_metrics(out))];
     let replication = match &config.replication {
-        Some(r) => Some(Arc::new(crate::replicate::Replication::start(r, counters.clone())?)),
+        Some(r) => Some(Arc::new(Replication::start_with(r, Role::Site, accept_at_risk_until, counters.clone())?)),
+        None if accept_at_risk_until.is_some() => {
+            return Err("accept_at_risk_until needs a [replication] section".to_owned());
+        }
         None => None,
     };
     let mut verifier =
         Verifier::new(Arc::new(clients), decoder, counters, crate::verify::VerifyOptions::default()).with_inline_decode(inline_decode);
-    if let Some(r) = replication {
+    if let Some(r) = &replication {
         let m = r.clone();
         metrics.push(Box::new(move |out: &mut String| m.render_metrics(out)));
-        verifier = verifier.with_async_peer_sync(r);
+        verifier = verifier.with_async_peer_sync(r.clone());
     }
-    Ok(Parts { verifier: Arc::new(verifier), health, metrics })
+    Ok((Parts { verifier: Arc::new(verifier), health, metrics }, replication))
 }
