@@ -23,6 +23,19 @@
 //!
 //! [`ClientDb`] is the table without the cache, for the command line:
 //! listing and disabling need no keystore.
+//!
+//! **Replication.** Every row has a `version` (1 at creation, one more at
+//! every local change: disable, enable, rotate); triggers append the id of
+//! every inserted or updated row to `clients_outbox` while a peer is
+//! registered in `clients_peer_cursors`. [`ClientSync`] is the dataset for
+//! [`replication::sync`]: it opens keys with this site's module and
+//! re-seals merged ones under it, so ciphertexts never travel.
+//!
+//! **Migration.** A database without `clients.version` gets it when
+//! opened (`ALTER TABLE clients ADD COLUMN version INTEGER NOT NULL
+//! DEFAULT 1`), with the outbox tables and triggers, in one write
+//! transaction. Older binaries still read and write the file, but their
+//! changes do not bump versions (a peer's copy may then win).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -32,7 +45,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use hsm::{DataKey, SecurityModule};
+use replication::sync::{bucket_of, Changes, Digest, Item, Merged, SyncError, SyncStore};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
 
 use crate::counters::{create_private, open_read_write, Synchronous, DEFAULT_BUSY_TIMEOUT};
@@ -57,7 +72,8 @@ CREATE TABLE IF NOT EXISTS clients (
     active  INTEGER NOT NULL DEFAULT 1,
     created INTEGER NOT NULL,
     key     BLOB    NOT NULL,
-    notes   TEXT    NOT NULL DEFAULT ''
+    notes   TEXT    NOT NULL DEFAULT '',
+    version INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS clients_version (
     one     INTEGER PRIMARY KEY CHECK (one = 1),
@@ -70,7 +86,35 @@ CREATE TRIGGER IF NOT EXISTS clients_version_update AFTER UPDATE ON clients
     BEGIN UPDATE clients_version SET version = version + 1; END;
 CREATE TRIGGER IF NOT EXISTS clients_version_delete AFTER DELETE ON clients
     BEGIN UPDATE clients_version SET version = version + 1; END;
+CREATE TABLE IF NOT EXISTS clients_outbox (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    id      INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS clients_peer_cursors (
+    peer      TEXT    NOT NULL PRIMARY KEY,
+    acked_seq INTEGER NOT NULL
+) WITHOUT ROWID;
 ";
+
+/// The migration from the schema without row versions: every existing
+/// client is at version 1, as a new one is.
+const MIGRATE_VERSION: &str = "ALTER TABLE clients ADD COLUMN version INTEGER NOT NULL DEFAULT 1";
+
+/// The outbox triggers (after the migration: they are the same for both
+/// schemas). Written only while a peer is registered, like the counters'.
+const OUTBOX_TRIGGERS: &str = "
+CREATE TRIGGER IF NOT EXISTS clients_outbox_insert AFTER INSERT ON clients
+    WHEN EXISTS (SELECT 1 FROM clients_peer_cursors)
+    BEGIN INSERT INTO clients_outbox (id) VALUES (NEW.id); END;
+CREATE TRIGGER IF NOT EXISTS clients_outbox_update AFTER UPDATE ON clients
+    WHEN EXISTS (SELECT 1 FROM clients_peer_cursors)
+    BEGIN INSERT INTO clients_outbox (id) VALUES (NEW.id); END;
+";
+
+const OUTBOX_HEAD: &str = "SELECT seq FROM sqlite_sequence WHERE name = 'clients_outbox'";
+const COMPACT: &str = "DELETE FROM clients_outbox WHERE seq <= (SELECT min(acked_seq) FROM clients_peer_cursors)";
+/// Longest notes accepted by [`ClientDb::add`].
+pub const MAX_NOTES_LEN: usize = 1024;
 
 /// Errors of the client table.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +132,9 @@ pub enum ClientError {
     /// A key given by the operator is unusable.
     #[error("invalid client key: {0}")]
     InvalidKey(String),
+    /// Notes given by the operator are too long.
+    #[error("client notes: {0} bytes, at most {MAX_NOTES_LEN}")]
+    NotesTooLong(usize),
     /// A stored key does not decrypt with this module's config key.
     #[error("the key of client {id} cannot be decrypted: another keystore's config key, or a damaged row ({reason})")]
     Undecryptable {
@@ -179,6 +226,31 @@ fn open_key(hsm: &dyn SecurityModule, id: ClientId, sealed: &[u8]) -> Result<Cli
     }
 }
 
+/// Create missing tables, add `clients.version` to a database of the
+/// previous schema, and create the outbox triggers, in one write
+/// transaction (two processes opening one old file migrate it once).
+fn migrate(conn: &Connection) -> Result<(), ClientError> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
+    let result = (|| -> rusqlite::Result<()> {
+        conn.execute_batch(SCHEMA)?;
+        let has_version: bool = conn
+            .query_row("SELECT count(*) FROM pragma_table_info('clients') WHERE name = 'version'", [], |r| r.get::<_, i64>(0))
+            .map(|n| n > 0)?;
+        if !has_version {
+            conn.execute_batch(MIGRATE_VERSION)?;
+            tracing::info!("client table migrated: column clients.version added (1 for the existing rows)");
+        }
+        conn.execute_batch(OUTBOX_TRIGGERS)?;
+        conn.execute_batch("COMMIT")
+    })();
+    result.map_err(|e| {
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        db_err(e)
+    })
+}
+
 /// The `clients` table, without a cache: for the command line and as the
 /// backing of [`SqliteClients`].
 pub struct ClientDb {
@@ -206,7 +278,7 @@ impl ClientDb {
             return Err(ClientError::Database(format!("{}: no such database file", path.display())));
         }
         let conn = open_read_write(path, Synchronous::Full, DEFAULT_BUSY_TIMEOUT).map_err(ClientError::Database)?;
-        conn.execute_batch(SCHEMA).map_err(db_err)?;
+        migrate(&conn)?;
         Ok(Self { path: path.to_path_buf(), conn: Mutex::new(conn) })
     }
 
@@ -244,6 +316,9 @@ impl ClientDb {
         key: Option<ClientKey>,
         notes: &str,
     ) -> Result<(ClientId, ClientKey), ClientError> {
+        if notes.len() > MAX_NOTES_LEN {
+            return Err(ClientError::NotesTooLong(notes.len()));
+        }
         let key = match key {
             Some(k) => {
                 check_key(&k)?;
@@ -288,8 +363,10 @@ impl ClientDb {
 
     /// Enable or disable a client.
     pub fn set_active(&self, id: ClientId, active: bool) -> Result<(), ClientError> {
-        let n =
-            self.lock().execute("UPDATE clients SET active = ?2 WHERE id = ?1", params![sql_id(id), i64::from(active)]).map_err(db_err)?;
+        let n = self
+            .lock()
+            .execute("UPDATE clients SET active = ?2, version = version + 1 WHERE id = ?1", params![sql_id(id), i64::from(active)])
+            .map_err(db_err)?;
         if n == 0 {
             return Err(ClientError::NotFound(id));
         }
@@ -313,7 +390,10 @@ impl ClientDb {
         hsm.random(&mut bytes)?;
         let key = ClientKey::new(bytes.to_vec());
         let sealed = seal(hsm, id, &key)?;
-        let n = self.lock().execute("UPDATE clients SET key = ?2 WHERE id = ?1", params![sql_id(id), sealed]).map_err(db_err)?;
+        let n = self
+            .lock()
+            .execute("UPDATE clients SET key = ?2, version = version + 1 WHERE id = ?1", params![sql_id(id), sealed])
+            .map_err(db_err)?;
         if n == 0 {
             return Err(ClientError::NotFound(id));
         }
@@ -507,5 +587,450 @@ impl ClientStore for SqliteClients {
             Some(Entry::Ready(client)) => Ok(Some(client.clone())),
             Some(Entry::Broken(reason)) => Err(BackendFailure(format!("API client {id}: key unusable: {reason}"))),
         }
+    }
+}
+
+// ----------------------------------------------------------------------
+// Replication
+// ----------------------------------------------------------------------
+
+/// Version byte of the canonical item value.
+const CANONICAL_V1: u8 = 1;
+/// Bytes of the canonical value before the notes: format, version,
+/// disabled, created, notes length.
+const CANONICAL_FIXED: usize = 1 + 8 + 1 + 8 + 2;
+
+/// One client as replicated: every column but the local ciphertext, with
+/// the key in the clear (zeroized on drop).
+struct Canonical {
+    id: ClientId,
+    version: u64,
+    active: bool,
+    created: i64,
+    notes: String,
+    key: ClientKey,
+}
+
+impl Canonical {
+    /// The item key: the id, u64 big-endian.
+    fn item_key(&self) -> Vec<u8> {
+        self.id.get().to_be_bytes().to_vec()
+    }
+
+    /// format (1) ‖ version (u64 BE) ‖ disabled (0 or 1) ‖ created (i64
+    /// BE) ‖ notes length (u16 BE) ‖ notes ‖ `tail` (the key, or its
+    /// SHA-256 in the digest). `disabled` rather than `active`: at equal
+    /// versions the greater bytes win, so a concurrent disable beats a
+    /// concurrent rotate or enable (fail-safe).
+    fn encode_with(&self, tail: &[u8]) -> Zeroizing<Vec<u8>> {
+        let notes = self.notes.as_bytes();
+        let mut v = Zeroizing::new(Vec::with_capacity(CANONICAL_FIXED + notes.len() + tail.len()));
+        v.push(CANONICAL_V1);
+        v.extend_from_slice(&self.version.to_be_bytes());
+        v.push(u8::from(!self.active));
+        v.extend_from_slice(&self.created.to_be_bytes());
+        // Notes longer than u16 never fit in an item: refused by `item`.
+        v.extend_from_slice(&u16::try_from(notes.len()).unwrap_or(u16::MAX).to_be_bytes());
+        v.extend_from_slice(notes);
+        v.extend_from_slice(tail);
+        v
+    }
+
+    /// The item value (holds the key in the clear).
+    fn value(&self) -> Zeroizing<Vec<u8>> {
+        self.encode_with(self.key.expose())
+    }
+
+    /// The item, if it fits.
+    fn item(&self) -> Result<Item, String> {
+        let mut value = self.value();
+        if value.len() > replication::sync::MAX_VALUE {
+            return Err(format!("client {}: its notes are too long to replicate", self.id));
+        }
+        // Moved out, not copied: no second plaintext copy is left behind.
+        Ok(Item { key: self.item_key(), value: std::mem::take(&mut *value) })
+    }
+
+    /// What the digest covers: the value with SHA-256 of the key in place
+    /// of the key, so that no digest is computed over the bare secret.
+    fn digest_value(&self) -> Zeroizing<Vec<u8>> {
+        let key_hash: [u8; 32] = Sha256::digest(self.key.expose()).into();
+        self.encode_with(&key_hash)
+    }
+
+    /// Decode an item; `None` if it is malformed.
+    fn decode(item: &Item) -> Option<Self> {
+        let id = ClientId::new(u64::from_be_bytes(item.key.as_slice().try_into().ok()?))?;
+        let v = item.value.as_slice();
+        if v.len() < CANONICAL_FIXED || v[0] != CANONICAL_V1 {
+            return None;
+        }
+        let version = u64::from_be_bytes(v[1..9].try_into().ok()?);
+        i64::try_from(version).ok().filter(|n| *n >= 1)?;
+        let active = match v[9] {
+            0 => true,
+            1 => false,
+            _ => return None,
+        };
+        let created = i64::from_be_bytes(v[10..18].try_into().ok()?);
+        let notes_len = usize::from(u16::from_be_bytes(v[18..20].try_into().ok()?));
+        let rest = &v[CANONICAL_FIXED..];
+        if rest.len() < notes_len {
+            return None;
+        }
+        let (notes, key) = rest.split_at(notes_len);
+        let notes = std::str::from_utf8(notes).ok()?.to_owned();
+        let key = ClientKey::new(key.to_vec());
+        check_key(&key).ok()?;
+        Some(Self { id, version, active, created, notes, key })
+    }
+}
+
+/// A stored row as replication reads it, key still sealed.
+struct StoredRow {
+    id: ClientId,
+    version: i64,
+    active: bool,
+    created: i64,
+    notes: String,
+    sealed: Vec<u8>,
+}
+
+impl StoredRow {
+    const COLUMNS: &'static str = "id, version, active, created, notes, key";
+
+    fn from_sql(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, i64, i64, i64, String, Vec<u8>)> {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+    }
+
+    fn checked((id, version, active, created, notes, sealed): (i64, i64, i64, i64, String, Vec<u8>)) -> Result<Self, ClientError> {
+        Ok(Self { id: client_id(id)?, version, active: active != 0, created, notes, sealed })
+    }
+
+    /// Decrypt the key: the canonical form.
+    fn open(&self, hsm: &dyn SecurityModule) -> Result<Canonical, ClientError> {
+        let version = u64::try_from(self.version)
+            .ok()
+            .filter(|v| *v >= 1)
+            .ok_or_else(|| ClientError::Database(format!("client {}: malformed version {}", self.id, self.version)))?;
+        Ok(Canonical {
+            id: self.id,
+            version,
+            active: self.active,
+            created: self.created,
+            notes: self.notes.clone(),
+            key: open_key(hsm, self.id, &self.sealed)?,
+        })
+    }
+}
+
+/// A peer's position in the client outbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientPeerPosition {
+    /// The peer's acknowledged cursor.
+    pub cursor: u64,
+    /// The highest sequence number ever appended (0 before the first).
+    pub head: u64,
+}
+
+impl ClientDb {
+    /// Record that `peer` holds every outbox row up to `acked` (registering
+    /// it if unknown; `None` only registers), compact what every known
+    /// peer holds, and answer its cursor, in one transaction. Cursors only
+    /// move forward; one past the head is clamped to the head.
+    pub fn ack_peer(&self, peer: &str, acked: Option<u64>) -> Result<ClientPeerPosition, ClientError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+        let head: i64 = tx.query_row(OUTBOX_HEAD, [], |r| r.get(0)).optional().map_err(db_err)?.unwrap_or(0);
+        let acked = acked.map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX).min(head));
+        tx.execute(
+            "INSERT INTO clients_peer_cursors (peer, acked_seq) VALUES (?1, ?2) \
+             ON CONFLICT (peer) DO UPDATE SET acked_seq = max(acked_seq, excluded.acked_seq)",
+            params![peer, acked],
+        )
+        .map_err(db_err)?;
+        let cursor: i64 =
+            tx.query_row("SELECT acked_seq FROM clients_peer_cursors WHERE peer = ?1", params![peer], |r| r.get(0)).map_err(db_err)?;
+        tx.execute(COMPACT, []).map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        Ok(ClientPeerPosition { cursor: u64::try_from(cursor).unwrap_or(0), head: u64::try_from(head).unwrap_or(0) })
+    }
+
+    /// Register `peer` (cursor 0) if it is unknown: from now on changes are
+    /// kept in the outbox until it acknowledges them.
+    pub fn add_peer(&self, peer: &str) -> Result<(), ClientError> {
+        self.ack_peer(peer, None).map(drop)
+    }
+
+    /// Forget `peer`: it no longer holds back compaction.
+    pub fn remove_peer(&self, peer: &str) -> Result<(), ClientError> {
+        self.lock().execute("DELETE FROM clients_peer_cursors WHERE peer = ?1", params![peer]).map(drop).map_err(db_err)
+    }
+
+    /// Every known peer and its acknowledged cursor, by name.
+    pub fn peer_cursors(&self) -> Result<Vec<(String, u64)>, ClientError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached("SELECT peer, acked_seq FROM clients_peer_cursors ORDER BY peer").map_err(db_err)?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).map_err(db_err)?;
+        rows.map(|r| r.map(|(p, s)| (p, u64::try_from(s).unwrap_or(0))).map_err(db_err)).collect()
+    }
+
+    /// Up to `limit` outbox rows after `after`: (seq, client id), in order.
+    pub fn outbox_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, ClientId)>, ClientError> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached("SELECT seq, id FROM clients_outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2").map_err(db_err)?;
+        let rows = stmt.query_map(params![after, limit], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))).map_err(db_err)?;
+        rows.map(|r| {
+            let (seq, id) = r.map_err(db_err)?;
+            Ok((u64::try_from(seq).unwrap_or(0), client_id(id)?))
+        })
+        .collect()
+    }
+
+    /// The highest `seq` ever appended to the outbox (0 before the first).
+    pub fn outbox_last_seq(&self) -> Result<u64, ClientError> {
+        let seq: Option<i64> = self.lock().query_row(OUTBOX_HEAD, [], |r| r.get(0)).optional().map_err(db_err)?;
+        Ok(seq.map_or(0, |s| u64::try_from(s).unwrap_or(0)))
+    }
+
+    /// The replication version of a client's row (1 at creation, one more
+    /// for every local change; a merged row takes its origin's).
+    pub fn row_version(&self, id: ClientId) -> Result<Option<u64>, ClientError> {
+        let v: Option<i64> = self
+            .lock()
+            .query_row("SELECT version FROM clients WHERE id = ?1", params![sql_id(id)], |r| r.get(0))
+            .optional()
+            .map_err(db_err)?;
+        Ok(v.map(|v| u64::try_from(v).unwrap_or(0)))
+    }
+
+    /// Stored rows, `id` alone or all of them.
+    fn stored_rows(&self, id: Option<ClientId>) -> Result<Vec<StoredRow>, ClientError> {
+        let conn = self.lock();
+        let rows = match id {
+            Some(id) => {
+                let mut stmt = conn.prepare_cached(&format!("SELECT {} FROM clients WHERE id = ?1", StoredRow::COLUMNS)).map_err(db_err)?;
+                let rows = stmt.query_map(params![sql_id(id)], StoredRow::from_sql).map_err(db_err)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(db_err)?
+            }
+            None => {
+                let mut stmt = conn.prepare_cached(&format!("SELECT {} FROM clients", StoredRow::COLUMNS)).map_err(db_err)?;
+                let rows = stmt.query_map([], StoredRow::from_sql).map_err(db_err)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(db_err)?
+            }
+        };
+        rows.into_iter().map(StoredRow::checked).collect()
+    }
+}
+
+/// What the merge rule decided for one incoming client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Insert,
+    Replace,
+    Keep,
+}
+
+/// The API clients dataset ([`replication::sync::Dataset::CLIENTS`]):
+/// [`ClientDb`] and the security module that opens and re-seals keys
+/// (each site's keystore has its own config data key: ciphertexts never
+/// travel).
+///
+/// **Items.** Key: the client id (u64 big-endian). Value, canonical:
+/// format `1` ‖ version (u64 BE) ‖ disabled (0 or 1) ‖ created (i64 BE) ‖
+/// notes length (u16 BE) ‖ notes ‖ the key in the clear. Values hold a
+/// secret: they travel only over the mutually authenticated transport,
+/// are built in zeroizing buffers, and [`Item`]'s `Debug` never prints
+/// them.
+///
+/// **Digest.** Over the same bytes with SHA-256 of the key in place of
+/// the key: equal at two sites holding the same clients, and no digest is
+/// computed over a bare key.
+///
+/// **Rule.** The higher version wins; at equal versions with different
+/// bytes, the greater canonical value wins (the same choice at every
+/// site; a disable beats a concurrent enable or rotation). A winning row
+/// is re-sealed under the local config key, in one transaction per page.
+/// Every local change bumps the row's version ([`ClientDb::set_active`],
+/// [`ClientDb::rotate`]; 1 at [`ClientDb::add`]). Two sites adding a
+/// client with the *same id* while cut off both make version 1: one of
+/// the two keys is lost everywhere, so give sites disjoint ids (`--id`)
+/// or add clients at one site.
+///
+/// **Outbox.** SQLite triggers append the id of every inserted or updated
+/// row to `clients_outbox` while a peer is registered, whoever writes (the
+/// server, `validator client …` in another process, a merge). A merged
+/// row therefore enters the puller's outbox as well; its origin pulls it
+/// back and finds it unchanged, so nothing bounces further. A running
+/// [`SqliteClients`] sees merged rows within its refresh interval (the
+/// table's change counter moves).
+pub struct ClientSync {
+    db: ClientDb,
+    hsm: Arc<dyn SecurityModule>,
+}
+
+impl fmt::Debug for ClientSync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientSync").field("db", &self.db).finish()
+    }
+}
+
+fn sync_err(e: ClientError) -> SyncError {
+    SyncError(e.to_string())
+}
+
+impl ClientSync {
+    /// The dataset of the database at `path` (created if missing), with
+    /// this site's module.
+    pub fn open(path: &Path, hsm: Arc<dyn SecurityModule>) -> Result<Self, ClientError> {
+        Ok(Self::new(ClientDb::open(path)?, hsm))
+    }
+
+    /// The dataset of an open table.
+    #[must_use]
+    pub fn new(db: ClientDb, hsm: Arc<dyn SecurityModule>) -> Self {
+        Self { db, hsm }
+    }
+
+    /// The table underneath.
+    #[must_use]
+    pub fn db(&self) -> &ClientDb {
+        &self.db
+    }
+
+    /// Every row that opens, canonical; one that does not (another
+    /// keystore's key, a damaged row) is logged and left out: the peer's
+    /// copy then repairs it.
+    fn canonical_rows(&self, id: Option<ClientId>) -> Result<Vec<Canonical>, SyncError> {
+        let rows = self.db.stored_rows(id).map_err(sync_err)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            match row.open(self.hsm.as_ref()) {
+                Ok(c) => out.push(c),
+                Err(e @ (ClientError::Undecryptable { .. } | ClientError::Database(_))) => {
+                    tracing::error!(client = %row.id, error = %e, "API client not replicated: its row does not open");
+                }
+                Err(e) => return Err(sync_err(e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The rule for one incoming client against the stored row.
+    fn verdict(&self, tx: &rusqlite::Transaction<'_>, incoming: &Canonical) -> Result<Verdict, ClientError> {
+        let row = tx
+            .query_row(
+                &format!("SELECT {} FROM clients WHERE id = ?1", StoredRow::COLUMNS),
+                params![sql_id(incoming.id)],
+                StoredRow::from_sql,
+            )
+            .optional()
+            .map_err(db_err)?;
+        let Some(row) = row else { return Ok(Verdict::Insert) };
+        let row = StoredRow::checked(row)?;
+        let local_version = u64::try_from(row.version).unwrap_or(0);
+        if incoming.version != local_version {
+            return Ok(if incoming.version > local_version { Verdict::Replace } else { Verdict::Keep });
+        }
+        match row.open(self.hsm.as_ref()) {
+            Ok(local) => Ok(if *incoming.value() > *local.value() { Verdict::Replace } else { Verdict::Keep }),
+            Err(e @ (ClientError::Undecryptable { .. } | ClientError::Database(_))) => {
+                tracing::warn!(client = %row.id, error = %e, "stored API client does not open; replaced by the peer's copy");
+                Ok(Verdict::Replace)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Apply decoded clients in one transaction.
+    fn apply(&self, incoming: &[Canonical]) -> Result<Merged, ClientError> {
+        let mut conn = self.db.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+        let mut merged = Merged::default();
+        for c in incoming {
+            let verdict = self.verdict(&tx, c)?;
+            if verdict == Verdict::Keep {
+                merged.unchanged += 1;
+                continue;
+            }
+            let sealed = seal(self.hsm.as_ref(), c.id, &c.key)?;
+            let version = i64::try_from(c.version).unwrap_or(i64::MAX);
+            let sql = if verdict == Verdict::Insert {
+                "INSERT INTO clients (id, active, created, key, notes, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            } else {
+                "UPDATE clients SET active = ?2, created = ?3, key = ?4, notes = ?5, version = ?6 WHERE id = ?1"
+            };
+            tx.execute(sql, params![sql_id(c.id), i64::from(c.active), c.created, sealed, c.notes, version]).map_err(db_err)?;
+            merged.applied += 1;
+        }
+        tx.commit().map_err(db_err)?;
+        Ok(merged)
+    }
+}
+
+impl SyncStore for ClientSync {
+    fn changes(&self, peer: &str, after: Option<u64>, limit: usize) -> Result<Changes, SyncError> {
+        let position = self.db.ack_peer(peer, after).map_err(sync_err)?;
+        let rows = self.db.outbox_after(position.cursor, limit).map_err(sync_err)?;
+        let last = rows.last().map_or(position.cursor, |r| r.0);
+        let mut items = Vec::with_capacity(rows.len());
+        // The current state of each changed client (a later change of the
+        // same client carries the same state: harmless).
+        for (_, id) in rows {
+            for c in self.canonical_rows(Some(id))? {
+                match c.item() {
+                    Ok(item) => items.push(item),
+                    Err(e) => tracing::error!(error = %e, "API client not replicated"),
+                }
+            }
+        }
+        Ok(Changes { items, last, head: position.head.max(last) })
+    }
+
+    fn digest(&self) -> Result<Digest, SyncError> {
+        let mut digest = Digest::default();
+        for c in self.canonical_rows(None)? {
+            digest.add(&c.item_key(), &c.digest_value());
+        }
+        Ok(digest)
+    }
+
+    fn bucket(&self, bucket: u8) -> Result<Vec<Item>, SyncError> {
+        let mut items = Vec::new();
+        for c in self.canonical_rows(None)? {
+            if bucket_of(&c.item_key()) == bucket {
+                match c.item() {
+                    Ok(item) => items.push(item),
+                    Err(e) => tracing::error!(error = %e, "API client not replicated"),
+                }
+            }
+        }
+        Ok(items)
+    }
+
+    fn merge(&self, peer: &str, items: &[Item]) -> Result<Merged, SyncError> {
+        let incoming = items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                Canonical::decode(item).ok_or_else(|| SyncError(format!("API clients from {peer}: item {i} is malformed; nothing merged")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let merged = self.apply(&incoming).map_err(sync_err)?;
+        if merged.applied > 0 {
+            tracing::info!(peer, applied = merged.applied, "API clients merged from a peer");
+        }
+        Ok(merged)
+    }
+}
+
+impl SqliteClients {
+    /// The clients dataset of this server's database, with its module (a
+    /// connection of its own; merged rows reach this cache within the
+    /// refresh interval).
+    pub fn sync_store(&self) -> Result<ClientSync, ClientError> {
+        ClientSync::open(self.db.path(), self.hsm.clone())
     }
 }

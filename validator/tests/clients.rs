@@ -363,3 +363,33 @@ fn command_line_round_trip() {
     clients.reload().unwrap();
     assert_eq!(clients.client(one).unwrap().unwrap().key.expose(), rotated);
 }
+
+#[test]
+fn a_database_without_row_versions_is_migrated() {
+    let f = Fixture::new();
+    let (one, key) = {
+        let clients = SqliteClients::open(&f.db(), f.module()).unwrap();
+        clients.add(None, None).unwrap()
+    };
+    // Back to the previous schema: no version column, no outbox.
+    {
+        let conn = rusqlite::Connection::open(f.db()).unwrap();
+        conn.execute_batch(
+            "DROP TRIGGER clients_outbox_insert; DROP TRIGGER clients_outbox_update; DROP TABLE clients_outbox; \
+             DROP TABLE clients_peer_cursors; ALTER TABLE clients DROP COLUMN version;",
+        )
+        .unwrap();
+        let n: i64 = conn.query_row("SELECT count(*) FROM pragma_table_info('clients') WHERE name = 'version'", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 0);
+    }
+    let clients = SqliteClients::open(&f.db(), f.module()).unwrap();
+    assert_eq!(clients.db().row_version(one).unwrap(), Some(1));
+    assert_eq!(clients.client(one).unwrap().unwrap().key.expose(), key.expose());
+    clients.disable(one).unwrap();
+    assert_eq!(clients.db().row_version(one).unwrap(), Some(2));
+    // The outbox is written once a peer is registered.
+    clients.db().add_peer("site-2").unwrap();
+    clients.enable(one).unwrap();
+    assert_eq!(clients.db().outbox_after(0, 10).unwrap(), [(1, one)]);
+    assert_eq!(clients.db().row_version(one).unwrap(), Some(3));
+}

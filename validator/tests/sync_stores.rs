@@ -9,13 +9,17 @@ use std::time::Instant;
 
 use std::sync::Arc;
 
+use hsm::soft::format::KdfParams;
+use hsm::soft::SoftHsm;
+use hsm::{Password, SecurityModule};
 use ksm::store::AeadStore;
 use otp::aead_file::AeadRecord;
 use otp::{Aead, AeadNonce, Counters, KeyHandle, PublicId};
 use replication::sync::{bucket_of, Digest, Item, SyncStore};
 use validator::aead_sync::{item_key, AeadSync};
+use validator::clients::{ClientDb, ClientSync, SqliteClients};
 use validator::counters::{CounterOptions, SqliteCounters, Synchronous};
-use validator::{CounterStore, CounterUpdate};
+use validator::{ClientId, ClientKey, ClientStore, CounterStore, CounterUpdate};
 
 fn pid(n: u64) -> PublicId {
     PublicId::from_number(n, 6).unwrap()
@@ -385,6 +389,209 @@ fn aeads_malformed_items_are_refused_whole() {
         assert_eq!(b.store().count().unwrap(), 0);
     }
     assert_eq!(b.merge("a", &good).unwrap().applied, 3);
+}
+
+// ------------------------------------------------------------- API clients
+
+/// One site: its own keystore (its own config data key), its database, the
+/// server's caching store and the dataset.
+struct Site {
+    _dir: tempfile::TempDir,
+    db: std::path::PathBuf,
+    hsm: Arc<dyn SecurityModule>,
+    server: SqliteClients,
+    sync: ClientSync,
+}
+
+fn site(password: &str) -> Site {
+    let dir = tempfile::tempdir().unwrap();
+    let hsm: Arc<dyn SecurityModule> =
+        Arc::new(SoftHsm::create(&dir.path().join("ks"), &Password::new(password).unwrap(), KdfParams::INSECURE_FOR_TESTS).unwrap());
+    let db = dir.path().join("validator.db");
+    let server = SqliteClients::open_with_refresh(&db, hsm.clone(), std::time::Duration::from_millis(50)).unwrap();
+    let sync = server.sync_store().unwrap();
+    Site { _dir: dir, db, hsm, server, sync }
+}
+
+fn cid(n: u64) -> ClientId {
+    ClientId::new(n).unwrap()
+}
+
+/// Wait (within a few refresh intervals) until the server's view of `id`
+/// satisfies `ok`.
+fn eventually(server: &SqliteClients, id: ClientId, ok: impl Fn(Option<(bool, Vec<u8>)>) -> bool) {
+    let deadline = Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let seen = server.client(id).unwrap().map(|c| (c.active, c.key.expose().to_vec()));
+        if ok(seen) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "client {id} never reached the expected state");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn clients_created_rotated_disabled_at_a_work_accordingly_at_b() {
+    let a = site("site a password");
+    let b = site("site b password");
+    let (mut b_from_a, mut a_from_b) = (None, None);
+    pull(&a.sync, &b.sync, "b", "a", &mut b_from_a, 10);
+    pull(&b.sync, &a.sync, "a", "b", &mut a_from_b, 10);
+
+    let (seven, key1) = a.server.add(Some(cid(7)), None).unwrap();
+    assert_eq!(pull(&a.sync, &b.sync, "b", "a", &mut b_from_a, 10), 1);
+    eventually(&b.server, seven, |c| c == Some((true, key1.expose().to_vec())));
+    assert_eq!(a.sync.digest().unwrap(), b.sync.digest().unwrap());
+    // Re-sealed under B's own key: A's keystore cannot open B's copy.
+    assert!(SqliteClients::open(&b.db, a.hsm.clone()).is_err());
+    assert!(SqliteClients::open(&b.db, b.hsm.clone()).is_ok());
+    // The merged row is in B's outbox; A finds it unchanged: no bounce.
+    let back = b.sync.changes("a", a_from_b, 10).unwrap();
+    assert_eq!(back.items.len(), 1);
+    let m = a.sync.merge("b", &back.items).unwrap();
+    assert_eq!((m.applied, m.unchanged), (0, 1));
+    a_from_b = Some(back.last);
+    assert_eq!(pull(&b.sync, &a.sync, "a", "b", &mut a_from_b, 10), 0);
+
+    let key2 = a.server.rotate(seven).unwrap();
+    assert_eq!(a.server.db().row_version(seven).unwrap(), Some(2));
+    pull(&a.sync, &b.sync, "b", "a", &mut b_from_a, 10);
+    eventually(&b.server, seven, |c| c == Some((true, key2.expose().to_vec())));
+    assert_eq!(b.server.db().row_version(seven).unwrap(), Some(2));
+
+    a.server.disable(seven).unwrap();
+    pull(&a.sync, &b.sync, "b", "a", &mut b_from_a, 10);
+    eventually(&b.server, seven, |c| matches!(c, Some((false, _))));
+    a.server.enable(seven).unwrap();
+    pull(&a.sync, &b.sync, "b", "a", &mut b_from_a, 10);
+    eventually(&b.server, seven, |c| matches!(c, Some((true, _))));
+    assert_eq!(a.sync.digest().unwrap(), b.sync.digest().unwrap());
+
+    // `validator client add` in another process: a connection of its own.
+    let cli = ClientDb::open(&a.db).unwrap();
+    let (nine, key9) = cli.add(a.hsm.as_ref(), Some(cid(9)), Some(ClientKey::new(vec![9; 20])), "added by the CLI").unwrap();
+    assert_eq!(pull(&a.sync, &b.sync, "b", "a", &mut b_from_a, 10), 1);
+    eventually(&b.server, nine, |c| c == Some((true, key9.expose().to_vec())));
+    assert_eq!(b.server.list().unwrap().iter().find(|c| c.id == nine).unwrap().notes, "added by the CLI");
+    pull(&b.sync, &a.sync, "a", "b", &mut a_from_b, 10);
+    assert_eq!(a.sync.digest().unwrap(), b.sync.digest().unwrap());
+}
+
+#[test]
+fn clients_concurrent_changes_converge_and_a_disable_wins_a_tie() {
+    let a = site("site a password");
+    let b = site("site b password");
+    let (mut b_from_a, mut a_from_b) = (None, None);
+    pull(&a.sync, &b.sync, "b", "a", &mut b_from_a, 10);
+    pull(&b.sync, &a.sync, "a", "b", &mut a_from_b, 10);
+    a.server.add(Some(cid(3)), None).unwrap();
+    a.server.add(Some(cid(4)), None).unwrap();
+    pull(&a.sync, &b.sync, "b", "a", &mut b_from_a, 10);
+    // Cut off: A rotates 3 and B disables it (both at version 2); B rotates
+    // 4 twice (version 3) while A disables it once (version 2).
+    a.server.rotate(cid(3)).unwrap();
+    b.server.disable(cid(3)).unwrap();
+    let key4 = {
+        b.server.rotate(cid(4)).unwrap();
+        b.server.rotate(cid(4)).unwrap()
+    };
+    a.server.disable(cid(4)).unwrap();
+    // Any order.
+    pull(&b.sync, &a.sync, "a", "b", &mut a_from_b, 1);
+    pull(&a.sync, &b.sync, "b", "a", &mut b_from_a, 1);
+    pull(&b.sync, &a.sync, "a", "b", &mut a_from_b, 1);
+    assert_eq!(a.sync.digest().unwrap(), b.sync.digest().unwrap());
+    for s in [&a, &b] {
+        s.server.reload().unwrap();
+        assert!(!s.server.client(cid(3)).unwrap().unwrap().active, "the disable wins the tie");
+        let four = s.server.client(cid(4)).unwrap().unwrap();
+        assert!(four.active, "the higher version wins");
+        assert_eq!(four.key.expose(), key4.expose());
+    }
+    // Idempotent: every bucket merged again changes nothing.
+    for bk in 0..=255u8 {
+        let items = a.sync.bucket(bk).unwrap();
+        if !items.is_empty() {
+            assert_eq!(b.sync.merge("a", &items).unwrap().applied, 0);
+        }
+    }
+}
+
+#[test]
+fn clients_anti_entropy_order_independence_cursors_and_restart() {
+    let a = site("site a password");
+    // Made before any peer was known: only the digest finds them.
+    for n in 1..=12 {
+        a.server.add(Some(cid(n)), None).unwrap();
+    }
+    a.server.disable(cid(5)).unwrap();
+    let b = site("site b password");
+    let c = site("site c password");
+    assert!(repair(&a.sync, &b.sync, "a") > 0);
+    assert_eq!(a.sync.digest().unwrap(), b.sync.digest().unwrap());
+    let mut all: Vec<Item> = (0..=255u8).flat_map(|bk| a.sync.bucket(bk).unwrap()).collect();
+    assert_eq!(all.len(), 12);
+    all.reverse();
+    for page in all.chunks(5) {
+        c.sync.merge("a", page).unwrap();
+        assert_eq!(c.sync.merge("a", page).unwrap().applied, 0);
+    }
+    assert_eq!(c.sync.digest().unwrap(), a.sync.digest().unwrap());
+    c.server.reload().unwrap();
+    assert!(!c.server.client(cid(5)).unwrap().unwrap().active);
+
+    // Cursors: registered by the first pull, acknowledged by the next.
+    assert!(a.sync.changes("b", None, 10).unwrap().items.is_empty());
+    for n in [1, 2, 3] {
+        a.server.rotate(cid(n)).unwrap();
+    }
+    let page = a.sync.changes("b", None, 2).unwrap();
+    assert_eq!((page.items.len(), page.last, page.head), (2, 2, 3));
+    a.sync.changes("b", Some(2), 0).unwrap();
+    assert_eq!(a.sync.db().peer_cursors().unwrap(), [("b".to_owned(), 2)]);
+    assert_eq!(a.sync.db().outbox_after(0, 10).unwrap(), [(3, cid(3))]);
+    // Restart: the files stay, every handle goes.
+    let Site { _dir, db, hsm, server, sync } = a;
+    drop((server, sync));
+    let reopened = ClientSync::open(&db, hsm).unwrap();
+    assert_eq!(reopened.db().peer_cursors().unwrap(), [("b".to_owned(), 2)]);
+    let rest = reopened.changes("b", None, 10).unwrap();
+    assert_eq!((rest.items.len(), rest.last), (1, 3));
+    // Items never print their values (they hold keys).
+    assert!(!format!("{:?}", rest.items).contains("value:"));
+}
+
+#[test]
+fn clients_malformed_items_are_refused_whole() {
+    let a = site("site a password");
+    let b = site("site b password");
+    a.sync.changes("b", None, 1).unwrap();
+    a.server.add(Some(cid(1)), None).unwrap();
+    a.server.add(Some(cid(2)), None).unwrap();
+    let good = a.sync.changes("b", None, 10).unwrap().items;
+    let t = good[0].clone();
+    let with = |at: usize, byte: u8| {
+        let mut v = t.value.clone();
+        v[at] = byte;
+        v
+    };
+    for (key, value) in [
+        (vec![0; 8], t.value.clone()),                                         // client id 0
+        (vec![0, 0, 0, 1], t.value.clone()),                                   // short id
+        (t.key.clone(), with(0, 2)),                                           // unknown format
+        (t.key.clone(), [&t.value[..1], &[0; 8][..], &t.value[9..]].concat()), // version 0
+        (t.key.clone(), with(9, 2)),                                           // disabled neither 0 nor 1
+        (t.key.clone(), with(19, 200)),                                        // notes longer than the value
+        (t.key.clone(), t.value[..t.value.len() - 10].to_vec()),               // key of 10 bytes
+        (t.key.clone(), t.value[..15].to_vec()),
+    ] {
+        let mut page = good.clone();
+        page.insert(1, Item { key, value });
+        assert!(b.sync.merge("a", &page).is_err());
+        assert!(b.server.list().unwrap().is_empty());
+    }
+    assert_eq!(b.sync.merge("a", &good).unwrap().applied, 2);
 }
 
 /// Digest and merge costs of the counters dataset:
