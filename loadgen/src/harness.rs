@@ -171,6 +171,38 @@ impl Drop for ChildGuard {
     }
 }
 
+/// The address in the line `validator serve` (or `ksm serve`) prints once
+/// it listens: `… serving http://ADDR/…`.
+#[must_use]
+pub fn serving_addr(line: &str) -> Option<SocketAddr> {
+    let rest = line.split("serving http://").nth(1)?;
+    rest.split('/').next()?.parse().ok()
+}
+
+/// Spawn `command` (a `serve`), its standard error copied to `log`, and
+/// wait for its "serving http://ADDR" line: the guarded child and ADDR.
+/// On failure the error carries the end of its output.
+pub fn spawn_serving(
+    name: &'static str,
+    mut command: Command,
+    log: &Path,
+    limit: Duration,
+) -> Result<(ChildGuard, SocketAddr), HarnessError> {
+    let mut child =
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().map_err(io(format!("starting {name}")))?;
+    let stderr = child.stderr.take().ok_or_else(|| HarnessError::Other(format!("{name}: no stderr pipe")))?;
+    let mut guard = ChildGuard::new(name, child);
+    let lines = tee_lines(stderr, log)?;
+    match guard.wait_for_line(&lines, limit, serving_addr) {
+        Ok(addr) => Ok((guard, addr)),
+        Err(e) => {
+            drop(guard);
+            std::thread::sleep(Duration::from_millis(100));
+            Err(HarnessError::Other(format!("{e}; its output:\n{}", tail(log, 2000))))
+        }
+    }
+}
+
 /// Copy a child's standard error, line by line, into `log` and into the
 /// returned channel (which may be dropped once the wanted line came), on a
 /// background thread that ends with the child's output.
@@ -319,6 +351,15 @@ mod tests {
         assert_eq!(parse_proc_status(""), Mem::default());
         let own = proc_mem(std::process::id()).unwrap();
         assert!(own.rss_kb > 0 && own.hwm_kb >= own.rss_kb, "{own:?}");
+    }
+
+    #[test]
+    fn serving_line() {
+        assert_eq!(
+            serving_addr("validator: serving http://127.0.0.1:4567/wsapi/2.0/verify"),
+            Some(SocketAddr::from(([127, 0, 0, 1], 4567)))
+        );
+        assert_eq!(serving_addr("validator: listening"), None);
     }
 
     #[test]

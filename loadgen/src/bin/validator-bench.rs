@@ -30,7 +30,7 @@ use hsm::soft::SoftHsm;
 use hsm::{Flags, Password};
 use ksm::store::AeadStore;
 use loadgen::fleet::{self, Fleet, OtpCase};
-use loadgen::harness::{mib, now_unix, proc_mem, tail, target_dir, tee_lines, BigStore, ChildGuard, HarnessError, Mem, STORE_BATCH};
+use loadgen::harness::{mib, now_unix, proc_mem, spawn_serving, target_dir, BigStore, HarnessError, Mem, STORE_BATCH};
 use loadgen::http::Connection;
 use loadgen::prometheus::{highest_bucket_between, Samples};
 use loadgen::run::{self, Report};
@@ -520,12 +520,6 @@ struct MemoryFigures {
     loaded: Mem,
 }
 
-/// The line `validator serve` prints once it listens.
-fn serving_addr(line: &str) -> Option<SocketAddr> {
-    let rest = line.split("serving http://").nth(1)?;
-    rest.split('/').next()?.parse().ok()
-}
-
 /// `key=BASE64` from `validator client add`'s output.
 fn key_from_output(stdout: &str) -> Option<ClientKey> {
     let b64 = stdout.lines().find_map(|l| l.trim().strip_prefix("key="))?;
@@ -579,8 +573,8 @@ fn memory(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<MemoryFi
     drop(hsm);
     let cases = fleet.otps(args.rss_requests)?;
 
-    let log = b.dir.join("serve.log");
-    let mut child = Command::new(&bin)
+    let mut serve = Command::new(&bin);
+    serve
         .arg("serve")
         .arg("--db")
         .arg(&db)
@@ -591,24 +585,8 @@ fn memory(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<MemoryFi
         .arg("--store")
         .arg(&b.store)
         .args(["--listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {} serve", bin.display()))?;
-    let stderr = child.stderr.take().context("no stderr pipe")?;
-    let mut guard = ChildGuard::new("validator serve", child);
-    let lines = tee_lines(stderr, &log)?;
-    let addr = match guard.wait_for_line(&lines, Duration::from_secs(60), serving_addr) {
-        Ok(a) => a,
-        Err(e) => {
-            drop(guard);
-            std::thread::sleep(Duration::from_millis(100));
-            bail!("{e}; its output:\n{}", tail(&log, 2000));
-        }
-    };
-    drop(lines);
+        .env("RUST_LOG", "warn");
+    let (guard, addr) = spawn_serving("validator serve", serve, &b.dir.join("serve.log"), Duration::from_secs(60))?;
     check_health(addr)?;
     let idle = proc_mem(guard.pid())?;
     let c = args.concurrency.iter().copied().max().unwrap_or(32);
@@ -703,11 +681,6 @@ mod tests {
 
     #[test]
     fn parses_what_the_validator_prints() {
-        assert_eq!(
-            serving_addr("validator: serving http://127.0.0.1:4567/wsapi/2.0/verify"),
-            Some("127.0.0.1:4567".parse().unwrap_or_else(|e| panic!("{e}")))
-        );
-        assert_eq!(serving_addr("validator: listening"), None);
         let key = key_from_output("id=1\nkey=MDEyMzQ1Njc4OWFiY2RlZmdoaWo=\n").unwrap_or_else(|| panic!("no key"));
         assert_eq!(key.expose(), b"0123456789abcdefghij");
         assert!(key_from_output("id=1\n").is_none());
