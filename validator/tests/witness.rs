@@ -1,0 +1,813 @@
+//! Two sites and a counters-only witness over real QUIC on loopback
+//! (127.0.0.1, .2, .3), every link through a fault-injecting UDP proxy so
+//! that one link can be cut alone:
+//!
+//! - all up, the A–B link cut, the witness down, A cut from everyone;
+//! - an accept-at-risk window that opens and closes;
+//! - `validator status` (the real binary) against a running witness (the
+//!   real binary too) and in-process sites, and its exit codes;
+//! - configurations refused, with their messages.
+//!
+//! Sites A (auth1) and B (auth2) and the witness W are built by
+//! `serve::assemble_node` from their configurations, as `validator serve`
+//! builds them.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use hsm::soft::format::KdfParams;
+use hsm::soft::SoftHsm;
+use hsm::{Flags, NonceSource, Password, SecurityModule};
+use ksm::store::AeadStore;
+use otp::token::TokenFields;
+use otp::{HandleKey, KeyHandle, Otp, PublicId, YubiKeySecrets};
+use replication::pki::Ca;
+use validator::clients::SqliteClients;
+use validator::config::{ConfigFile, KsmSource, NodeConfig, PeerSection, ReplicationConfig, ServeConfig, SiteConfig, WitnessConfig};
+use validator::protocol::{parse_response, signed_query, verify_response};
+use validator::serve::{HttpOptions, Running};
+use validator::ClientId;
+
+const KH: KeyHandle = KeyHandle::new(0x2000);
+const PASSWORD: &str = "correct horse";
+const CLIENT: u64 = 11;
+const YEAR: Duration = Duration::from_secs(365 * 86_400);
+/// Every node's quorum deadline.
+const QUORUM_DEADLINE: Duration = Duration::from_millis(1500);
+/// The HTTP answer ceiling, well above the quorum deadline.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a "recovers eventually" loop may take.
+const RECOVERY: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------
+// WARN and ERROR events, captured in-process.
+
+fn captured() -> &'static Mutex<Vec<String>> {
+    static LOG: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    LOG.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+struct Capture;
+
+struct Line(String);
+
+impl tracing::field::Visit for Line {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write as _;
+        let _ = write!(self.0, "{}={:?} ", field.name(), value);
+    }
+}
+
+impl tracing::Subscriber for Capture {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        *metadata.level() <= tracing::Level::WARN
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut line = Line(format!("{} {}: ", event.metadata().level(), event.metadata().target()));
+        event.record(&mut line);
+        captured().lock().unwrap().push(line.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+fn capture_warnings() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| tracing::subscriber::set_global_default(Capture).unwrap());
+}
+
+fn logged_with(needle: &str) -> Vec<String> {
+    captured().lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
+}
+
+// ---------------------------------------------------------------------------
+// Keys, certificates, configurations.
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    secrets: YubiKeySecrets,
+    id: PublicId,
+    client_key: Vec<u8>,
+}
+
+/// Keystore, AEAD store with one YubiKey, a private CA with certificates
+/// for auth1, auth2 and witness in `pki/`, the API client key.
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let ks = dir.path().join("v.ks");
+    let hsm = SoftHsm::create(&ks, &Password::new(PASSWORD).unwrap(), KdfParams::INSECURE_FOR_TESTS).unwrap();
+    hsm.import_handles(&[(KH, Flags::PERSONALIZER | Flags::OTP_DECODE | Flags::EXPORT, HandleKey::new(&[0x51; 32]).unwrap())]).unwrap();
+    let store = AeadStore::open(&dir.path().join("aeads.db")).unwrap();
+    let id = PublicId::from_number(0x0c0f_fee0_0003, 6).unwrap();
+    let rec = hsm.generate_yubikey_aeads(&[KH], NonceSource::Given(id.aead_nonce().unwrap())).unwrap().remove(0);
+    store.put(&id, &rec, "test", 0).unwrap();
+    let secrets = YubiKeySecrets::from_plaintext(&hsm.decrypt_aead(&rec).unwrap()).unwrap();
+    drop(store);
+    std::fs::write(dir.path().join("password"), PASSWORD).unwrap();
+    let pki = dir.path().join("pki");
+    std::fs::create_dir(&pki).unwrap();
+    let ca = Ca::generate("witness test CA", YEAR).unwrap();
+    ca.write(&pki).unwrap();
+    for name in ["auth1", "auth2", "witness"] {
+        ca.issue(name, YEAR).unwrap().write(&pki).unwrap();
+    }
+    Fixture { dir, secrets, id, client_key: (0..20u8).map(|i| i.wrapping_mul(11) ^ 0x5a).collect() }
+}
+
+fn peer(name: &str, site: u16, addr: SocketAddr) -> PeerSection {
+    PeerSection { name: name.to_owned(), site, addr, fingerprint: None }
+}
+
+impl Fixture {
+    fn otp(&self, counter: u16, session_use: u8) -> String {
+        let t =
+            TokenFields { uid: *self.secrets.uid.expose(), counter, session_use, timestamp_low: 0x0202, timestamp_high: 0x03, rnd: 0x4242 }
+                .build();
+        Otp::new(self.id, t.encrypt(&self.secrets.key)).to_string()
+    }
+
+    fn pki(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    fn replication(
+        &self,
+        name: &str,
+        site: u16,
+        listen: SocketAddr,
+        peers: Vec<PeerSection>,
+        witness: Option<PeerSection>,
+    ) -> ReplicationConfig {
+        ReplicationConfig {
+            site,
+            listen,
+            certificate: self.pki().join(format!("{name}.pem")),
+            key: self.pki().join(format!("{name}.key")),
+            ca: self.pki().join("ca.pem"),
+            deadline: QUORUM_DEADLINE,
+            peers,
+            witness,
+        }
+    }
+
+    /// A full site `name` with its own copies of the keystore and AEAD store
+    /// and its own database holding the API client.
+    fn site(&self, name: &str, replication: Option<ReplicationConfig>, accept_at_risk_until: Option<SystemTime>) -> NodeConfig {
+        let root = self.dir.path();
+        let own = root.join(name);
+        std::fs::create_dir_all(&own).unwrap();
+        let ks = own.join("v.ks");
+        std::fs::copy(root.join("v.ks"), &ks).unwrap();
+        let store = own.join("aeads.db");
+        std::fs::copy(root.join("aeads.db"), &store).unwrap();
+        let db = own.join("validator.db");
+        let hsm = Arc::new(SoftHsm::open_unlocked(&ks, &Password::new(PASSWORD).unwrap()).unwrap());
+        let clients = SqliteClients::open(&db, hsm).unwrap();
+        clients.add(Some(ClientId::new(CLIENT).unwrap()), Some(validator::ClientKey::new(self.client_key.clone()))).unwrap();
+        drop(clients);
+        let serve = ServeConfig {
+            db,
+            synchronous: validator::counters::Synchronous::default(),
+            keystore: ks,
+            password_file: Some(root.join("password")),
+            ksm: KsmSource::Store { path: store, key_handles: Vec::new() },
+            http: http_options(),
+            replication,
+        };
+        NodeConfig::Site(SiteConfig { serve, accept_at_risk_until })
+    }
+
+    /// The witness: a counter database and its endpoint, nothing else.
+    fn witness(&self, listen: SocketAddr, a: SocketAddr, b: SocketAddr) -> NodeConfig {
+        let own = self.dir.path().join("witness");
+        std::fs::create_dir_all(&own).unwrap();
+        NodeConfig::Witness(WitnessConfig {
+            db: own.join("counters.db"),
+            synchronous: validator::counters::Synchronous::default(),
+            http: http_options(),
+            replication: self.replication("witness", 3, listen, vec![peer("auth1", 1, a), peer("auth2", 2, b)], None),
+        })
+    }
+}
+
+fn http_options() -> HttpOptions {
+    HttpOptions { request_timeout: REQUEST_TIMEOUT, ..HttpOptions::new("127.0.0.1:0".parse().unwrap()) }
+}
+
+fn start(config: &NodeConfig) -> Running {
+    let node = validator::serve::assemble_node(config).unwrap();
+    validator::serve::start_node(node, config.http().clone()).unwrap()
+}
+
+/// A free UDP port on `ip`, released again.
+fn free_udp(ip: &str) -> SocketAddr {
+    UdpSocket::bind(format!("{ip}:0")).unwrap().local_addr().unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// HTTP.
+
+/// GET verify at `addr`, checking the answer's `h` with the client key.
+fn verify(addr: SocketAddr, f: &Fixture, otp: &str, nonce: &str) -> BTreeMap<String, String> {
+    let q = signed_query(&[("id", &CLIENT.to_string()), ("otp", otp), ("nonce", nonce)], Some(&f.client_key));
+    let (code, body) = http_get(addr, &format!("/wsapi/2.0/verify?{q}"));
+    assert_eq!(code, 200, "{body}");
+    assert!(verify_response(&body, &f.client_key), "bad h in {body:?}");
+    parse_response(&body).unwrap()
+}
+
+/// HTTP status code and body.
+fn http_get(addr: SocketAddr, target: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(s, "GET {target} HTTP/1.1\r\nHost: validator\r\nConnection: close\r\n\r\n").unwrap();
+    let mut bytes = Vec::new();
+    s.read_to_end(&mut bytes).unwrap();
+    let text = String::from_utf8(bytes).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, body.replace("\r\n", "\n"))
+}
+
+fn status(fields: &BTreeMap<String, String>) -> &str {
+    fields.get("status").map(String::as_str).unwrap_or("")
+}
+
+/// The value of the Prometheus series `series` (name and labels, exact).
+fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics");
+    body.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' '))).map(|v| v.trim().parse().unwrap())
+}
+
+/// The `/status` page's `peer:` line for `name`.
+fn peer_line(addr: SocketAddr, name: &str) -> String {
+    let (code, body) = http_get(addr, "/status");
+    assert_eq!(code, 200, "{body}");
+    body.lines().find(|l| l.starts_with(&format!("peer: name={name} "))).unwrap_or_else(|| panic!("no peer {name} in:\n{body}")).to_owned()
+}
+
+/// Polls `/status` until `name`'s line says `state=…`, within [`RECOVERY`].
+fn wait_for_state(addr: SocketAddr, name: &str, state: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let line = peer_line(addr, name);
+        if line.contains(&format!(" state={state} ")) {
+            return line;
+        }
+        assert!(start.elapsed() < RECOVERY, "{name} never {state}: {line}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn nonce(tag: &str) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("{tag}{:08}x{:06}", NEXT.fetch_add(1, Ordering::Relaxed), std::process::id() % 1_000_000)
+}
+
+/// Fresh OTPs at `addr` until one is answered OK, within [`RECOVERY`].
+fn login_until_ok(addr: SocketAddr, f: &Fixture, counter: &mut u16) -> String {
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let otp = f.otp(*counter, 0);
+        *counter += 1;
+        let r = verify(addr, f, &otp, &nonce("retry"));
+        match status(&r) {
+            "OK" => return otp,
+            s @ "NOT_ENOUGH_ANSWERS" => seen.push(s.to_owned()),
+            other => panic!("unexpected answer {other} while waiting for OK: {r:?} (before: {seen:?})"),
+        }
+        assert!(start.elapsed() < RECOVERY, "no OK within {RECOVERY:?}: {seen:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A fresh OTP at `addr`: its answer and how long it took.
+fn timed_login(addr: SocketAddr, f: &Fixture, counter: &mut u16) -> (String, BTreeMap<String, String>, Duration) {
+    let otp = f.otp(*counter, 0);
+    *counter += 1;
+    let asked = Instant::now();
+    let r = verify(addr, f, &otp, &nonce("timed"));
+    (otp, r, asked.elapsed())
+}
+
+// ---------------------------------------------------------------------------
+// The fault-injecting UDP proxy: one per direction of each link.
+
+/// What a link's proxies do to datagrams, switchable while they run.
+#[derive(Default)]
+struct Link {
+    /// Drop everything, both ways.
+    cut: AtomicBool,
+    relayed: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Link {
+    fn pass(&self) -> bool {
+        if self.cut.load(Ordering::Relaxed) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            false
+        } else {
+            self.relayed.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::Relaxed);
+    }
+}
+
+/// Relays datagrams sent to `listen` on to `target` and the answers back,
+/// one upstream socket per client address, unless the link is cut.
+struct UdpProxy {
+    listen: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+const POLL: Duration = Duration::from_millis(50);
+
+impl UdpProxy {
+    fn start(ip: &str, target: SocketAddr, link: Arc<Link>) -> Self {
+        let socket = UdpSocket::bind(format!("{ip}:0")).unwrap();
+        socket.set_read_timeout(Some(POLL)).unwrap();
+        let listen = socket.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let ip = ip.to_owned();
+        let thread = std::thread::spawn(move || {
+            let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+            let mut children = Vec::new();
+            let mut buf = vec![0u8; 65_536];
+            while !s.load(Ordering::Relaxed) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else { continue };
+                let up = upstreams.entry(from).or_insert_with(|| {
+                    let up = UdpSocket::bind(format!("{ip}:0")).unwrap();
+                    up.connect(target).unwrap();
+                    up.set_read_timeout(Some(POLL)).unwrap();
+                    let up = Arc::new(up);
+                    let (back, up2, l2, s2) = (socket.try_clone().unwrap(), up.clone(), link.clone(), s.clone());
+                    children.push(std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 65_536];
+                        while !s2.load(Ordering::Relaxed) {
+                            let Ok(n) = up2.recv(&mut buf) else { continue };
+                            if l2.pass() {
+                                let _ = back.send_to(&buf[..n], from);
+                            }
+                        }
+                    }));
+                    up
+                });
+                if link.pass() {
+                    let _ = up.send(&buf[..n]);
+                }
+            }
+            for c in children {
+                c.join().unwrap();
+            }
+        });
+        Self { listen, stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for UdpProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Three nodes.
+
+struct Group {
+    a: Running,
+    b: Running,
+    w: Option<Running>,
+    ab: Arc<Link>,
+    aw: Arc<Link>,
+    bw: Arc<Link>,
+    _proxies: Vec<UdpProxy>,
+}
+
+/// A (auth1, site 1, 127.0.0.1), B (auth2, site 2, 127.0.0.2), W
+/// (witness, site 3, 127.0.0.3); every node reaches every other through a
+/// proxy of their link.
+fn three_nodes(f: &Fixture) -> Group {
+    let (qa, qb, qw) = (free_udp("127.0.0.1"), free_udp("127.0.0.2"), free_udp("127.0.0.3"));
+    let (ab, aw, bw) = (Arc::new(Link::default()), Arc::new(Link::default()), Arc::new(Link::default()));
+    let a_to_b = UdpProxy::start("127.0.0.2", qb, ab.clone());
+    let b_to_a = UdpProxy::start("127.0.0.1", qa, ab.clone());
+    let a_to_w = UdpProxy::start("127.0.0.3", qw, aw.clone());
+    let w_to_a = UdpProxy::start("127.0.0.1", qa, aw.clone());
+    let b_to_w = UdpProxy::start("127.0.0.3", qw, bw.clone());
+    let w_to_b = UdpProxy::start("127.0.0.2", qb, bw.clone());
+    let w = start(&f.witness(qw, w_to_a.listen, w_to_b.listen));
+    let a = start(&f.site(
+        "auth1",
+        Some(f.replication("auth1", 1, qa, vec![peer("auth2", 2, a_to_b.listen)], Some(peer("witness", 3, a_to_w.listen)))),
+        None,
+    ));
+    let b = start(&f.site(
+        "auth2",
+        Some(f.replication("auth2", 2, qb, vec![peer("auth1", 1, b_to_a.listen)], Some(peer("witness", 3, b_to_w.listen)))),
+        None,
+    ));
+    Group { a, b, w: Some(w), ab, aw, bw, _proxies: vec![a_to_b, b_to_a, a_to_w, w_to_a, b_to_w, w_to_b] }
+}
+
+/// (a) all up, (b) the A–B link cut, (d) A cut from B and W, (c) W down:
+/// 2 of 3 keeps both sites answering through any single failure, and the
+/// minority side fails closed by its deadline.
+#[test]
+fn two_sites_and_a_witness_survive_any_single_failure() {
+    let f = fixture();
+    let g = three_nodes(&f);
+    let (aa, ba) = (g.a.local_addr(), g.b.local_addr());
+    let wa = g.w.as_ref().unwrap().local_addr();
+    let mut counter = 1;
+
+    // The witness serves health, metrics and status, and verifies nothing.
+    let (code, body) = http_get(wa, &format!("/wsapi/2.0/verify?id={CLIENT}&otp={}&nonce=abcdefghijklmnop", f.otp(100, 0)));
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("witness"), "{body}");
+    assert_eq!(http_get(wa, "/health").0, 200);
+    let (_, metrics) = http_get(wa, "/metrics");
+    assert!(metrics.contains("validator_replication_peer_up"), "{metrics}");
+    assert!(!metrics.contains("validator_verify_requests_total"), "{metrics}");
+    let (_, w_status) = http_get(wa, "/status");
+    assert!(w_status.contains("node: role=witness site=3"), "{w_status}");
+    assert!(w_status.contains("quorum: required=2 group=3"), "{w_status}");
+
+    // (a) All up: OK at A, a replay at B.
+    let otp = login_until_ok(aa, &f, &mut counter);
+    assert_eq!(status(&verify(ba, &f, &otp, &nonce("replay"))), "REPLAYED_OTP");
+    let (_, a_status) = http_get(aa, "/status");
+    assert!(a_status.contains("node: role=site site=1"), "{a_status}");
+    assert!(a_status.contains("quorum: required=2 group=3"), "{a_status}");
+    assert!(a_status.contains("policy: fail-closed"), "{a_status}");
+    assert!(a_status.contains("sync: "), "{a_status}");
+    for name in ["auth2", "witness"] {
+        wait_for_state(aa, name, "up");
+    }
+    assert!(peer_line(aa, "witness").contains(" role=witness "));
+
+    // (b) The A–B link cut, both still reach W: A answers OK without
+    // waiting for its deadline, and the same OTP at B is a replay (W holds
+    // it); an OTP accepted at B is a replay at A the same way.
+    g.ab.set_cut(true);
+    let (otp, r, took) = timed_login(aa, &f, &mut counter);
+    assert_eq!(status(&r), "OK", "{r:?}");
+    assert!(took < QUORUM_DEADLINE, "A waited {took:?}: the witness's answer should have made the quorum");
+    assert_eq!(status(&verify(ba, &f, &otp, &nonce("cutreplay"))), "REPLAYED_OTP");
+    let (at_b, r, _) = timed_login(ba, &f, &mut counter);
+    assert_eq!(status(&r), "OK", "{r:?}");
+    assert_eq!(status(&verify(aa, &f, &at_b, &nonce("cutreplay"))), "REPLAYED_OTP");
+    assert!(g.ab.dropped.load(Ordering::Relaxed) > 0, "the A–B proxies dropped nothing");
+    let line = wait_for_state(aa, "auth2", "down");
+    assert!(!line.ends_with("last_error=-"), "{line}");
+    assert!(peer_line(aa, "witness").contains(" state=up "));
+    g.ab.set_cut(false);
+
+    // (d) A cut from B and W: A fails closed at its deadline, not before;
+    // B goes on accepting with W.
+    g.aw.set_cut(true);
+    g.ab.set_cut(true);
+    let (cut, r, took) = timed_login(aa, &f, &mut counter);
+    assert_eq!(status(&r), "NOT_ENOUGH_ANSWERS", "{r:?}");
+    assert_eq!(r.get("otp"), Some(&cut));
+    assert!(took >= QUORUM_DEADLINE.mul_f32(0.9), "answered after {took:?}, before the deadline");
+    assert!(took < QUORUM_DEADLINE + Duration::from_secs(5), "answered after {took:?}, long past the deadline");
+    let (_, r, took) = timed_login(ba, &f, &mut counter);
+    assert_eq!(status(&r), "OK", "B with W: {r:?}");
+    assert!(took < QUORUM_DEADLINE, "B waited {took:?}");
+    assert!(metric(aa, "validator_replication_verdicts_total{verdict=\"not_enough_answers\"}").unwrap() >= 1.0);
+    g.aw.set_cut(false);
+    g.ab.set_cut(false);
+    let healed = login_until_ok(aa, &f, &mut counter);
+    assert_eq!(status(&verify(ba, &f, &healed, &nonce("healed"))), "REPLAYED_OTP");
+
+    // (c) W down: A and B are a majority on their own.
+    let Group { a, b, w, bw, .. } = g;
+    w.unwrap().shutdown();
+    let (otp, r, took) = timed_login(aa, &f, &mut counter);
+    assert_eq!(status(&r), "OK", "W down: {r:?}");
+    assert!(took < QUORUM_DEADLINE, "A waited {took:?} with B up");
+    assert_eq!(status(&verify(ba, &f, &otp, &nonce("wdown"))), "REPLAYED_OTP");
+    let at_b = login_until_ok(ba, &f, &mut counter);
+    assert_eq!(status(&verify(aa, &f, &at_b, &nonce("wdown"))), "REPLAYED_OTP");
+    wait_for_state(aa, "witness", "down");
+    assert!(bw.relayed.load(Ordering::Relaxed) > 0);
+    a.shutdown();
+    b.shutdown();
+}
+
+/// (e) A site whose peer is down, inside an accept-at-risk window: OK,
+/// logged and counted; after the window, NOT_ENOUGH_ANSWERS again.
+#[test]
+fn accept_at_risk_window_accepts_then_fails_closed() {
+    capture_warnings();
+    let f = fixture();
+    let (qa, nobody) = (free_udp("127.0.0.1"), free_udp("127.0.0.2"));
+    let until = SystemTime::now() + Duration::from_secs(7);
+    let a = start(&f.site("auth1", Some(f.replication("auth1", 1, qa, vec![peer("auth2", 2, nobody)], None)), Some(until)));
+    let aa = a.local_addr();
+    assert!(!logged_with("ACCEPT-AT-RISK window open").is_empty(), "no start warning: {:#?}", captured().lock().unwrap());
+    let left = metric(aa, "validator_replication_accept_at_risk_window_seconds").unwrap();
+    assert!(left > 0.0 && left <= 7.0, "window {left}");
+    let (_, page) = http_get(aa, "/status");
+    assert!(page.contains("policy: ACCEPT-AT-RISK until="), "{page}");
+
+    let mut counter = 1;
+    let (otp, r, took) = timed_login(aa, &f, &mut counter);
+    assert_eq!(status(&r), "OK", "inside the window: {r:?}");
+    assert!(took >= QUORUM_DEADLINE.mul_f32(0.9), "accepted at risk after {took:?}: before the deadline");
+    assert_eq!(metric(aa, "validator_replication_verdicts_total{verdict=\"accepted_at_risk\"}"), Some(1.0));
+    assert_eq!(metric(aa, "validator_replication_accepted_at_risk_total"), Some(1.0));
+    assert!(!logged_with("ACCEPTED AT RISK").is_empty() || !logged_with("AT RISK: quorum missed").is_empty());
+    // Accepted at risk is still accepted here: a replay is refused.
+    assert_eq!(status(&verify(aa, &f, &otp, &nonce("again"))), "REPLAYED_OTP");
+
+    let end = until.duration_since(SystemTime::now()).unwrap_or_default();
+    std::thread::sleep(end + Duration::from_millis(300));
+    assert_eq!(metric(aa, "validator_replication_accept_at_risk_window_seconds"), Some(0.0));
+    let (_, r, _) = timed_login(aa, &f, &mut counter);
+    assert_eq!(status(&r), "NOT_ENOUGH_ANSWERS", "after the window: {r:?}");
+    assert_eq!(metric(aa, "validator_replication_accepted_at_risk_total"), Some(1.0));
+    let (_, page) = http_get(aa, "/status");
+    assert!(page.contains("policy: fail-closed (accept-at-risk window ended"), "{page}");
+    a.shutdown();
+}
+
+// ---------------------------------------------------------------------------
+// `validator status` and `validator serve` as processes.
+
+fn validator_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_validator"));
+    cmd.args(args)
+        .env_remove("OTP_KEYSTORE")
+        .env_remove("OTP_KEYSTORE_PASSWORD_FILE")
+        .env_remove("OTP_VALIDATOR_DB")
+        .env_remove("OTP_VALIDATOR_CONFIG")
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
+/// `validator status ARGS`: exit code and stdout.
+fn status_cli(args: &[&str]) -> (Option<i32>, String) {
+    let mut full = vec!["status", "--timeout-ms", "3000"];
+    full.extend_from_slice(args);
+    let out = validator_command(&full).output().unwrap();
+    (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// A `validator serve` process, its stderr drained.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    drain: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(config: &Path) -> Self {
+        let mut child = validator_command(&["serve", "--config", config.to_str().unwrap()]).stderr(Stdio::piped()).spawn().unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut early = String::new();
+        let addr: SocketAddr = loop {
+            let mut line = String::new();
+            assert!(stderr.read_line(&mut line).unwrap() > 0, "validator serve exited before listening:\n{early}");
+            if let Some(rest) = line.split("serving http://").nth(1) {
+                break rest.split('/').next().unwrap().parse().unwrap();
+            }
+            early.push_str(&line);
+        };
+        let drain = std::thread::spawn(move || for _ in stderr.lines().map_while(Result::ok) {});
+        Self { child, addr, drain: Some(drain) }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(d) = self.drain.take() {
+            let _ = d.join();
+        }
+    }
+}
+
+/// (f) The witness runs as `validator serve` from a TOML file; `validator
+/// status` against it and against a site exits 0 with every peer up, 1
+/// with one unknown or down, 2 when nothing answers.
+#[test]
+fn validator_status_reports_peers_and_exits_by_their_state() {
+    let f = fixture();
+    let (qa, qb, qw) = (free_udp("127.0.0.1"), free_udp("127.0.0.2"), free_udp("127.0.0.3"));
+    let toml = format!(
+        r#"listen = "127.0.0.1:0"
+db = "{db}"
+[replication]
+role = "witness"
+site = 3
+listen = "{qw}"
+certificate = "{pki}/witness.pem"
+key = "{pki}/witness.key"
+ca = "{pki}/ca.pem"
+deadline_ms = {deadline}
+[[replication.peers]]
+name = "auth1"
+site = 1
+addr = "{qa}"
+[[replication.peers]]
+name = "auth2"
+site = 2
+addr = "{qb}"
+"#,
+        db = f.dir.path().join("witness.db").display(),
+        pki = f.pki().display(),
+        deadline = QUORUM_DEADLINE.as_millis(),
+    );
+    let witness_toml = f.dir.path().join("witness.toml");
+    std::fs::write(&witness_toml, toml).unwrap();
+    let w = Server::start(&witness_toml);
+    let w_url = format!("http://{}", w.addr);
+
+    // Nothing exchanged yet: both sites unknown to the witness.
+    let (code, out) = status_cli(&["--url", &w_url]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("node: role=witness site=3"), "{out}");
+    assert!(out.contains("peer: name=auth1 site=1 role=site") && out.contains("state=unknown"), "{out}");
+    assert!(out.contains("peers: total=2 up=0 down=0 unknown=2"), "{out}");
+
+    let site = |name: &str, n: u16, q: SocketAddr, other: (&str, u16, SocketAddr)| {
+        start(&f.site(name, Some(f.replication(name, n, q, vec![peer(other.0, other.1, other.2)], Some(peer("witness", 3, qw)))), None))
+    };
+    let a = site("auth1", 1, qa, ("auth2", 2, qb));
+    let b = site("auth2", 2, qb, ("auth1", 1, qa));
+    let mut counter = 1;
+    login_until_ok(a.local_addr(), &f, &mut counter);
+    login_until_ok(b.local_addr(), &f, &mut counter);
+
+    // Both sites have asked the witness: all up.
+    let (code, out) = status_cli(&["--url", &format!("{w_url}/status")]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("peers: total=2 up=2 down=0 unknown=0"), "{out}");
+
+    // A's own view, through --config (its listen address).
+    let a_toml = f.dir.path().join("a.toml");
+    std::fs::write(&a_toml, format!("listen = \"{}\"\n", a.local_addr())).unwrap();
+    wait_for_state(a.local_addr(), "witness", "up");
+    wait_for_state(a.local_addr(), "auth2", "up");
+    let (code, out) = status_cli(&["--config", a_toml.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("node: role=site site=1"), "{out}");
+    assert!(out.contains("peer: name=witness site=3 role=witness"), "{out}");
+
+    // The witness process killed: A still accepts (with B), and reports it down.
+    drop(w);
+    login_until_ok(a.local_addr(), &f, &mut counter);
+    wait_for_state(a.local_addr(), "witness", "down");
+    let (code, out) = status_cli(&["--config", a_toml.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("peer: name=witness") && out.contains("state=down"), "{out}");
+
+    // Nothing listening: 2.
+    let (code, out) = status_cli(&["--url", &w_url]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("error:"), "{out}");
+    // Not an http:// URL: 2.
+    let (code, out) = status_cli(&["--url", "https://127.0.0.1:1"]);
+    assert_eq!(code, Some(2), "{out}");
+
+    // A site without replication has a status page too, and no peers: 0.
+    let alone = start(&f.site("alone", None, None));
+    let (code, out) = status_cli(&["--url", &format!("http://{}", alone.local_addr())]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("replication: off"), "{out}");
+    alone.shutdown();
+    a.shutdown();
+    b.shutdown();
+}
+
+// ---------------------------------------------------------------------------
+// Configurations refused.
+
+const SITE: &str = r#"
+db = "v.db"
+keystore = "ks"
+[ksm]
+store = "s"
+[replication]
+site = 1
+listen = "127.0.0.1:4433"
+certificate = "auth1.pem"
+key = "auth1.key"
+ca = "ca.pem"
+witness = "w"
+[[replication.peers]]
+name = "auth2"
+site = 2
+addr = "127.0.0.2:4433"
+[[replication.peers]]
+name = "w"
+site = 3
+addr = "127.0.0.3:4433"
+"#;
+
+const WITNESS: &str = r#"
+db = "w.db"
+[replication]
+role = "witness"
+site = 3
+listen = "127.0.0.3:4433"
+certificate = "w.pem"
+key = "w.key"
+ca = "ca.pem"
+[[replication.peers]]
+name = "auth1"
+site = 1
+addr = "127.0.0.1:4433"
+[[replication.peers]]
+name = "auth2"
+site = 2
+addr = "127.0.0.2:4433"
+"#;
+
+fn resolve(text: &str) -> Result<NodeConfig, String> {
+    toml::from_str::<ConfigFile>(text).map_err(|e| e.to_string())?.resolve_node()
+}
+
+fn refused(text: &str, needle: &str) {
+    match resolve(text) {
+        Ok(c) => panic!("accepted (wanted an error with {needle:?}): {c:?}"),
+        Err(e) => assert!(e.contains(needle), "error {e:?} does not mention {needle:?}"),
+    }
+}
+
+/// (g) What is accepted, what is refused, and the messages.
+#[test]
+fn configurations_are_refused_with_clear_messages() {
+    // Accepted: a witness without keystore or KSM; a site with a window
+    // (quoted or as a TOML date-time).
+    let w = resolve(WITNESS).unwrap();
+    assert!(matches!(&w, NodeConfig::Witness(c) if c.replication.peers.len() == 2 && c.replication.witness.is_none()), "{w:?}");
+    let soon = validator::config::format_utc(SystemTime::now() + Duration::from_secs(3600));
+    for window in [format!("\"{soon}\""), soon.clone()] {
+        let c = resolve(&SITE.replace("witness = \"w\"", &format!("witness = \"w\"\naccept_at_risk_until = {window}"))).unwrap();
+        let NodeConfig::Site(s) = c else { panic!("not a site") };
+        let until = s.accept_at_risk_until.unwrap();
+        assert!(until > SystemTime::now() + Duration::from_secs(3500), "{window}");
+    }
+
+    // A witness needs no keys, and refuses them.
+    refused(&format!("keystore = \"ks\"\n{WITNESS}"), "keystore");
+    refused(&WITNESS.replace("db = \"w.db\"", "db = \"w.db\"\n[ksm]\nstore = \"s\"\n"), "ksm.store");
+    // A witness names no witness, has exactly two peers, no window.
+    refused(&WITNESS.replace("role = \"witness\"", "role = \"witness\"\nwitness = \"auth2\""), "remove `witness`");
+    let one_peer = WITNESS.split("[[replication.peers]]\nname = \"auth2\"").next().unwrap().to_owned();
+    refused(&one_peer, "exactly the two sites");
+    refused(&WITNESS.replace("role = \"witness\"", &format!("role = \"witness\"\naccept_at_risk_until = \"{soon}\"")), "belongs to a site");
+    // Roles are spelt out.
+    refused(&WITNESS.replace("\"witness\"", "\"wittness\""), "wittness");
+    // A site needs its peer.
+    let no_peers = SITE.split("[[replication.peers]]").next().unwrap().replace("witness = \"w\"\n", "");
+    refused(&no_peers, "needs its peer site");
+    // Ids and names appear once.
+    refused(&SITE.replace("site = 3", "site = 2"), "site id 2 appears twice");
+    refused(&SITE.replace("site = 3", "site = 1"), "this node's own");
+    refused(&SITE.replace("name = \"w\"", "name = \"AUTH2\"").replace("witness = \"w\"", "witness = \"AUTH2\""), "appears twice");
+    refused(&WITNESS.replace("site = 2", "site = 1"), "appears twice");
+    // Accept-at-risk: at most 24 h ahead, in UTC, a real time.
+    let far = validator::config::format_utc(SystemTime::now() + Duration::from_secs(25 * 3600));
+    refused(&SITE.replace("witness = \"w\"", &format!("witness = \"w\"\naccept_at_risk_until = \"{far}\"")), "at most 24 h");
+    refused(&SITE.replace("witness = \"w\"", "witness = \"w\"\naccept_at_risk_until = \"2026-11-27T08:00:00+01:00\""), "UTC");
+    refused(&SITE.replace("witness = \"w\"", "witness = \"w\"\naccept_at_risk_until = \"2026-02-30T08:00:00Z\""), "RFC 3339");
+    refused(&SITE.replace("witness = \"w\"", "witness = \"w\"\naccept_at_risk_until = \"tomorrow\""), "RFC 3339");
+    // Unknown keys.
+    refused(&SITE.replace("witness = \"w\"", "witness = \"w\"\naccept_at_risk_minutes = 5"), "accept_at_risk_minutes");
+
+    // `validator serve` says so and exits 1 before listening.
+    let bad = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(bad.path(), format!("keystore = \"ks\"\n{WITNESS}")).unwrap();
+    let out = validator_command(&["serve", "--config", bad.path().to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("a witness verifies no OTP"), "{stderr}");
+}
