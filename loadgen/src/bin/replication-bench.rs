@@ -14,9 +14,9 @@
 //! 4. **catch-up**: B stopped, N fresh counters written at A (its outbox),
 //!    a partition of P seconds, B restarted: time until B holds all N.
 //!
-//! Prints a table and the targets: two-site p99 ≤ single-site p99 + 1 RTT
-//! + 2 ms, two-site throughput ≥ 50 % of single-site, catch-up of 100,000
-//! counters < 5 s.
+//! Prints a table and the targets: two-site p99 at most single-site p99
+//! plus 1 RTT plus 2 ms, two-site throughput at least 50 % of single-site,
+//! catch-up of 100,000 counters under 5 s.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
