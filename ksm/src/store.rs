@@ -72,7 +72,7 @@ CREATE TABLE IF NOT EXISTS aead_peer_cursors (
     acked_seq  INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS aead_outbox_insert AFTER INSERT ON aeads
-    WHEN EXISTS (SELECT 1 FROM aead_peer_cursors)
+    WHEN substr(NEW.origin, 1, 5) <> 'peer:' AND EXISTS (SELECT 1 FROM aead_peer_cursors)
     BEGIN INSERT INTO aead_outbox (public_id, key_handle) VALUES (NEW.public_id, NEW.key_handle); END;
 ";
 
@@ -385,14 +385,14 @@ impl AeadStore {
 /// # Replication
 ///
 /// **Outbox.** A trigger on `aeads` appends `aead_outbox(seq, public_id,
-/// key_handle)` for every inserted pair — by this process, by `ksm import`
-/// in another one, or by a peer's merge — but only while some peer is
-/// registered in `aead_peer_cursors(peer, acked_seq)`: a lone site keeps
-/// no outbox (a peer joining later starts with a full comparison of
-/// digests). `seq` grows in commit order and is never reused
-/// (`AUTOINCREMENT`). A pair merged from a peer is in this site's outbox
-/// too: its origin pulls it back as already present, and a third site gets
-/// it through either.
+/// key_handle)` for every pair inserted here — by this process or by `ksm
+/// import` in another one — but only while some peer is registered in
+/// `aead_peer_cursors(peer, acked_seq)`: a lone site keeps no outbox (a
+/// peer joining later starts with a full comparison of digests). `seq`
+/// grows in commit order and is never reused (`AUTOINCREMENT`). Pairs
+/// merged from a peer (origin `peer:<name>`) are not appended, as for the
+/// counters: every site pulls from every other one, and an import of a
+/// million AEADs does not travel back to where it came from.
 ///
 /// **Merge.** [`AeadStore::merge_from_peer`] is [`AeadStore::put_many`]
 /// with the peer as the origin: new pairs are inserted, a pair held with
@@ -415,6 +415,23 @@ impl AeadStore {
     /// only move forward; one past the head (this file restored from an
     /// older backup) is clamped to the head.
     pub fn ack_peer(&self, peer: &str, acked: Option<u64>) -> Result<PeerPosition, LookupError> {
+        // Most pulls move nothing: answered from a read connection, without
+        // a write transaction.
+        {
+            let conn = self.reader();
+            let known: Option<u64> = conn
+                .prepare_cached("SELECT acked_seq FROM aead_peer_cursors WHERE peer = ?1")
+                .map_err(db_err)?
+                .query_row(params![peer], count_column)
+                .optional()
+                .map_err(db_err)?;
+            let head: u64 = conn.query_row(OUTBOX_HEAD, [], count_column).optional().map_err(db_err)?.unwrap_or(0);
+            if let Some(cursor) = known {
+                if acked.is_none_or(|n| n.min(head) <= cursor) {
+                    return Ok(PeerPosition { cursor, head });
+                }
+            }
+        }
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
         let head: i64 = tx.query_row(OUTBOX_HEAD, [], |r| r.get(0)).optional().map_err(db_err)?.unwrap_or(0);
@@ -483,7 +500,7 @@ impl AeadStore {
     }
 
     /// Merge a peer's AEADs: [`Self::put_many`] with origin `peer:<name>`.
-    /// New pairs are added (and enter this site's outbox); a pair held with
+    /// New pairs are added (not to this site's outbox); a pair held with
     /// other bytes is quarantined once and reported
     /// [`PutOutcome::Conflict`], never overwritten. Durable on return.
     pub fn merge_from_peer(&self, peer: &str, rows: &[(PublicId, AeadRecord)], now: i64) -> Result<Vec<PutOutcome>, LookupError> {

@@ -14,10 +14,12 @@
 //! operator settles it (`ksm conflicts`): each anti-entropy round reports
 //! the conflict again but adds no quarantine row.
 //!
-//! **Outbox.** The store's trigger fills the outbox for every inserted
-//! pair (`ksm import` in another process included) while a peer is
-//! registered; [`SyncStore::changes`] registers the puller, records its
-//! acknowledgement and compacts in one transaction, then reads.
+//! **Outbox.** The store's trigger fills the outbox for every pair
+//! inserted at this site (`ksm import` in another process included; not
+//! the pairs merged from peers) while a peer is registered;
+//! [`SyncStore::changes`] registers the puller, records its
+//! acknowledgement and compacts in one transaction (only when the cursor
+//! moves), then reads.
 
 use std::sync::Arc;
 

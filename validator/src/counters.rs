@@ -105,7 +105,9 @@
 //! [`sync_item`] (public id → counters, use, OTP digest, nonce; never the
 //! site-local `modified`, `created` or timestamp), `changes` records the
 //! puller's acknowledgement (registering it) and compacts in the same
-//! writer job, then reads the outbox after the cursor; `digest` and
+//! writer job — only when the cursor moves or the peer is new: a pull that
+//! moves nothing is answered from the read connection — then reads the
+//! outbox after the cursor; `digest` and
 //! `bucket` scan the table on a read-only connection of their own; `merge`
 //! decodes the whole page first (a malformed item refuses the page) and
 //! applies it with [`SqliteCounters::merge_max`].
@@ -1371,6 +1373,15 @@ fn sync_err(e: BackendFailure) -> SyncError {
 }
 
 impl SqliteCounters {
+    /// `peer`'s acknowledged cursor, if it is known (committed state).
+    fn peer_cursor(&self, peer: &str) -> Result<Option<u64>, BackendFailure> {
+        let cursor: Option<i64> = lock(&self.reader)
+            .prepare_cached("SELECT acked_seq FROM peer_cursors WHERE peer = ?1")
+            .and_then(|mut s| s.query_row(params![peer], |r| r.get(0)).optional())
+            .map_err(|e| failure("read cursors", e))?;
+        Ok(cursor.map(|c| u64::try_from(c).unwrap_or(0)))
+    }
+
     /// Every counters row as an item, in one consistent read on a
     /// connection of its own (the hot read connection is not held), passed
     /// to `f` with its key's bucket.
@@ -1403,12 +1414,20 @@ impl SqliteCounters {
 /// their own. Merged rows are not added to this site's outbox.
 impl SyncStore for SqliteCounters {
     fn changes(&self, peer: &str, after: Option<u64>, limit: usize) -> Result<Changes, SyncError> {
-        let owned = peer.to_owned();
-        let (cursor, head) =
-            match self.alone(move |conn| cursor_job(conn, &owned, after).map(|(c, h)| Done::Cursor(c, h))).map_err(sync_err)? {
-                Done::Cursor(c, h) => (c, h),
-                _ => return Err(SyncError("counter store: the writer answered another question".to_owned())),
-            };
+        // Most pulls move no cursor: answered from the read connection, so
+        // they cost the writer (and its group commits) nothing.
+        let known = self.peer_cursor(peer).map_err(sync_err)?;
+        let head = self.outbox_last_seq().map_err(sync_err)?;
+        let (cursor, head) = match known {
+            Some(cursor) if after.is_none_or(|n| n.min(head) <= cursor) => (cursor, head),
+            _ => {
+                let owned = peer.to_owned();
+                match self.alone(move |conn| cursor_job(conn, &owned, after).map(|(c, h)| Done::Cursor(c, h))).map_err(sync_err)? {
+                    Done::Cursor(c, h) => (c, h),
+                    _ => return Err(SyncError("counter store: the writer answered another question".to_owned())),
+                }
+            }
+        };
         let rows = self.outbox_after(cursor, limit).map_err(sync_err)?;
         let last = rows.last().map_or(cursor, |r| r.seq);
         let items = rows

@@ -610,10 +610,10 @@ fn bench_counters_sync() {
         let started = Instant::now();
         let digest = source.digest().unwrap();
         println!("digest over {total} counters: {:.3} s ({digest:?})", started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        let bucket = source.bucket(7).unwrap();
+        println!("one bucket of {total} counters ({} items): {:.3} s", bucket.len(), started.elapsed().as_secs_f64());
         if total == 100_000 {
-            let started = Instant::now();
-            let bucket = source.bucket(7).unwrap();
-            println!("one bucket of {total} counters ({} items): {:.3} s", bucket.len(), started.elapsed().as_secs_f64());
             // Merge 100,000 in pages of 2,000, through the trait (FULL).
             let target = SqliteCounters::open(&dir.path().join("target.db")).unwrap();
             let started = Instant::now();
