@@ -675,6 +675,71 @@ site = 3
 addr = "127.0.0.3:4433"
 "#;
 
+    /// The commented-out TOML lines of `text` (after `from`, before `to`),
+    /// uncommented; prose comments and the placeholder pin dropped.
+    fn commented_toml(text: &str, from: &str, to: &str) -> String {
+        let start = text.find(from).unwrap();
+        let end = text[start..].find(to).map_or(text.len(), |e| start + e);
+        text[start..end]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| !l.starts_with("fingerprint"))
+            .filter(|l| {
+                l.starts_with('[') || l.split_once(" = ").is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn the_examples_replication_blocks_resolve() {
+        let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("validator.toml.example")).unwrap();
+        let site = commented_toml(&example, "# [replication]", "# ----");
+        let keys = "db = \"v.db\"\nkeystore = \"ks\"\n[ksm]\nstore = \"s\"\n";
+        let day_before = parse_utc("2026-11-26T09:00:00Z").unwrap();
+        let c = toml::from_str::<ConfigFile>(&format!("{keys}{site}")).unwrap().resolve_node_at(day_before).unwrap();
+        let NodeConfig::Site(s) = c else { panic!("not a site") };
+        assert_eq!(s.accept_at_risk_until, Some(parse_utc("2026-11-27T08:00:00Z").unwrap()));
+        assert_eq!(s.serve.replication.unwrap().witness.unwrap().name, "witness");
+        let too_early = parse_utc("2026-11-26T07:59:59Z").unwrap();
+        let e = toml::from_str::<ConfigFile>(&format!("{keys}{site}")).unwrap().resolve_node_at(too_early).unwrap_err();
+        assert!(e.contains("at most 24 h"), "{e}");
+
+        let witness = commented_toml(&example, "Its own file:", "\u{0}");
+        let c = toml::from_str::<ConfigFile>(&witness).unwrap().resolve_node().unwrap();
+        let NodeConfig::Witness(w) = c else { panic!("not a witness") };
+        assert_eq!(w.replication.peers.iter().map(|p| p.site).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(w.http.listen, DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn utc_times_parse_and_format() {
+        for t in [0u64, 951_782_400, 1_764_158_461, 253_402_300_799] {
+            let text = format_unix(i64::try_from(t).unwrap());
+            assert_eq!(parse_utc(&text).unwrap(), UNIX_EPOCH + Duration::from_secs(t), "{text}");
+            assert_eq!(format_utc(UNIX_EPOCH + Duration::from_secs(t)), text);
+        }
+        let base = parse_utc("2026-11-27T08:00:00Z").unwrap();
+        assert_eq!(parse_utc("2026-11-27T08:00:00.5Z").unwrap(), base + Duration::from_millis(500));
+        assert_eq!(parse_utc("2026-11-27t08:00:00+00:00").unwrap(), base);
+        assert!(parse_utc("2024-02-29T00:00:00Z").is_ok());
+        for bad in [
+            "2026-11-27T08:00:00",
+            "2026-11-27T08:00:00+01:00",
+            "2026-13-01T00:00:00Z",
+            "2025-02-29T00:00:00Z",
+            "2026-11-27T24:00:00Z",
+            "26-11-27T08:00:00Z",
+            "2026-11-27T08:00:00.Z",
+            "2026-11-27T08:00:00.1234567890Z",
+            "+026-11-27T08:00:00Z",
+            "x",
+            "",
+        ] {
+            assert!(parse_utc(bad).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn replication_section_resolves_and_is_off_when_absent() {
         assert!(with_ksm(KsmSection { store: Some("s".into()), ..KsmSection::default() }).resolve().unwrap().replication.is_none());
