@@ -3,14 +3,14 @@
 //! refused when replayed (`synchronous=full`, the default).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+#[path = "oracles/site.rs"]
+mod site;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -21,6 +21,7 @@ use httpd::client::Connection;
 use ksm::store::AeadStore;
 use otp::token::TokenFields;
 use otp::{Counters, HandleKey, KeyHandle, Otp, PublicId, YubiKeySecrets};
+use site::Server;
 use validator::counters::SqliteCounters;
 use validator::protocol::{parse_response, signed_query, verify_response};
 
@@ -105,67 +106,11 @@ impl Files {
     }
 }
 
-/// A running `validator serve`, its stderr drained.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<String>>,
-    drain: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    fn start(files: &Files, extra: &[&str]) -> Self {
-        let mut child = files
-            .command(&["serve", "--listen", "127.0.0.1:0"])
-            .arg("--store")
-            .arg(files.path("aeads.db"))
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut early = String::new();
-        let addr: SocketAddr = loop {
-            let mut line = String::new();
-            assert!(stderr.read_line(&mut line).unwrap() > 0, "validator serve exited before listening:\n{early}");
-            if let Some(rest) = line.split("serving http://").nth(1) {
-                break rest.split('/').next().unwrap().parse().unwrap();
-            }
-            early.push_str(&line);
-        };
-        let log = Arc::new(Mutex::new(early));
-        let drain = {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in stderr.lines().map_while(Result::ok) {
-                    let mut l = log.lock().unwrap();
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-            })
-        };
-        Self { child, addr, log, drain: Some(drain) }
-    }
-
-    /// SIGKILL, no chance to flush or clean up.
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        let status = self.child.wait().unwrap();
-        assert!(!status.success(), "{status:?}");
-        self.drain.take().unwrap().join().unwrap();
-    }
-
-    /// SIGTERM: a clean stop.
-    fn terminate(mut self) -> String {
-        let term = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
-        assert!(term.success());
-        let status = self.child.wait().unwrap();
-        self.drain.take().unwrap().join().unwrap();
-        let log = self.log.lock().unwrap().clone();
-        assert!(status.success(), "validator serve exited with {status}:\n{log}");
-        log
-    }
+/// `validator serve` over the files, with `extra` flags.
+fn serve(files: &Files, extra: &[&str]) -> Server {
+    let mut cmd = files.command(&["serve", "--listen", "127.0.0.1:0"]);
+    cmd.arg("--store").arg(files.path("aeads.db")).args(extra).env("RUST_LOG", "warn");
+    Server::spawn(cmd)
 }
 
 fn nonce(key: usize, i: usize, tag: &str) -> String {
@@ -203,7 +148,7 @@ type Accepted = (usize, usize, String, String);
 fn kill9_under_load_then_every_accepted_otp_is_refused_on_replay() {
     let files = Files::new(THREADS as u64);
     let key = Arc::new(files.add_client(1));
-    let server = Server::start(&files, &[]);
+    let server = serve(&files, &[]);
     let addr = server.addr;
 
     // Load: THREADS threads, one YubiKey each, fresh OTPs back to back.
@@ -246,7 +191,7 @@ fn kill9_under_load_then_every_accepted_otp_is_refused_on_replay() {
     assert_eq!(unanswered.load(Ordering::Relaxed), THREADS, "every loader was cut off by the kill");
 
     // Restart on the same database and replay everything that was OK.
-    let server = Server::start(&files, &[]);
+    let server = serve(&files, &[]);
     let addr = server.addr;
     let mut by_key: Vec<Vec<Accepted>> = vec![Vec::new(); THREADS];
     for a in &accepted {
@@ -303,7 +248,7 @@ fn kill9_under_load_then_every_accepted_otp_is_refused_on_replay() {
         assert_eq!(checked_status(&body, &key, &otp, &n), "OK", "{body}");
     }
     drop(conn);
-    let log = server.terminate();
+    let log = server.stop();
     assert!(!log.contains("panicked"), "{log}");
 
     // The stored counters are at least every OTP answered OK.

@@ -16,14 +16,15 @@
 //!   nothing is configured outside the two namespaces.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+#[path = "oracles/site.rs"]
+mod site;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hsm::soft::format::KdfParams;
@@ -34,6 +35,7 @@ use ksm::store::AeadStore;
 use otp::token::TokenFields;
 use otp::{Counters, HandleKey, KeyHandle, Otp, PublicId, YubiKeySecrets};
 use replication::pki::Ca;
+use site::Server;
 use validator::clients::SqliteClients;
 use validator::counters::SqliteCounters;
 use validator::protocol::{parse_response, signed_query, verify_response};
@@ -183,79 +185,19 @@ addr = "{peer_addr}"
     }
 }
 
-/// A running `validator serve --config`, its stderr drained.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<String>>,
-    drain: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    fn start(dir: &Path) -> Self {
-        Self::start_in(dir, None)
-    }
-
-    /// `validator serve`, inside network namespace `netns` if given.
-    fn start_in(dir: &Path, netns: Option<&str>) -> Self {
-        let mut command = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_validator")]);
-                c
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_validator")),
-        };
-        let mut child = command
-            .arg("serve")
-            .arg("--config")
-            .arg(dir.join("validator.toml"))
-            .env_remove("OTP_KEYSTORE")
-            .env_remove("OTP_KEYSTORE_PASSWORD_FILE")
-            .env_remove("OTP_VALIDATOR_DB")
-            .env_remove("OTP_VALIDATOR_CONFIG")
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut early = String::new();
-        let addr: SocketAddr = loop {
-            let mut line = String::new();
-            assert!(stderr.read_line(&mut line).unwrap() > 0, "validator serve exited before listening:\n{early}");
-            if let Some(rest) = line.split("serving http://").nth(1) {
-                break rest.split('/').next().unwrap().parse().unwrap();
-            }
-            early.push_str(&line);
-        };
-        let log = Arc::new(Mutex::new(early));
-        let drain = {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in stderr.lines().map_while(Result::ok) {
-                    let mut l = log.lock().unwrap();
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-            })
-        };
-        Self { child, addr, log, drain: Some(drain) }
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        assert!(!self.child.wait().unwrap().success());
-        self.drain.take().unwrap().join().unwrap();
-    }
-
-    fn terminate(mut self) -> String {
-        assert!(Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap().success());
-        let status = self.child.wait().unwrap();
-        self.drain.take().unwrap().join().unwrap();
-        let log = self.log.lock().unwrap().clone();
-        assert!(status.success(), "validator serve exited with {status}:\n{log}");
-        log
-    }
+/// `validator serve --config DIR/validator.toml`, inside network
+/// namespace `netns` if given.
+fn serve(dir: &Path, netns: Option<&str>) -> Server {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_validator")]);
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_validator")),
+    };
+    cmd.arg("serve").arg("--config").arg(dir.join("validator.toml")).env("RUST_LOG", "warn");
+    Server::spawn(cmd)
 }
 
 /// The signed verify request target (`sl=100`: every site).
@@ -300,7 +242,7 @@ fn load(addr: SocketAddr, key: &[u8], t: usize, yk: &YubiKey, from: usize, stop:
 #[test]
 fn kill9_of_one_site_under_load_loses_nothing_and_replays_fail_at_both_sites() {
     let f = Arc::new(Fixture::on_loopback());
-    let mut servers: Vec<Option<Server>> = (0..2).map(|i| Some(Server::start(&f.site_dir(i)))).collect();
+    let mut servers: Vec<Option<Server>> = (0..2).map(|i| Some(serve(&f.site_dir(i), None))).collect();
     // Every ticket answered OK, per YubiKey; the next fresh ticket of each.
     let mut accepted: Vec<Vec<usize>> = vec![Vec::new(); THREADS];
     let mut next = [0usize; THREADS];
@@ -344,7 +286,7 @@ fn kill9_of_one_site_under_load_loses_nothing_and_replays_fail_at_both_sites() {
         assert!(round_ok >= 50, "only {round_ok} OTPs accepted under load");
 
         // Restart the victim on its files; both sites serve again.
-        servers[victim] = Some(Server::start(&f.site_dir(victim)));
+        servers[victim] = Some(serve(&f.site_dir(victim), None));
         let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.as_ref().unwrap().addr).collect();
 
         // Every OTP answered OK so far is refused at either site, with
@@ -390,7 +332,7 @@ fn kill9_of_one_site_under_load_loses_nothing_and_replays_fail_at_both_sites() {
     // Nothing acknowledged is lost: both sites hold at least the highest
     // OTP answered OK of every key.
     for (i, server) in servers.into_iter().enumerate() {
-        let log = server.unwrap().terminate();
+        let log = server.unwrap().stop();
         assert!(!log.contains("panicked"), "{log}");
         let store = SqliteCounters::open(&f.site_dir(i).join("validator.db")).unwrap();
         for (t, yk) in f.keys.iter().enumerate() {
@@ -521,7 +463,7 @@ fn two_sites_in_network_namespaces_partition_loss_and_link_down() {
     };
     let quic = Namespaces::ADDRS.map(|a| SocketAddr::new(a.parse().unwrap(), 4433));
     let f = Fixture::new(quic);
-    let servers: Vec<Server> = (0..2).map(|i| Server::start_in(&f.site_dir(i), Some(&ns.names[i]))).collect();
+    let servers: Vec<Server> = (0..2).map(|i| serve(&f.site_dir(i), Some(&ns.names[i]))).collect();
     let http: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
     let yk = &f.keys[0];
     let mut i = 0usize;
@@ -586,7 +528,7 @@ fn two_sites_in_network_namespaces_partition_loss_and_link_down() {
     }
     println!("network namespaces: partition failed closed, first OK {heal_time:?} after healing; {ok}/10 logins under 15 % loss");
     for s in servers {
-        let log = s.terminate();
+        let log = s.stop();
         assert!(!log.contains("panicked"), "{log}");
     }
 }

@@ -157,43 +157,11 @@ impl Site {
 
     /// `validator serve` on a free loopback port, in-process KSM over the store.
     pub fn serve(&self) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_validator"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--db", path(&self.db), "--store", path(&self.store)])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_validator"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--db", path(&self.db), "--store", path(&self.store)])
             .args(["--keystore", path(&self.keystore), "--password-file", path(&self.password_file)])
-            .env_remove("OTP_VALIDATOR_CONFIG")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut early = String::new();
-        let addr: SocketAddr = loop {
-            let mut line = String::new();
-            if stderr.read_line(&mut line).unwrap() == 0 {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("validator serve exited before listening:\n{early}");
-            }
-            early.push_str(&line);
-            if let Some(rest) = line.split("serving http://").nth(1) {
-                break rest.split('/').next().unwrap().parse().unwrap();
-            }
-        };
-        // Keep draining stderr so the server never blocks on a full pipe.
-        let log = Arc::new(Mutex::new(early));
-        let drain = {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in stderr.lines().map_while(Result::ok) {
-                    let mut log = log.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            })
-        };
-        Server { child: Some(child), addr, log, drain: Some(drain) }
+            .env("RUST_LOG", "info");
+        Server::spawn(cmd)
     }
 }
 
@@ -214,6 +182,57 @@ pub struct Server {
 pub type Counts = BTreeMap<String, u64>;
 
 impl Server {
+    /// Spawn `command` (a `validator serve`, environment defaults for the
+    /// keystore, database and config removed) and wait for the line saying
+    /// where it serves; its standard error is kept draining into the log
+    /// so that it never blocks on a full pipe.
+    pub fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .env_remove("OTP_KEYSTORE")
+            .env_remove("OTP_KEYSTORE_PASSWORD_FILE")
+            .env_remove("OTP_VALIDATOR_DB")
+            .env_remove("OTP_VALIDATOR_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut early = String::new();
+        let addr: SocketAddr = loop {
+            let mut line = String::new();
+            if stderr.read_line(&mut line).unwrap() == 0 {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("validator serve exited before listening:\n{early}");
+            }
+            early.push_str(&line);
+            if let Some(rest) = line.split("serving http://").nth(1) {
+                break rest.split('/').next().unwrap().parse().unwrap();
+            }
+        };
+        let log = Arc::new(Mutex::new(early));
+        let drain = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in stderr.lines().map_while(Result::ok) {
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            })
+        };
+        Self { child: Some(child), addr, log, drain: Some(drain) }
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        assert!(!child.wait().unwrap().success());
+        self.drain.take().unwrap().join().unwrap();
+    }
+
     /// The verify URL, as pam_yubico's `urllist=` and ykclient's `--url` take it.
     pub fn url(&self) -> String {
         format!("http://{}/wsapi/2.0/verify", self.addr)
