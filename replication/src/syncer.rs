@@ -21,12 +21,16 @@
 //!   [`SyncOptions::pull_interval`].
 //! - **Anti-entropy** ([`SyncRequest::Digest`], [`SyncRequest::Bucket`]):
 //!   at start, every [`SyncOptions::digest_interval`], and when the peer
-//!   comes back up ([`NodeEvent::PeerUp`]), the peer's digest is compared
+//!   comes back up ([`NodeEvent::PeerUp`]), but never while the outbox
+//!   pull is behind (its last page was full): a restarted site first
+//!   catches up through the cheap outbox, and the round that follows finds
+//!   little or nothing to repair. Then the peer's digest is compared
 //!   with the local one (computed on the blocking pool) and each differing
 //!   bucket is fetched whole and merged. It repairs what no outbox carries
 //!   (lost or compacted rows, writes that bypassed it) and bootstraps an
 //!   empty site. One-directional as well: the peer's own round repairs the
-//!   other side.
+//!   other side. A failed round is tried again at the next interval or
+//!   when the peer comes back up.
 //!
 //! **Errors** (an RPC failure, a refusal, an undecodable reply, a store
 //! failure) are logged on transitions only (warn when a pair starts
@@ -294,6 +298,9 @@ pub struct PairState {
     pub digest_at: Instant,
     /// Whether the pair is failing (for logging transitions only).
     pub failing: bool,
+    /// Whether the last page was full: more is waiting in the peer's
+    /// outbox (true until the first page, so that the outbox goes first).
+    pub behind: bool,
     backoff: Backoff,
     pull_interval: Duration,
     digest_interval: Duration,
@@ -309,6 +316,7 @@ impl PairState {
             unsupported_until: None,
             digest_at: now,
             failing: false,
+            behind: true,
             backoff: Backoff::new(options.pull_interval, options.max_backoff),
             pull_interval: options.pull_interval,
             digest_interval: options.digest_interval,
@@ -321,10 +329,10 @@ impl PairState {
         SyncRequest::Pull { dataset, after: self.cursor, limit: self.limit }
     }
 
-    /// Whether an anti-entropy round is due.
+    /// Whether an anti-entropy round is due (never while behind).
     #[must_use]
     pub fn digest_due(&self, now: Instant) -> bool {
-        now >= self.digest_at
+        !self.behind && now >= self.digest_at
     }
 
     /// An anti-entropy round completed.
@@ -346,7 +354,8 @@ impl PairState {
         self.backoff.reset();
         let caught_up = changes.last >= changes.head;
         let full = changes.items.len() >= usize::try_from(self.limit).unwrap_or(usize::MAX);
-        let next = if full && !caught_up { Next::Now } else { Next::After(self.pull_interval) };
+        self.behind = full && !caught_up;
+        let next = if self.behind { Next::Now } else { Next::After(self.pull_interval) };
         (caught_up, next)
     }
 
@@ -759,6 +768,10 @@ mod tests {
     fn refusals_adjust_the_pair() {
         let now = Instant::now();
         let mut s = PairState::new(now, &options());
+        assert!(!s.digest_due(now), "the outbox goes first");
+        assert_eq!(s.merged(&page(3, 3, 9)), (false, Next::Now));
+        assert!(!s.digest_due(now), "not while behind");
+        assert_eq!(s.merged(&page(1, 9, 9)), (true, Next::After(Duration::from_millis(100))));
         assert!(s.digest_due(now));
         s.digest_done(now);
         assert!(!s.digest_due(now + Duration::from_secs(59)));
