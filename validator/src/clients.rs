@@ -903,10 +903,11 @@ impl ClientSync {
     /// Every row that opens, canonical; one that does not (another
     /// keystore's key, a damaged row) is logged and left out: the peer's
     /// copy then repairs it.
-    fn canonical_rows(&self, id: Option<ClientId>) -> Result<Vec<Canonical>, SyncError> {
+    fn canonical_rows(&self, id: Option<ClientId>, bucket: Option<u8>) -> Result<Vec<Canonical>, SyncError> {
         let rows = self.db.stored_rows(id).map_err(sync_err)?;
         let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
+        // Only the rows of the bucket asked for are decrypted.
+        for row in rows.into_iter().filter(|r| bucket.is_none_or(|b| bucket_of(&r.id.get().to_be_bytes()) == b)) {
             match row.open(self.hsm.as_ref()) {
                 Ok(c) => out.push(c),
                 Err(e @ (ClientError::Undecryptable { .. } | ClientError::Database(_))) => {
@@ -979,7 +980,7 @@ impl SyncStore for ClientSync {
         // The current state of each changed client (a later change of the
         // same client carries the same state: harmless).
         for (_, id) in rows {
-            for c in self.canonical_rows(Some(id))? {
+            for c in self.canonical_rows(Some(id), None)? {
                 match c.item() {
                     Ok(item) => items.push(item),
                     Err(e) => tracing::error!(error = %e, "API client not replicated"),
@@ -991,7 +992,7 @@ impl SyncStore for ClientSync {
 
     fn digest(&self) -> Result<Digest, SyncError> {
         let mut digest = Digest::default();
-        for c in self.canonical_rows(None)? {
+        for c in self.canonical_rows(None, None)? {
             digest.add(&c.item_key(), &c.digest_value());
         }
         Ok(digest)
@@ -999,12 +1000,10 @@ impl SyncStore for ClientSync {
 
     fn bucket(&self, bucket: u8) -> Result<Vec<Item>, SyncError> {
         let mut items = Vec::new();
-        for c in self.canonical_rows(None)? {
-            if bucket_of(&c.item_key()) == bucket {
-                match c.item() {
-                    Ok(item) => items.push(item),
-                    Err(e) => tracing::error!(error = %e, "API client not replicated"),
-                }
+        for c in self.canonical_rows(None, Some(bucket))? {
+            match c.item() {
+                Ok(item) => items.push(item),
+                Err(e) => tracing::error!(error = %e, "API client not replicated"),
             }
         }
         Ok(items)

@@ -1368,6 +1368,11 @@ fn cursor_job(conn: &Connection, peer: &str, after: Option<u64>) -> Result<(u64,
     Ok((u64::try_from(cursor).unwrap_or(0), u64::try_from(head).unwrap_or(0)))
 }
 
+/// A text column of a scanned row, borrowed.
+fn scan_text(v: rusqlite::types::ValueRef<'_>) -> Result<&str, SyncError> {
+    v.as_str().map_err(|e| SyncError(format!("counter store: scan: {e}")))
+}
+
 fn sync_err(e: BackendFailure) -> SyncError {
     SyncError(e.0)
 }
@@ -1385,19 +1390,23 @@ impl SqliteCounters {
     /// Every counters row as an item, in one consistent read on a
     /// connection of its own (the hot read connection is not held), passed
     /// to `f` with its key's bucket.
-    fn scan_items(&self, mut f: impl FnMut(u8, &[u8], &[u8])) -> Result<(), SyncError> {
+    fn scan_items(&self, only: Option<u8>, mut f: impl FnMut(&[u8], &[u8])) -> Result<(), SyncError> {
         let conn = open_read_only(&self.path, self.options.busy_timeout).map_err(SyncError)?;
         let err = |e: rusqlite::Error| SyncError(format!("counter store: scan: {e}"));
         let mut stmt = conn.prepare("SELECT public_id, counter, session_use, nonce, otp_digest FROM counters").map_err(err)?;
         let mut rows = stmt.query([]).map_err(err)?;
         while let Some(row) = rows.next().map_err(err)? {
-            let public_id: String = row.get(0).map_err(err)?;
+            let public_id = scan_text(row.get_ref(0).map_err(err)?)?;
+            let key = public_id.as_bytes();
+            // Only the key is hashed for the rows of other buckets.
+            if only.is_some_and(|b| replication::sync::bucket_of(key) != b) {
+                continue;
+            }
             let damaged = || SyncError(format!("counter store: the row of {public_id} is damaged"));
             let counters = counters_from(row.get(1).map_err(err)?, row.get(2).map_err(err)?).ok_or_else(damaged)?;
-            let nonce: String = row.get(3).map_err(err)?;
-            let digest: [u8; 32] = row.get::<_, Vec<u8>>(4).map_err(err)?.try_into().map_err(|_| damaged())?;
-            let key = public_id.as_bytes();
-            f(replication::sync::bucket_of(key), key, &sync_item::value(counters, &digest, &nonce));
+            let nonce = scan_text(row.get_ref(3).map_err(err)?)?;
+            let digest: &[u8; 32] = row.get_ref(4).map_err(err)?.as_blob().ok().and_then(|b| b.try_into().ok()).ok_or_else(damaged)?;
+            f(key, &sync_item::value(counters, digest, nonce));
         }
         Ok(())
     }
@@ -1439,17 +1448,13 @@ impl SyncStore for SqliteCounters {
 
     fn digest(&self) -> Result<Digest, SyncError> {
         let mut digest = Digest::default();
-        self.scan_items(|_, k, v| digest.add(k, v))?;
+        self.scan_items(None, |k, v| digest.add(k, v))?;
         Ok(digest)
     }
 
     fn bucket(&self, bucket: u8) -> Result<Vec<Item>, SyncError> {
         let mut items = Vec::new();
-        self.scan_items(|b, k, v| {
-            if b == bucket {
-                items.push(Item { key: k.to_vec(), value: v.to_vec() });
-            }
-        })?;
+        self.scan_items(Some(bucket), |k, v| items.push(Item { key: k.to_vec(), value: v.to_vec() }))?;
         Ok(items)
     }
 
