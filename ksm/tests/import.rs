@@ -581,3 +581,45 @@ fn bulk_put_many_measurement() {
         get.as_secs_f64() * 1e6 / lookups as f64
     );
 }
+
+/// The replication outbox is filled by a trigger: `ksm import` in another
+/// process is covered, pairs merged from a peer are not appended, and an
+/// acknowledgement compacts.
+#[test]
+fn cli_import_in_another_process_fills_the_replication_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).to_str().unwrap().to_owned();
+    let aeads = AeadDir::new(d("dir"));
+    for n in 1..=3 {
+        aeads.write(&"0x2000".parse().unwrap(), &id(n), &blob(KH, n, 1)).unwrap();
+    }
+    // Imported before any peer is known: no outbox.
+    let (code, _, stderr) = outcome(&ksm(&["import", "--store", &d("a.db"), "--aead-dir", &d("dir")], None));
+    assert_eq!(code, Some(0), "{stderr}");
+    let store = AeadStore::open(Path::new(&d("a.db"))).unwrap();
+    assert!(store.outbox_after(0, 100).unwrap().is_empty());
+    store.add_peer("site-2").unwrap();
+    for n in 4..=5 {
+        aeads.write(&"0x2000".parse().unwrap(), &id(n), &blob(KH, n, 1)).unwrap();
+    }
+    let (code, stdout, stderr) = outcome(&ksm(&["import", "--store", &d("a.db"), "--aead-dir", &d("dir")], None));
+    assert_eq!((code, stdout.as_str()), (Some(0), "added 2, already present 3, conflicts 0, errors 0\n"), "{stderr}");
+    let outbox = store.outbox_after(0, 100).unwrap();
+    assert_eq!(
+        outbox.iter().map(|o| (o.seq, o.public_id, o.record)).collect::<Vec<_>>(),
+        [(1, id(4), Some(blob(KH, 4, 1))), (2, id(5), Some(blob(KH, 5, 1)))]
+    );
+    // Merged from a peer: stored, not appended; a conflict quarantined once.
+    use ksm::store::PutOutcome::*;
+    let merged = store.merge_from_peer("site-2", &[(id(9), blob(KH, 9, 1)), (id(4), blob(KH, 4, 2))], NOW).unwrap();
+    assert_eq!(merged, [Added, Conflict]);
+    assert_eq!(store.merge_from_peer("site-2", &[(id(4), blob(KH, 4, 2))], NOW).unwrap(), [Conflict]);
+    assert_eq!(store.conflict_count().unwrap(), 1);
+    assert_eq!(store.conflicts().unwrap()[0].origin, "peer:site-2");
+    assert_eq!(store.outbox_last_seq().unwrap(), 2);
+    // Acknowledged: compacted; the cursor only moves forward.
+    assert_eq!(store.ack_peer("site-2", Some(2)).unwrap(), ksm::store::PeerPosition { cursor: 2, head: 2 });
+    assert_eq!(store.ack_peer("site-2", Some(1)).unwrap().cursor, 2);
+    assert!(store.outbox_after(0, 100).unwrap().is_empty());
+    assert_eq!(store.peer_cursors().unwrap(), [("site-2".to_owned(), 2)]);
+}
