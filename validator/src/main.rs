@@ -179,7 +179,9 @@ fn fetch_status(args: &StatusArgs) -> Result<String, String> {
 /// reported).
 fn peers_all_up(text: &str) -> Result<bool, String> {
     if !text.lines().any(|l| l.starts_with("peers: ")) {
-        return Err("the answer has no `peers:` line: not a validator status page".to_owned());
+        return Err(
+            "the answer has no `peers:` summary: not a validator status page, or a server that does not report replication".to_owned()
+        );
     }
     Ok(text.lines().filter(|l| l.starts_with("peer: ")).all(|l| l.split(' ').any(|field| field == "state=up")))
 }

@@ -158,12 +158,14 @@ impl ValidatorService {
                 let _ = writeln!(out, "replication: not reported (served from bare serve::Parts)");
             }
         }
-        // SYNC-STATUS: dataset sync (catch-up, anti-entropy) goes here once
-        // `Node::sync_status()` exists: one `sync:` line per dataset and
-        // peer (backlog, lag, last catch-up, digest mismatches).
-        let _ = writeln!(out, "sync: not reported yet (dataset sync status will appear here)");
-        if matches!(self.node.replication, Replicated::Off) {
-            let _ = writeln!(out, "peers: total=0 up=0 down=0 unknown=0");
+        // Dataset sync: see `Replication::render_sync_status` (SYNC-STATUS).
+        match &self.node.replication {
+            Replicated::On(r) => r.render_sync_status(&mut out),
+            Replicated::Off => {
+                let _ = writeln!(out, "sync: off (no replication)");
+                let _ = writeln!(out, "peers: total=0 up=0 down=0 unknown=0");
+            }
+            Replicated::Unreported => {}
         }
         out
     }
