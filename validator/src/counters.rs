@@ -57,6 +57,16 @@
 //! counters are the same request ([`CasOutcome::ReplayedRequest`]) only with
 //! the same nonce *and* digest, as in the peer rule.
 //!
+//! **Digest buckets.** `counters.sync_bucket` holds the public id's
+//! replication digest bucket ([`replication::sync::bucket_of`]), set when
+//! the row is inserted (it never changes) and indexed, so that
+//! [`SyncStore::bucket`] reads one bucket's rows rather than the whole
+//! table. A database without the column gets it when opened (`ALTER TABLE
+//! counters ADD COLUMN sync_bucket INTEGER NOT NULL DEFAULT -1`, the index,
+//! and the existing rows filled in, in the migration transaction); rows
+//! left at -1 (written by an older binary) are still found, and filled in
+//! at the next open.
+//!
 //! **Migration.** A database of the previous schema (no `otp_digest`) is
 //! migrated when opened, in the same write transaction that creates missing
 //! tables: `ALTER TABLE counters ADD COLUMN otp_digest BLOB NOT NULL DEFAULT
@@ -147,7 +157,8 @@ CREATE TABLE IF NOT EXISTS counters (
     nonce       TEXT    NOT NULL,
     modified    INTEGER NOT NULL,
     created     INTEGER NOT NULL,
-    otp_digest  BLOB    NOT NULL DEFAULT X'0000000000000000000000000000000000000000000000000000000000000000'
+    otp_digest  BLOB    NOT NULL DEFAULT X'0000000000000000000000000000000000000000000000000000000000000000',
+    sync_bucket INTEGER NOT NULL DEFAULT -1
 ) STRICT, WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -167,13 +178,21 @@ CREATE TABLE IF NOT EXISTS peer_cursors (
 /// The migration from the schema without OTP digests: rows written before
 /// it carry 32 zero bytes (no OTP hashes to that), which never match a
 /// real request's digest.
+/// The migration to a stored digest bucket ([`replication::sync::bucket_of`]
+/// of the public id, set when a row is inserted): -1 until
+/// [`backfill_buckets`] fills it in.
+const MIGRATE_BUCKET: &str = "ALTER TABLE counters ADD COLUMN sync_bucket INTEGER NOT NULL DEFAULT -1";
+/// The index that makes one bucket a range read rather than a full scan.
+const BUCKET_INDEX: &str = "CREATE INDEX IF NOT EXISTS counters_sync_bucket ON counters (sync_bucket)";
+
 const MIGRATE_DIGEST: &str =
     "ALTER TABLE counters ADD COLUMN otp_digest BLOB NOT NULL DEFAULT X'0000000000000000000000000000000000000000000000000000000000000000'";
 
 /// The compare-and-set: insert, or update only if strictly greater
 /// (row values compare lexicographically). `created` is set on insert only.
-const UPSERT: &str = "INSERT INTO counters (public_id, counter, session_use, high, low, nonce, modified, created, otp_digest) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8) \
+const UPSERT: &str =
+    "INSERT INTO counters (public_id, counter, session_use, high, low, nonce, modified, created, otp_digest, sync_bucket) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9) \
      ON CONFLICT (public_id) DO UPDATE SET counter = excluded.counter, session_use = excluded.session_use, \
      high = excluded.high, low = excluded.low, nonce = excluded.nonce, modified = excluded.modified, \
      otp_digest = excluded.otp_digest \
@@ -182,8 +201,8 @@ const UPSERT: &str = "INSERT INTO counters (public_id, counter, session_use, hig
 /// equal counters the greater (nonce, digest) wins, so that the result does
 /// not depend on the order rows arrive in. The timestamp of a peer's OTP is
 /// not replicated: `high` and `low` become 0.
-const MERGE: &str = "INSERT INTO counters (public_id, counter, session_use, high, low, nonce, modified, created, otp_digest) \
-     VALUES (?1, ?2, ?3, 0, 0, ?4, ?5, ?5, ?6) \
+const MERGE: &str = "INSERT INTO counters (public_id, counter, session_use, high, low, nonce, modified, created, otp_digest, sync_bucket) \
+     VALUES (?1, ?2, ?3, 0, 0, ?4, ?5, ?5, ?6, ?7) \
      ON CONFLICT (public_id) DO UPDATE SET counter = excluded.counter, session_use = excluded.session_use, \
      high = 0, low = 0, nonce = excluded.nonce, modified = excluded.modified, otp_digest = excluded.otp_digest \
      WHERE (excluded.counter, excluded.session_use, excluded.nonce, excluded.otp_digest) \
@@ -541,12 +560,43 @@ fn migrate(conn: &Connection) -> Result<(), String> {
             conn.execute_batch(MIGRATE_DIGEST)?;
             tracing::info!("counter store migrated: column counters.otp_digest added (zero for the existing rows)");
         }
+        let has_bucket: bool =
+            conn.query_row("SELECT count(*) FROM pragma_table_info('counters') WHERE name = 'sync_bucket'", [], |r| {
+                r.get::<_, i64>(0).map(|n| n > 0)
+            })?;
+        if !has_bucket {
+            conn.execute_batch(MIGRATE_BUCKET)?;
+            tracing::info!("counter store migrated: column counters.sync_bucket added");
+        }
+        conn.execute_batch(BUCKET_INDEX)?;
+        let filled = backfill_buckets(conn)?;
+        if filled > 0 {
+            tracing::info!(rows = filled, "counter store: digest buckets filled in");
+        }
         conn.execute_batch("COMMIT")
     })();
     result.map_err(|e| {
         rollback(conn);
         e.to_string()
     })
+}
+
+/// The digest bucket of a public id (modhex), as stored in `sync_bucket`.
+fn sync_bucket(public_id: &str) -> i64 {
+    i64::from(replication::sync::bucket_of(public_id.as_bytes()))
+}
+
+/// Fill in `sync_bucket` where it is -1 (rows from before the column, or
+/// written by an older binary since); how many. Inside the caller's
+/// transaction.
+fn backfill_buckets(conn: &Connection) -> rusqlite::Result<usize> {
+    let missing: Vec<String> =
+        conn.prepare("SELECT public_id FROM counters WHERE sync_bucket = -1")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    let mut update = conn.prepare("UPDATE counters SET sync_bucket = ?2 WHERE public_id = ?1")?;
+    for public_id in &missing {
+        update.execute(params![public_id, sync_bucket(public_id)])?;
+    }
+    Ok(missing.len())
 }
 
 /// Counters from their columns, if valid.
@@ -867,7 +917,8 @@ impl SqliteCounters {
                         row.counters.session_use(),
                         row.nonce,
                         row.modified,
-                        row.otp_digest.0.as_slice()
+                        row.otp_digest.0.as_slice(),
+                        sync_bucket(&public_id)
                     ])
                     .map_err(|e| format!("merge of {public_id}: {e}"))?;
                 if changed == 0 {
@@ -1244,7 +1295,17 @@ fn compare_and_set_one(st: &mut Statements<'_>, u: &CounterUpdate) -> Result<Cas
     let (counter, session_use) = (u.counters.counter(), u.counters.session_use());
     let changed = st
         .upsert
-        .execute(params![public_id, counter, session_use, u.timestamp_high, u.timestamp_low, u.nonce, u.now, u.otp_digest.as_slice()])
+        .execute(params![
+            public_id,
+            counter,
+            session_use,
+            u.timestamp_high,
+            u.timestamp_low,
+            u.nonce,
+            u.now,
+            u.otp_digest.as_slice(),
+            sync_bucket(&public_id)
+        ])
         .map_err(|e| format!("update of {public_id}: {e}"))?;
     match changed {
         1 => {
@@ -1272,7 +1333,7 @@ fn peer_compare_and_set_one(st: &mut Statements<'_>, p: &Proposal, now: i64) -> 
         let (counter, session_use) = (p.counters.counter(), p.counters.session_use());
         let changed = st
             .upsert
-            .execute(params![public_id, counter, session_use, 0u8, 0u16, p.nonce, now, p.otp_digest.0.as_slice()])
+            .execute(params![public_id, counter, session_use, 0u8, 0u16, p.nonce, now, p.otp_digest.0.as_slice(), sync_bucket(&public_id)])
             .map_err(|e| format!("peer update of {public_id}: {e}"))?;
         if changed != 1 {
             return Err(format!("peer update of {public_id} changed {changed} rows after the rule said store"));
@@ -1393,8 +1454,16 @@ impl SqliteCounters {
     fn scan_items(&self, only: Option<u8>, mut f: impl FnMut(&[u8], &[u8])) -> Result<(), SyncError> {
         let conn = open_read_only(&self.path, self.options.busy_timeout).map_err(SyncError)?;
         let err = |e: rusqlite::Error| SyncError(format!("counter store: scan: {e}"));
-        let mut stmt = conn.prepare("SELECT public_id, counter, session_use, nonce, otp_digest FROM counters").map_err(err)?;
-        let mut rows = stmt.query([]).map_err(err)?;
+        // One bucket: an index range (plus any row an older binary wrote
+        // without its bucket, -1, checked below).
+        let columns = "SELECT public_id, counter, session_use, nonce, otp_digest FROM counters";
+        let sql = if only.is_some() { format!("{columns} WHERE sync_bucket IN (?1, -1)") } else { columns.to_owned() };
+        let mut stmt = conn.prepare(&sql).map_err(err)?;
+        let mut rows = match only {
+            Some(b) => stmt.query(params![b]),
+            None => stmt.query([]),
+        }
+        .map_err(err)?;
         while let Some(row) = rows.next().map_err(err)? {
             let public_id = scan_text(row.get_ref(0).map_err(err)?)?;
             let key = public_id.as_bytes();

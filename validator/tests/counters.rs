@@ -749,8 +749,17 @@ fn a_database_of_the_previous_schema_is_migrated() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(columns.last().map(String::as_str), Some("otp_digest"));
-    assert_eq!(columns.len(), 9);
+    assert_eq!(columns[8..], ["otp_digest", "sync_bucket"]);
+    // The digest bucket of every old row was filled in.
+    let buckets: Vec<(String, i64)> = conn
+        .prepare("SELECT public_id, sync_bucket FROM counters")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(buckets.len(), 3);
+    assert!(buckets.iter().all(|(id, b)| i64::from(replication::sync::bucket_of(id.as_bytes())) == *b), "{buckets:?}");
 }
 
 // ------------------------------------------------------------- kill -9

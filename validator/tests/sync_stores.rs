@@ -631,3 +631,30 @@ fn bench_counters_sync() {
         }
     }
 }
+
+#[test]
+fn counters_buckets_come_from_the_stored_column_and_old_rows_are_filled_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.db");
+    let a = counters_at(&path);
+    fill(&a, 1..200, 2, "bucket-nonce-001");
+    let before: Vec<Vec<Item>> = (0..=255u8).map(|b| a.bucket(b).unwrap()).collect();
+    // Rows as an older binary writes them: no bucket (-1).
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    assert_eq!(conn.execute("UPDATE counters SET sync_bucket = -1 WHERE counter = 2", []).unwrap(), 199);
+    let after: Vec<Vec<Item>> = (0..=255u8).map(|b| a.bucket(b).unwrap()).collect();
+    assert_eq!(before, after);
+    drop(a);
+    let a = counters_at(&path);
+    let missing: i64 = conn.query_row("SELECT count(*) FROM counters WHERE sync_bucket = -1", [], |r| r.get(0)).unwrap();
+    assert_eq!(missing, 0);
+    let stored: Vec<(String, i64)> = conn
+        .prepare("SELECT public_id, sync_bucket FROM counters")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(stored.iter().all(|(id, b)| i64::from(bucket_of(id.as_bytes())) == *b));
+    assert_eq!((0..=255u8).map(|b| a.bucket(b).unwrap()).collect::<Vec<_>>(), before);
+}
