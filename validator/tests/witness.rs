@@ -824,3 +824,36 @@ fn configurations_are_refused_with_clear_messages() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("a witness verifies no OTP"), "{stderr}");
 }
+
+/// The witness unit's command line, with the witness block of the shipped
+/// example as its configuration, gets as far as the certificate it names.
+#[test]
+fn the_witness_unit_and_example_are_accepted() {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(manifest.join("systemd/otp-validator-witness.service")).unwrap();
+    let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap();
+    let args: Vec<String> = exec.split_whitespace().skip(1).map(|a| a.replace("/etc/otp-appliance", root)).collect();
+    assert_eq!(args[..2], ["serve", "--config"]);
+    let settings: Vec<&str> = unit.lines().filter(|l| !l.starts_with('#')).collect();
+    for key in ["password", "keystore", "LoadCredential"] {
+        assert!(!settings.iter().any(|l| l.contains(key)), "a witness has no keys: {key} in\n{unit}");
+    }
+    let run = || {
+        let out = validator_command(&args.iter().map(String::as_str).collect::<Vec<_>>()).output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = run();
+    assert!(stderr.contains(&format!("{root}/witness.toml: No such file")), "{stderr}");
+
+    // The example's witness block, uncommented, paths moved here.
+    let example = std::fs::read_to_string(manifest.join("validator.toml.example")).unwrap();
+    let block = example.split("Its own file:").nth(1).unwrap();
+    let toml: Vec<&str> = block.lines().filter_map(|l| l.strip_prefix("# ")).filter(|l| !l.starts_with('(')).collect();
+    let toml = toml.join("\n").replace("/etc/otp-appliance", root).replace("/var/lib/otp-appliance", root);
+    std::fs::write(dir.path().join("witness.toml"), toml).unwrap();
+    let stderr = run();
+    assert!(stderr.contains("replication identity") && stderr.contains("witness.pem"), "{stderr}");
+}
