@@ -789,6 +789,14 @@ fn configurations_are_refused_with_clear_messages() {
         assert!(until > SystemTime::now() + Duration::from_secs(3500), "{window}");
     }
 
+    // A window already past is no error (a restart after it must not fail):
+    // the site fails closed, with a WARN at the start.
+    let past = resolve(&SITE.replace("witness = \"w\"", "witness = \"w\"\naccept_at_risk_until = \"2020-01-01T00:00:00Z\"")).unwrap();
+    assert!(matches!(past, NodeConfig::Site(SiteConfig { accept_at_risk_until: Some(t), .. }) if t < SystemTime::now()));
+    // Accept-at-risk needs replication.
+    let alone = SITE.split("[replication]").next().unwrap().to_owned();
+    refused(&format!("{alone}[replication]\naccept_at_risk_until = \"{soon}\"\n"), "`site` is required");
+
     // A witness needs no keys, and refuses them.
     refused(&format!("keystore = \"ks\"\n{WITNESS}"), "keystore");
     refused(&WITNESS.replace("db = \"w.db\"", "db = \"w.db\"\n[ksm]\nstore = \"s\"\n"), "ksm.store");
