@@ -110,8 +110,11 @@ impl AeadSync {
 impl SyncStore for AeadSync {
     fn changes(&self, peer: &str, after: Option<u64>, limit: usize) -> Result<Changes, SyncError> {
         let position = self.store.ack_peer(peer, after).map_err(sync_err)?;
-        let rows = self.store.outbox_after(position.cursor, limit).map_err(sync_err)?;
-        let last = rows.last().map_or(position.cursor, |r| r.seq);
+        // After what the puller says it holds (it may say less than it
+        // acknowledged before: it lost state); without it, after its cursor.
+        let from = after.map_or(position.cursor, |n| n.min(position.head));
+        let rows = self.store.outbox_after(from, limit).map_err(sync_err)?;
+        let last = rows.last().map_or(from, |r| r.seq);
         // A pair removed by hand since is skipped (its row still moves the cursor).
         let items = rows
             .iter()

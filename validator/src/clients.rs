@@ -974,8 +974,11 @@ impl ClientSync {
 impl SyncStore for ClientSync {
     fn changes(&self, peer: &str, after: Option<u64>, limit: usize) -> Result<Changes, SyncError> {
         let position = self.db.ack_peer(peer, after).map_err(sync_err)?;
-        let rows = self.db.outbox_after(position.cursor, limit).map_err(sync_err)?;
-        let last = rows.last().map_or(position.cursor, |r| r.0);
+        // After what the puller says it holds (it may say less than it
+        // acknowledged before: it lost state); without it, after its cursor.
+        let from = after.map_or(position.cursor, |n| n.min(position.head));
+        let rows = self.db.outbox_after(from, limit).map_err(sync_err)?;
+        let last = rows.last().map_or(from, |r| r.0);
         let mut items = Vec::with_capacity(rows.len());
         // The current state of each changed client (a later change of the
         // same client carries the same state: harmless).

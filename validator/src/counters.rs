@@ -1506,8 +1506,11 @@ impl SyncStore for SqliteCounters {
                 }
             }
         };
-        let rows = self.outbox_after(cursor, limit).map_err(sync_err)?;
-        let last = rows.last().map_or(cursor, |r| r.seq);
+        // After what the puller says it holds (it may say less than it
+        // acknowledged before: it lost state); without it, after its cursor.
+        let from = after.map_or(cursor, |n| n.min(head));
+        let rows = self.outbox_after(from, limit).map_err(sync_err)?;
+        let last = rows.last().map_or(from, |r| r.seq);
         let items = rows
             .iter()
             .map(|r| Item { key: sync_item::key(&r.public_id), value: sync_item::value(r.counters, &r.otp_digest.0, &r.nonce) })
