@@ -8,7 +8,7 @@
 //! the outbox (to make divergences no outbox carries).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -150,12 +150,10 @@ async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-async fn shutdown(nodes: impl IntoIterator<Item = Node>) {
-    for n in nodes {
-        let t = Instant::now();
-        n.shutdown().await;
-        println!("shutdown took {:?}", t.elapsed());
-    }
+/// Both at once: a node whose peer is gone waits for its connection to
+/// drain.
+async fn shutdown([a, b]: [Node; 2]) {
+    tokio::join!(a.shutdown(), b.shutdown());
 }
 
 async fn timed<F: Future>(f: F) -> (F::Output, Duration) {
@@ -175,6 +173,8 @@ struct MemInner {
     outbox: Vec<(u64, Vec<u8>, u64)>,
     head: u64,
     acks: BTreeMap<String, u64>,
+    /// The keys of each digest bucket (so that `bucket` hashes nothing).
+    buckets: BTreeMap<u8, BTreeSet<Vec<u8>>>,
 }
 
 impl MemInner {
@@ -183,7 +183,9 @@ impl MemInner {
         if self.items.get(key).is_some_and(|&v| v >= value) {
             return false;
         }
-        self.items.insert(key.to_vec(), value);
+        if self.items.insert(key.to_vec(), value).is_none() {
+            self.buckets.entry(bucket_of(key)).or_default().insert(key.to_vec());
+        }
         if outbox {
             self.head += 1;
             let head = self.head;
@@ -288,12 +290,8 @@ impl SyncStore for MemSync {
     fn bucket(&self, bucket: u8) -> Result<Vec<Item>, SyncError> {
         self.check()?;
         let inner = self.lock();
-        Ok(inner
-            .items
-            .iter()
-            .filter(|(k, _)| bucket_of(k) == bucket)
-            .map(|(k, v)| Item { key: k.clone(), value: v.to_be_bytes().to_vec() })
-            .collect())
+        let Some(keys) = inner.buckets.get(&bucket) else { return Ok(Vec::new()) };
+        Ok(keys.iter().map(|k| Item { key: k.clone(), value: inner.items[k].to_be_bytes().to_vec() }).collect())
     }
 
     fn merge(&self, _peer: &str, items: &[Item]) -> Result<Merged, SyncError> {
@@ -342,8 +340,10 @@ async fn changes_at_a_reach_b_by_pull() {
     println!("{s:#?}");
     assert_eq!(s.peer, A.name);
     assert_eq!(s.site, A.id);
-    assert_eq!(s.items_pulled, 100);
+    // A's outbox also carries B's own change back once A merged it: an
+    // echo that changes nothing.
     assert_eq!(s.applied, 100);
+    assert!(s.items_pulled == 100 || (s.items_pulled == 101 && s.unchanged == 1), "{s:?}");
     assert_eq!(s.bucket_items, 0, "the outbox carried everything");
     assert_eq!(s.conflicts, 0);
     assert!(eventually(Duration::from_secs(2), || status(&nb, Dataset::COUNTERS).cursor == Some(a.head())).await);
