@@ -22,6 +22,7 @@ use replication::quorum::{PeerCasResult, Proposal, QuorumConfig, SiteId};
 use replication::sync::{bucket_of, Changes, Dataset, Digest, Item, Merged, SyncError, SyncStore};
 use replication::syncer::{SyncOptions, SyncSetup, SyncStatus};
 use replication::transport::{Endpoint, EndpointConfig, Peer, PeerRule, Settings, Trust};
+use replication::wire::{self, RefusalCode, SyncReply, SyncRequest};
 
 const YEAR: Duration = Duration::from_secs(365 * 86_400);
 
@@ -63,8 +64,18 @@ impl Pki {
     }
 
     fn try_endpoint(&self, spec: Spec, addr: SocketAddr, other: Spec) -> Result<Endpoint, replication::transport::Error> {
+        self.endpoint_with(spec, addr, other, Settings::default())
+    }
+
+    fn endpoint_with(
+        &self,
+        spec: Spec,
+        addr: SocketAddr,
+        other: Spec,
+        settings: Settings,
+    ) -> Result<Endpoint, replication::transport::Error> {
         let trust = Trust::new(self.ca.cert_der().clone(), vec![PeerRule::name(other.name)]).unwrap();
-        Endpoint::bind(EndpointConfig { bind: addr, identity: self.identity(spec.name), trust, settings: Settings::default() })
+        Endpoint::bind(EndpointConfig { bind: addr, identity: self.identity(spec.name), trust, settings })
     }
 
     fn endpoint(&self, spec: Spec, addr: SocketAddr, other: Spec) -> Endpoint {
@@ -573,5 +584,111 @@ async fn duplicate_and_stale_pages_are_harmless() {
     // A learns B's newer values by anti-entropy (B came back up).
     assert!(eventually(Duration::from_secs(10), || a.state() == b.state()).await);
     assert_eq!(a.get(3), Some(40));
+    shutdown([na, nb]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_requests_are_served_and_bad_ones_refused() {
+    let pki = pki();
+    let b = Arc::new(MemSync::default());
+    for n in 0..10 {
+        b.put(n, 9);
+    }
+    // B alone (A's address is dead); a raw transport client with A's
+    // certificate asks B directly.
+    let dead = std::net::UdpSocket::bind(format!("{}:0", A.ip)).unwrap().local_addr().unwrap();
+    let eb = pki.endpoint(B, format!("{}:0", B.ip).parse().unwrap(), A);
+    let nb = node(B, eb, A, dead, &[(Dataset::COUNTERS, b.clone())], SyncOptions { deadline: Duration::from_millis(300), ..options() });
+    let raw = pki.endpoint(A, format!("{}:0", A.ip).parse().unwrap(), B);
+    let target = Peer::new(B.name, nb.endpoint().local_addr().unwrap());
+    let ask = |frame: bytes::Bytes| {
+        let (raw, target) = (raw.clone(), target.clone());
+        async move { raw.request(&target, frame, Instant::now() + Duration::from_secs(5)).await.unwrap() }
+    };
+    let changes = |reply: &[u8]| match wire::decode_sync_reply(reply).unwrap() {
+        SyncReply::Changes(c) => c,
+        other => panic!("not a page: {other:?}"),
+    };
+
+    // The same page twice: the same bytes, and the acknowledgement does not
+    // move backwards.
+    let pull = SyncRequest::Pull { dataset: Dataset::COUNTERS, after: Some(0), limit: 4 };
+    let first = ask(wire::encode_sync_request(&pull)).await;
+    let again = ask(wire::encode_sync_request(&pull)).await;
+    assert_eq!(first, again);
+    let page = changes(&first);
+    assert_eq!((page.items.len(), page.last, page.head), (4, 4, 10));
+    assert_eq!(page.items[0].key, key(0));
+    assert_eq!(b.ack(A.name), Some(0));
+    let rest =
+        changes(&ask(wire::encode_sync_request(&SyncRequest::Pull { dataset: Dataset::COUNTERS, after: Some(4), limit: 100 })).await);
+    assert_eq!((rest.items.len(), rest.last, rest.head), (6, 10, 10));
+    assert_eq!(b.ack(A.name), Some(4));
+    // No cursor: from the recorded acknowledgement.
+    let resumed =
+        changes(&ask(wire::encode_sync_request(&SyncRequest::Pull { dataset: Dataset::COUNTERS, after: None, limit: 100 })).await);
+    assert_eq!(resumed, rest);
+
+    // Digest and bucket.
+    match wire::decode_sync_reply(&ask(wire::encode_sync_request(&SyncRequest::Digest { dataset: Dataset::COUNTERS })).await).unwrap() {
+        SyncReply::Digest(d) => assert_eq!(d, b.digest().unwrap()),
+        other => panic!("not a digest: {other:?}"),
+    }
+    let bucket = bucket_of(&key(3));
+    match wire::decode_sync_reply(&ask(wire::encode_sync_request(&SyncRequest::Bucket { dataset: Dataset::COUNTERS, bucket })).await)
+        .unwrap()
+    {
+        SyncReply::Items(items) => {
+            assert!(items.iter().any(|i| i.key == key(3) && i.value == 9u64.to_be_bytes()));
+            assert!(items.iter().all(|i| bucket_of(&i.key) == bucket));
+        }
+        other => panic!("not items: {other:?}"),
+    }
+
+    // Refusals, each with its code and a reason.
+    let refusal = |reply: &[u8]| match wire::decode_sync_reply(reply).unwrap() {
+        SyncReply::Refused { code, reason } => (code, reason),
+        other => panic!("not a refusal: {other:?}"),
+    };
+    let (code, _) = refusal(&ask(wire::encode_sync_request(&SyncRequest::Digest { dataset: Dataset::AEADS })).await);
+    assert_eq!(code, RefusalCode::UnknownDataset);
+    let (code, _) = refusal(&ask(bytes::Bytes::from_static(&[0x01, 0x10, 0x01])).await);
+    assert_eq!(code, RefusalCode::BadRequest);
+    assert_eq!(nb.metrics().bad_messages, 1);
+    b.set_failing(true);
+    let (code, reason) = refusal(&ask(wire::encode_sync_request(&pull)).await);
+    assert_eq!((code, reason.as_str()), (RefusalCode::StoreFailure, "injected fault"));
+    b.set_failing(false);
+    // B's own puller for the dead A reports it.
+    assert!(eventually(Duration::from_secs(5), || status(&nb, Dataset::COUNTERS).errors >= 1).await);
+    assert!(status(&nb, Dataset::COUNTERS).last_error.is_some());
+    raw.close();
+    nb.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_too_large_for_a_frame_are_asked_again_smaller() {
+    let pki = pki();
+    let (a, b) = (Arc::new(MemSync::default()), Arc::new(MemSync::default()));
+    for n in 0..1_000 {
+        a.put(n, 1);
+    }
+    // 21 bytes an item: a page of 2,000, 1,000 or 500 items is over the
+    // frame, 250 fit (and so does the 8 KiB digest).
+    let settings = Settings { max_frame: 9_000, ..Settings::default() };
+    let ea = pki.endpoint_with(A, format!("{}:0", A.ip).parse().unwrap(), B, settings.clone()).unwrap();
+    let eb = pki.endpoint_with(B, format!("{}:0", B.ip).parse().unwrap(), A, settings).unwrap();
+    let (aa, ab) = (ea.local_addr().unwrap(), eb.local_addr().unwrap());
+    let na = node(A, ea, B, ab, &[(Dataset::COUNTERS, a.clone())], options());
+    let nb = node(B, eb, A, aa, &[(Dataset::COUNTERS, b.clone())], options());
+    assert!(eventually(Duration::from_secs(10), || a.state() == b.state()).await, "B holds {}", b.len());
+    assert!(eventually(Duration::from_secs(5), || status(&nb, Dataset::COUNTERS).digest_rounds >= 1).await);
+    let s = status(&nb, Dataset::COUNTERS);
+    println!("{s:#?}");
+    assert_eq!(s.errors, 3, "2,000, 1,000 and 500 refused");
+    assert!(s.last_error.as_deref().is_some_and(|e| e.contains("reply too large")), "{:?}", s.last_error);
+    assert_eq!(s.items_pulled, 1_000);
+    assert!(s.pulls >= 4, "pages of 250: {}", s.pulls);
+    assert_eq!(s.bucket_items, 0);
     shutdown([na, nb]).await;
 }
