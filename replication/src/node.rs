@@ -30,7 +30,7 @@
 //!
 //! - With [`Node::start_with`], the node also replicates datasets
 //!   ([`SyncSetup`]): a puller task per (peer, dataset) and the server side
-//!   of the sync exchange, both in [`syncer`](crate::syncer). The transport
+//!   of the sync exchange, both in [`syncer`]. The transport
 //!   handler tells sync frames from quorum frames by their tag
 //!   ([`wire::is_sync`]). Sync RPCs count for the peers' reachability like
 //!   the quorum's.
@@ -356,7 +356,7 @@ impl Node {
 
     /// Starts the node as [`start`](Self::start) does, and replicates the
     /// datasets of `sync`: each is served to peers and pulled from every
-    /// peer of the table (see [`syncer`](crate::syncer)).
+    /// peer of the table (see [`syncer`]).
     pub fn start_with<S: DurableCas>(config: NodeConfig, endpoint: Endpoint, store: Arc<S>, sync: SyncSetup) -> Result<Self, Error> {
         tokio::runtime::Handle::try_current().map_err(|e| Error::NoRuntime(e.to_string()))?;
         let NodeConfig { site, quorum, peers } = config;

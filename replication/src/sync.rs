@@ -27,6 +27,13 @@
 //! own and pulls the whole of each bucket that differs
 //! ([`SyncStore::bucket`]). A new, empty site differs in every bucket: the
 //! full-state sync is the same exchange.
+//!
+//! The exchange on the wire is in [`wire`](crate::wire) ([`SyncRequest`],
+//! [`SyncReply`]); the node drives it ([`syncer`](crate::syncer),
+//! [`Node::start_with`](crate::node::Node::start_with)).
+//!
+//! [`SyncRequest`]: crate::wire::SyncRequest
+//! [`SyncReply`]: crate::wire::SyncReply
 
 use std::fmt;
 

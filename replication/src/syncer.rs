@@ -41,10 +41,12 @@
 //! asked about that dataset again until it comes back up or a digest
 //! interval has passed; that is logged once, at info. A
 //! [`RefusalCode::TooLarge`] halves the page limit of that pair (down to
-//! one item).
+//! one item). A digest (8 KiB) or a single bucket over the frame limit
+//! cannot be split: that round fails and is retried at the next interval,
+//! while the outbox pull goes on.
 //!
 //! **Serving.** The node's transport handler hands sync frames
-//! ([`wire::is_sync`]) to [`serve`]: the store call and the reply's
+//! ([`wire::is_sync`]) to the sync server: the store call and the reply's
 //! encoding run on the blocking pool with the peer's name from the peer
 //! table (the one the transport authorized). An unknown dataset, a store
 //! error, a reply over the frame limit and an undecodable request are
@@ -173,6 +175,9 @@ pub struct SyncStatus {
     pub last_error: Option<String>,
     /// The peer said it does not hold this dataset.
     pub unsupported: bool,
+    /// The page limit in use ([`SyncOptions::page_limit`], halved for each
+    /// [`RefusalCode::TooLarge`]).
+    pub page_limit: u32,
 }
 
 /// The statuses, shared by the pullers and the node handle.
@@ -182,7 +187,7 @@ pub(crate) struct Statuses {
 }
 
 impl Statuses {
-    fn insert(&self, site: SiteId, peer: &str, dataset: Dataset) {
+    fn insert(&self, site: SiteId, peer: &str, dataset: Dataset, page_limit: u32) {
         let status = SyncStatus {
             site,
             peer: peer.to_string(),
@@ -204,6 +209,7 @@ impl Statuses {
             errors: 0,
             last_error: None,
             unsupported: false,
+            page_limit,
         };
         self.lock().insert((site, dataset), (status, Instant::now()));
     }
@@ -416,7 +422,8 @@ impl fmt::Display for StepError {
             Self::Rpc(e) => write!(f, "request failed: {e}"),
             Self::NoReply => f.write_str("the peer gave no reply"),
             Self::Decode(e) => write!(f, "undecodable reply: {e}"),
-            Self::Refused { code, reason } => write!(f, "the peer refused: {code}: {reason}"),
+            // The reason is the peer's text: quoted, control characters escaped.
+            Self::Refused { code, reason } => write!(f, "the peer refused: {code}: {reason:?}"),
             Self::Unexpected(what) => write!(f, "unexpected reply: {what}"),
             Self::Store(e) => write!(f, "local store: {e}"),
             Self::Panicked => f.write_str("local store panicked"),
@@ -444,7 +451,7 @@ pub(crate) struct Puller {
 impl Puller {
     /// Registers the pair's status; call before spawning [`run`](Self::run).
     pub(crate) fn register(&self) {
-        self.statuses.insert(self.site, &self.peer.name, self.dataset);
+        self.statuses.insert(self.site, &self.peer.name, self.dataset, self.options.page_limit.max(1));
     }
 
     /// Runs until aborted.
@@ -533,6 +540,8 @@ impl Puller {
         match error {
             StepError::Refused { code, .. } => {
                 let pause = state.refused(now, code);
+                let limit = state.limit;
+                self.statuses.update(self.site, self.dataset, |s| s.page_limit = limit);
                 match code {
                     RefusalCode::UnknownDataset if newly_unsupported => {
                         tracing::info!(%node, %peer, %dataset, "the peer does not hold this dataset: not pulled from it");
@@ -797,7 +806,7 @@ mod tests {
     #[test]
     fn statuses_compute_the_time_lag() {
         let statuses = Statuses::default();
-        statuses.insert(SiteId(2), "b", Dataset::COUNTERS);
+        statuses.insert(SiteId(2), "b", Dataset::COUNTERS, 10);
         std::thread::sleep(Duration::from_millis(20));
         let s = statuses.snapshot();
         assert_eq!(s.len(), 1);

@@ -689,6 +689,7 @@ async fn pages_too_large_for_a_frame_are_asked_again_smaller() {
     assert!(s.last_error.as_deref().is_some_and(|e| e.contains("reply too large")), "{:?}", s.last_error);
     assert_eq!(s.items_pulled, 1_000);
     assert!(s.pulls >= 4, "pages of 250: {}", s.pulls);
+    assert_eq!(s.page_limit, 250);
     assert_eq!(s.bucket_items, 0);
     shutdown([na, nb]).await;
 }
