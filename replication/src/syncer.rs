@@ -352,14 +352,15 @@ impl PairState {
         self.unsupported_until.is_none_or(|until| now >= until)
     }
 
-    /// The page `changes` (pulled with [`pull`](Self::pull)) is durably
-    /// merged: the cursor moves to its end. Returns whether the peer's head
-    /// was reached, and when to pull next.
-    pub fn merged(&mut self, changes: &Changes) -> (bool, Next) {
-        self.cursor = Some(changes.last);
+    /// A page of `items` items up to `last`, the peer's head being `head`
+    /// (pulled with [`pull`](Self::pull)), is durably merged: the cursor
+    /// moves to its end. Returns whether the peer's head was reached, and
+    /// when to pull next.
+    pub fn merged(&mut self, items: usize, last: u64, head: u64) -> (bool, Next) {
+        self.cursor = Some(last);
         self.backoff.reset();
-        let caught_up = changes.last >= changes.head;
-        let full = changes.items.len() >= usize::try_from(self.limit).unwrap_or(usize::MAX);
+        let caught_up = last >= head;
+        let full = items >= usize::try_from(self.limit).unwrap_or(usize::MAX);
         self.behind = full && !caught_up;
         let next = if self.behind { Next::Now } else { Next::After(self.pull_interval) };
         (caught_up, next)
@@ -605,15 +606,15 @@ impl Puller {
 
     /// One pull and its merge.
     async fn pull(&self, state: &mut PairState) -> Result<Next, StepError> {
-        let changes = match self.call(&state.pull(self.dataset)).await? {
+        let Changes { items, last, head } = match self.call(&state.pull(self.dataset)).await? {
             SyncReply::Changes(changes) => changes,
             _ => return Err(StepError::Unexpected("not a page of changes")),
         };
+        let count = items.len();
         let peer = self.peer.name.clone();
-        let items = changes.items.clone();
         let merged = self.blocking(move |store| store.merge(&peer, &items)).await?;
         let now = Instant::now();
-        let (caught_up, next) = state.merged(&changes);
+        let (caught_up, next) = state.merged(count, last, head);
         self.recovered(state);
         if merged.conflicts > 0 {
             tracing::warn!(node = %self.node, peer = %self.site, dataset = %self.dataset, conflicts = merged.conflicts,
@@ -621,12 +622,12 @@ impl Puller {
         }
         self.statuses.update(self.site, self.dataset, |s| {
             s.pulls = s.pulls.saturating_add(1);
-            s.items_pulled = s.items_pulled.saturating_add(changes.items.len() as u64);
+            s.items_pulled = s.items_pulled.saturating_add(count as u64);
             add_merged(s, merged);
             s.last_pull = Some(now);
             s.cursor = state.cursor;
-            s.peer_head = Some(changes.head);
-            s.lag_changes = Some(changes.head.saturating_sub(changes.last));
+            s.peer_head = Some(head);
+            s.lag_changes = Some(head.saturating_sub(last));
             if caught_up {
                 s.caught_up_at = Some(now);
             }
@@ -724,7 +725,6 @@ fn answer(store: &dyn SyncStore, peer: &str, request: SyncRequest, max_frame: us
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::Item;
 
     fn options() -> SyncOptions {
         SyncOptions {
@@ -734,10 +734,6 @@ mod tests {
             deadline: Duration::from_secs(1),
             max_backoff: Duration::from_millis(450),
         }
-    }
-
-    fn page(n: usize, last: u64, head: u64) -> Changes {
-        Changes { items: vec![Item { key: b"k".to_vec(), value: b"v".to_vec() }; n], last, head }
     }
 
     #[test]
@@ -759,17 +755,17 @@ mod tests {
         let mut s = PairState::new(now, &options());
         assert_eq!(s.pull(Dataset::COUNTERS), SyncRequest::Pull { dataset: Dataset::COUNTERS, after: None, limit: 3 });
         // A full page behind the head: at once.
-        assert_eq!(s.merged(&page(3, 13, 20)), (false, Next::Now));
+        assert_eq!(s.merged(3, 13, 20), (false, Next::Now));
         assert_eq!(s.cursor, Some(13));
         // A failure (a merge or the RPC) keeps the cursor and backs off.
         assert_eq!(s.failed(), Duration::from_millis(100));
         assert_eq!(s.failed(), Duration::from_millis(200));
         assert_eq!(s.pull(Dataset::COUNTERS), SyncRequest::Pull { dataset: Dataset::COUNTERS, after: Some(13), limit: 3 });
         // A full page that reaches the head: caught up, no extra pull.
-        assert_eq!(s.merged(&page(3, 20, 20)), (true, Next::After(Duration::from_millis(100))));
+        assert_eq!(s.merged(3, 20, 20), (true, Next::After(Duration::from_millis(100))));
         assert_eq!(s.failed(), Duration::from_millis(100), "a success reset the backoff");
         // An empty page keeps the cursor the peer answered with.
-        assert_eq!(s.merged(&page(0, 20, 20)), (true, Next::After(Duration::from_millis(100))));
+        assert_eq!(s.merged(0, 20, 20), (true, Next::After(Duration::from_millis(100))));
         assert_eq!(s.cursor, Some(20));
     }
 
@@ -778,9 +774,9 @@ mod tests {
         let now = Instant::now();
         let mut s = PairState::new(now, &options());
         assert!(!s.digest_due(now), "the outbox goes first");
-        assert_eq!(s.merged(&page(3, 3, 9)), (false, Next::Now));
+        assert_eq!(s.merged(3, 3, 9), (false, Next::Now));
         assert!(!s.digest_due(now), "not while behind");
-        assert_eq!(s.merged(&page(1, 9, 9)), (true, Next::After(Duration::from_millis(100))));
+        assert_eq!(s.merged(1, 9, 9), (true, Next::After(Duration::from_millis(100))));
         assert!(s.digest_due(now));
         s.digest_done(now);
         assert!(!s.digest_due(now + Duration::from_secs(59)));
