@@ -694,11 +694,15 @@ pub(crate) async fn serve(stores: &BTreeMap<Dataset, Arc<dyn SyncStore>>, peer: 
     wire::encode_sync_reply(&reply).unwrap_or_default()
 }
 
-/// Runs the store call and encodes its reply (blocking).
+/// Runs the store call and encodes its reply (blocking). The page limit
+/// is capped to what a frame can hold.
 fn answer(store: &dyn SyncStore, peer: &str, request: SyncRequest, max_frame: usize) -> Bytes {
     let result = match request {
         SyncRequest::Pull { after, limit, .. } => {
-            store.changes(peer, after, usize::try_from(limit).unwrap_or(usize::MAX)).map(SyncReply::Changes)
+            // No more than a frame can carry (an item takes three bytes at
+            // least), whatever the peer asks for.
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX).min(max_frame / 3);
+            store.changes(peer, after, limit).map(SyncReply::Changes)
         }
         SyncRequest::Digest { .. } => store.digest().map(SyncReply::Digest),
         SyncRequest::Bucket { bucket, .. } => store.bucket(bucket).map(SyncReply::Items),
@@ -797,6 +801,51 @@ mod tests {
 
         assert_eq!(s.refused(now, RefusalCode::StoreFailure), Duration::from_millis(100));
         assert_eq!(s.refused(now, RefusalCode::BadRequest), Duration::from_millis(200));
+    }
+
+    /// Answers pulls with `n` empty-valued items, remembering the limit.
+    struct Stub {
+        limit: Mutex<usize>,
+        n: usize,
+    }
+
+    impl SyncStore for Stub {
+        fn changes(&self, _peer: &str, after: Option<u64>, limit: usize) -> Result<Changes, SyncError> {
+            *self.limit.lock().map_err(|_| SyncError("poisoned".into()))? = limit;
+            let items = vec![crate::sync::Item { key: vec![1], value: vec![] }; self.n.min(limit)];
+            Ok(Changes { last: after.unwrap_or(0) + items.len() as u64, head: self.n as u64, items })
+        }
+        fn digest(&self) -> Result<crate::sync::Digest, SyncError> {
+            Err(SyncError("no digest".into()))
+        }
+        fn bucket(&self, _bucket: u8) -> Result<Vec<crate::sync::Item>, SyncError> {
+            Ok(vec![crate::sync::Item { key: vec![0; crate::sync::MAX_KEY + 1], value: vec![] }])
+        }
+        fn merge(&self, _peer: &str, _items: &[crate::sync::Item]) -> Result<Merged, SyncError> {
+            Ok(Merged::default())
+        }
+    }
+
+    #[test]
+    fn the_server_caps_pages_and_refuses_what_it_cannot_send() {
+        let decode = |b: Bytes| wire::decode_sync_reply(&b).unwrap_or_else(|e| panic!("{e}"));
+        let store = Stub { limit: Mutex::new(0), n: 1_000 };
+        let pull = SyncRequest::Pull { dataset: Dataset::COUNTERS, after: None, limit: u32::MAX };
+        // 300 bytes of frame: at most 100 items asked of the store; the
+        // page of 100 four-byte items does not fit either.
+        let reply = decode(answer(&store, "b", pull, 300));
+        assert_eq!(*store.limit.lock().unwrap_or_else(|p| p.into_inner()), 100);
+        assert!(matches!(reply, SyncReply::Refused { code: RefusalCode::TooLarge, .. }), "{reply:?}");
+        let small = SyncRequest::Pull { dataset: Dataset::COUNTERS, after: Some(5), limit: 10 };
+        match decode(answer(&store, "b", small, 300)) {
+            SyncReply::Changes(c) => assert_eq!((c.items.len(), c.last, c.head), (10, 15, 1_000)),
+            other => panic!("{other:?}"),
+        }
+        // A store error and an item the wire cannot carry are refusals.
+        let digest = decode(answer(&store, "b", SyncRequest::Digest { dataset: Dataset::COUNTERS }, 1 << 20));
+        assert_eq!(digest, SyncReply::refused(RefusalCode::StoreFailure, "no digest"));
+        let bucket = decode(answer(&store, "b", SyncRequest::Bucket { dataset: Dataset::COUNTERS, bucket: 0 }, 1 << 20));
+        assert!(matches!(bucket, SyncReply::Refused { code: RefusalCode::StoreFailure, .. }), "{bucket:?}");
     }
 
     #[test]
