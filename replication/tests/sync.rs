@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -210,6 +210,8 @@ impl MemInner {
 struct MemSync {
     inner: Mutex<MemInner>,
     fail: AtomicBool,
+    /// Calls of `changes` (peers' pulls).
+    pulls: AtomicU64,
 }
 
 fn key(n: u64) -> Vec<u8> {
@@ -273,6 +275,7 @@ impl MemSync {
 
 impl SyncStore for MemSync {
     fn changes(&self, peer: &str, after: Option<u64>, limit: usize) -> Result<Changes, SyncError> {
+        self.pulls.fetch_add(1, Ordering::SeqCst);
         self.check()?;
         let mut inner = self.lock();
         let start = match after {
@@ -389,6 +392,10 @@ async fn restarted_site_catches_up_on_ten_thousand_changes() {
     assert!(eventually(Duration::from_secs(10), || b.len() == 10 && a.ack(B.name) == Some(10)).await);
 
     nb.shutdown().await;
+    // B's pullers stopped with it.
+    let pulls = a.pulls.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(a.pulls.load(Ordering::SeqCst), pulls);
     for n in 0..10_000 {
         a.put(n, 2);
     }
