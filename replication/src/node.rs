@@ -318,7 +318,8 @@ enum Command {
     Shutdown,
 }
 
-/// One site's counter replication, running. See the module docs.
+/// One site's counter replication (and dataset sync, when started with
+/// [`Node::start_with`]), running. See the module docs.
 ///
 /// Dropping it stops the node and closes its endpoint, as
 /// [`shutdown`](Self::shutdown) does without waiting.
@@ -517,8 +518,10 @@ impl Node {
         self.shared.events.subscribe()
     }
 
-    /// Stops the node: pending submissions fail closed, the endpoint closes
-    /// (peers see their connections closed) and this waits for both.
+    /// Stops the node: the sync pullers stop (a merge already running on
+    /// the blocking pool completes, its page unacknowledged), pending
+    /// submissions fail closed, the endpoint closes (peers see their
+    /// connections closed) and this waits for all of them.
     pub async fn shutdown(mut self) {
         let _ = self.commands.send(Command::Shutdown);
         for task in &self.sync_tasks {
