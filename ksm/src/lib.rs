@@ -32,6 +32,17 @@ pub trait AeadLookup: Send + Sync {
     }
 }
 
+/// A shared store (the replication sync writes into the one the KSM reads).
+impl<T: AeadLookup + ?Sized> AeadLookup for Arc<T> {
+    fn lookup(&self, public_id: &PublicId, kh: &KeyHandleDir) -> Result<Option<AeadRecord>, LookupError> {
+        (**self).lookup(public_id, kh)
+    }
+
+    fn check(&self) -> Result<(), LookupError> {
+        (**self).check()
+    }
+}
+
 /// The AEAD store could not answer.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

@@ -1,5 +1,8 @@
-//! Counter replication for `validator serve` (issue 5), off unless the
-//! configuration has a `[replication]` section.
+//! Replication for `validator serve` (issue 5), off unless the
+//! configuration has a `[replication]` section: the counters' quorum rule,
+//! and the catch-up and anti-entropy of the counters (every node), the
+//! AEAD store and the API clients (full sites) through the node's dataset
+//! sync ([`replication::syncer`]).
 //!
 //! **Runtime.** [`Replication::start`] runs before the HTTP server exists,
 //! so the replication [`Node`] gets its own small tokio runtime (two
@@ -37,6 +40,8 @@ use httpd::metrics::header;
 use replication::node::{DurableCas, Node, NodeConfig, Reachability};
 use replication::pki::{Fingerprint, Identity};
 use replication::quorum::{OtpDigest, PeerCasResult, Policy, Proposal, QuorumConfig, SiteId, Verdict};
+use replication::sync::{Dataset, SyncStore};
+use replication::syncer::{SyncOptions, SyncSetup, SyncStatus};
 use replication::transport::{Endpoint, EndpointConfig, Peer, PeerRule, Settings, Trust};
 
 use crate::config::{format_utc, PeerSection, ReplicationConfig, Role, MAX_ACCEPT_AT_RISK};
@@ -70,10 +75,8 @@ impl Heard {
     }
 }
 
-/// The counter store as the node's [`DurableCas`], noting who asked.
-///
-/// (When dataset sync arrives, this wrapper forwards its store trait too,
-/// or the sync setup takes the bare store.)
+/// The counter store as the node's [`DurableCas`], noting who asked (the
+/// dataset sync takes the bare store).
 struct Observed<S> {
     store: Arc<S>,
     heard: Arc<Heard>,
@@ -106,20 +109,24 @@ fn rule(p: &PeerSection) -> Result<PeerRule, String> {
 }
 
 impl Replication {
-    /// [`Self::start_with`] for a site failing closed.
+    /// [`Self::start_with`] for a site failing closed, syncing counters only.
     pub fn start(config: &ReplicationConfig, counters: Arc<SqliteCounters>) -> Result<Self, String> {
-        Self::start_with(config, Role::Site, None, counters)
+        Self::start_with(config, Role::Site, None, counters, Vec::new())
     }
 
     /// Load the certificates, bind the QUIC endpoint, register each peer's
     /// outbox in `counters` and start the node over `counters` as its
     /// durable compare-and-set, as a site (accepting at risk until
-    /// `accept_at_risk_until`, if given) or as the witness.
+    /// `accept_at_risk_until`, if given) or as the witness. The node pulls
+    /// and serves the counters and every dataset of `datasets` (a site's
+    /// AEADs and API clients; their stores register the peer sites
+    /// themselves).
     pub fn start_with(
         config: &ReplicationConfig,
         role: Role,
         accept_at_risk_until: Option<SystemTime>,
         counters: Arc<SqliteCounters>,
+        datasets: Vec<(Dataset, Arc<dyn SyncStore>)>,
     ) -> Result<Self, String> {
         let identity = Identity::load(&config.certificate, &config.key).map_err(|e| format!("replication identity: {e}"))?;
         let ca = replication::pki::load_certificate(&config.ca).map_err(|e| format!("replication CA: {e}"))?;
@@ -165,12 +172,15 @@ impl Replication {
             .build()
             .map_err(|e| format!("replication runtime: {e}"))?;
         let heard = Arc::new(Heard::default());
+        let mut stores: BTreeMap<Dataset, Arc<dyn SyncStore>> = datasets.into_iter().collect();
+        stores.insert(Dataset::COUNTERS, counters.clone());
+        let sync = SyncSetup { stores, options: SyncOptions::default() };
         let store = Arc::new(Observed { store: counters, heard: heard.clone() });
         let node = {
             let _entered = runtime.enter();
             let endpoint = Endpoint::bind(EndpointConfig { bind: config.listen, identity, trust, settings: Settings::default() })
                 .map_err(|e| format!("replication endpoint {}: {e}", config.listen))?;
-            Node::start(NodeConfig { site: SiteId(config.site), quorum: quorum.clone(), peers }, endpoint, store)
+            Node::start_with(NodeConfig { site: SiteId(config.site), quorum: quorum.clone(), peers }, endpoint, store, sync)
                 .map_err(|e| format!("replication node: {e}"))?
         };
         if let Some((end, until)) = window {
@@ -250,6 +260,13 @@ impl Replication {
             let up = u8::from(p.reachability == Reachability::Up);
             let _ = writeln!(out, "validator_replication_peer_up{{peer=\"{}\",site=\"{}\"}} {up}", p.peer.name, p.site.0);
         }
+        header(out, "validator_replication_peer_rtt_seconds", "gauge", "Round-trip time of the last request to the peer.");
+        for p in node.peers() {
+            if let Some(rtt) = p.last_rtt {
+                let _ = writeln!(out, "validator_replication_peer_rtt_seconds{{peer=\"{}\"}} {}", p.peer.name, rtt.as_secs_f64());
+            }
+        }
+        Self::render_sync_metrics(node, out);
     }
 
     /// The `/status` lines of replication (see [`crate::serve`]): `node:`,
@@ -329,14 +346,67 @@ impl Replication {
         let _ = writeln!(out, "peers: total={} up={up} down={down} unknown={unknown}", up + down + unknown);
     }
 
-    /// The `/status` lines of dataset sync.
+    /// The `/status` lines of dataset sync: one `sync:` line per peer and
+    /// dataset pulled from it (changes behind, time since last caught up,
+    /// items applied, conflicts, anti-entropy rounds, errors).
     pub fn render_sync_status(&self, out: &mut String) {
-        // SYNC-STATUS: render `Node::sync_status()` here once it exists: one
-        // `sync:` line per dataset (counters, clients, AEADs) and peer, with
-        // its backlog (outbox rows not yet acknowledged), lag, last catch-up
-        // and last anti-entropy digest mismatch. Keep the `sync:` prefix:
-        // `validator status` prints these lines as they are.
-        let _ = writeln!(out, "sync: not reported yet (dataset catch-up and anti-entropy status will appear here)");
+        let Some(node) = &self.node else { return };
+        let now = Instant::now();
+        for s in node.sync_status() {
+            if s.unsupported {
+                let _ = writeln!(out, "sync: peer={} dataset={} not held by the peer", s.peer, s.dataset);
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "sync: peer={} dataset={} behind={} lag_ms={} cursor={} peer_head={} last_pull_s={} pulled={} applied={} conflicts={} \
+                 digest_rounds={} buckets_repaired={} errors={} last_error={}",
+                s.peer,
+                s.dataset,
+                s.lag_changes.map_or_else(|| "-".to_owned(), |n| n.to_string()),
+                s.lag.as_millis(),
+                s.cursor.map_or_else(|| "-".to_owned(), |n| n.to_string()),
+                s.peer_head.map_or_else(|| "-".to_owned(), |n| n.to_string()),
+                s.last_pull.map_or_else(|| "-".to_owned(), |t| now.saturating_duration_since(t).as_secs().to_string()),
+                s.items_pulled + s.bucket_items,
+                s.applied,
+                s.conflicts,
+                s.digest_rounds,
+                s.buckets_differing,
+                s.errors,
+                s.last_error.as_ref().map_or_else(|| "-".to_owned(), |e| format!("{e:?}")),
+            );
+        }
+    }
+
+    /// Prometheus series of dataset sync, by peer and dataset.
+    fn render_sync_metrics(node: &Node, out: &mut String) {
+        let statuses: Vec<_> = node.sync_status().into_iter().filter(|s| !s.unsupported).collect();
+        type Series = (&'static str, &'static str, &'static str, fn(&SyncStatus) -> f64);
+        let series: [Series; 6] = [
+            ("validator_replication_sync_behind", "gauge", "Changes the peer had that were not merged here yet, at the last pull.", |s| {
+                s.lag_changes.unwrap_or(0) as f64
+            }),
+            ("validator_replication_sync_lag_seconds", "gauge", "Time since a pull from the peer last reached its head.", |s| {
+                s.lag.as_secs_f64()
+            }),
+            ("validator_replication_sync_applied_total", "counter", "Items from the peer that changed the local state.", |s| {
+                s.applied as f64
+            }),
+            ("validator_replication_sync_conflicts_total", "counter", "Items from the peer refused and quarantined.", |s| {
+                s.conflicts as f64
+            }),
+            ("validator_replication_sync_buckets_repaired_total", "counter", "Anti-entropy buckets found differing.", |s| {
+                s.buckets_differing as f64
+            }),
+            ("validator_replication_sync_errors_total", "counter", "Failed sync exchanges with the peer.", |s| s.errors as f64),
+        ];
+        for (name, kind, help, value) in series {
+            header(out, name, kind, help);
+            for s in &statuses {
+                let _ = writeln!(out, "{name}{{peer=\"{}\",dataset=\"{}\"}} {}", s.peer, s.dataset, value(s));
+            }
+        }
     }
 }
 

@@ -103,6 +103,11 @@ impl From<Parts> for Assembled {
 }
 
 impl Assembled {
+    fn site(parts: Parts, replication: Option<Arc<Replication>>) -> Self {
+        let replication = replication.map_or(Replicated::Off, Replicated::On);
+        Self { role: Role::Site, verifier: Some(parts.verifier), health: parts.health, metrics: parts.metrics, replication }
+    }
+
     /// The role.
     #[must_use]
     pub fn role(&self) -> Role {
@@ -119,10 +124,10 @@ impl Assembled {
     }
 }
 
-/// Bind `opts.listen` and serve. `opts.request_timeout` is the ceiling on
-/// every answer. `/status` cannot report replication for bare parts: use
-/// [`assemble_node`] and [`start_node`] for that.
-pub fn start(parts: Parts, opts: HttpOptions) -> std::io::Result<Running> {
+/// Bind `opts.listen` and serve what [`assemble`] built (or bare
+/// [`Parts`], whose `/status` cannot report replication).
+/// `opts.request_timeout` is the ceiling on every answer.
+pub fn start(parts: impl Into<Assembled>, opts: HttpOptions) -> std::io::Result<Running> {
     start_node(parts.into(), opts)
 }
 
@@ -310,8 +315,9 @@ impl ValidatorService {
 
 /// Open everything a site's configuration names (failing closed, see
 /// [`assemble_node`]).
-pub fn assemble(config: &crate::config::ServeConfig) -> Result<Parts, String> {
-    assemble_site(config, None).map(|(parts, _)| parts)
+pub fn assemble(config: &crate::config::ServeConfig) -> Result<Assembled, String> {
+    let (parts, replication) = assemble_site(config, None)?;
+    Ok(Assembled::site(parts, replication))
 }
 
 /// Open everything a configuration names, by role: for a site, the
@@ -324,11 +330,7 @@ pub fn assemble_node(config: &crate::config::NodeConfig) -> Result<Assembled, St
     match config {
         NodeConfig::Site(site) => {
             let (parts, replication) = assemble_site(&site.serve, site.accept_at_risk_until)?;
-            let replication = match replication {
-                Some(r) => Replicated::On(r),
-                None => Replicated::Off,
-            };
-            Ok(Assembled { role: Role::Site, verifier: Some(parts.verifier), health: parts.health, metrics: parts.metrics, replication })
+            Ok(Assembled::site(parts, replication))
         }
         NodeConfig::Witness(w) => {
             use crate::counters::{CounterOptions, SqliteCounters};
@@ -340,7 +342,7 @@ pub fn assemble_node(config: &crate::config::NodeConfig) -> Result<Assembled, St
             let health: Vec<HealthCheck> = vec![Box::new(move || c.check().map_err(|e| e.to_string()))];
             let c = counters.clone();
             let mut metrics: Vec<MetricsSource> = vec![Box::new(move |out: &mut String| c.render_metrics(out))];
-            let r = Arc::new(Replication::start_with(&w.replication, Role::Witness, None, counters)?);
+            let r = Arc::new(Replication::start_with(&w.replication, Role::Witness, None, counters, Vec::new())?);
             let m = r.clone();
             metrics.push(Box::new(move |out: &mut String| m.render_metrics(out)));
             Ok(Assembled { role: Role::Witness, verifier: None, health, metrics, replication: Replicated::On(r) })
@@ -354,6 +356,8 @@ fn assemble_site(
     accept_at_risk_until: Option<SystemTime>,
 ) -> Result<(Parts, Option<Arc<Replication>>), String> {
     use hsm::SecurityModule;
+
+    use replication::sync::{Dataset, SyncStore};
 
     use crate::config::KsmSource;
     use crate::counters::{CounterOptions, SqliteCounters};
@@ -377,11 +381,28 @@ fn assemble_site(
         Ok(usable)
     };
     let mut health: Vec<HealthCheck> = Vec::new();
+    // What the replication node syncs besides the counters, with the peer
+    // sites registered in each store's outbox (the witness holds neither).
+    let mut datasets: Vec<(Dataset, Arc<dyn SyncStore>)> = Vec::new();
+    let peer_sites: Vec<&str> = config.replication.iter().flat_map(|r| r.peers.iter().map(|p| p.name.as_str())).collect();
+    if !peer_sites.is_empty() {
+        let sync = clients.sync_store().map_err(|e| format!("API clients: {e}"))?;
+        for name in &peer_sites {
+            sync.db().add_peer(name).map_err(|e| format!("API clients: registering peer {name:?}: {e}"))?;
+        }
+        datasets.push((Dataset::CLIENTS, Arc::new(sync)));
+    }
     // The in-process KSM over the soft keystore never blocks for long.
     let inline_decode = matches!(config.ksm, KsmSource::Store { .. } | KsmSource::Dir { .. });
     let decoder: Arc<dyn crate::OtpDecoder> = match &config.ksm {
         KsmSource::Store { path, key_handles } => {
-            let store = ksm::store::AeadStore::open_existing(path).map_err(|e| e.to_string())?;
+            let store = Arc::new(ksm::store::AeadStore::open_existing(path).map_err(|e| e.to_string())?);
+            if !peer_sites.is_empty() {
+                for name in &peer_sites {
+                    store.add_peer(name).map_err(|e| format!("AEAD store: registering peer {name:?}: {e}"))?;
+                }
+                datasets.push((Dataset::AEADS, Arc::new(crate::aead_sync::AeadSync::new(store.clone()))));
+            }
             let k = Arc::new(ksm::Ksm::new(hsm.clone(), Box::new(store), decode_handles(key_handles)?));
             let h = k.clone();
             health.push(Box::new(move || h.health()));
@@ -400,7 +421,7 @@ fn assemble_site(
     let c = counters.clone();
     let mut metrics: Vec<MetricsSource> = vec![Box::new(move |out: &mut String| c.render_metrics(out))];
     let replication = match &config.replication {
-        Some(r) => Some(Arc::new(Replication::start_with(r, Role::Site, accept_at_risk_until, counters.clone())?)),
+        Some(r) => Some(Arc::new(Replication::start_with(r, Role::Site, accept_at_risk_until, counters.clone(), datasets)?)),
         None if accept_at_risk_until.is_some() => {
             return Err("accept_at_risk_until needs a [replication] section".to_owned());
         }

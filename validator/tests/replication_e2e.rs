@@ -220,10 +220,19 @@ fn free_udp(ip: &str) -> SocketAddr {
 
 /// GET verify at `addr`, checking the answer's `h` with the client key.
 fn verify(addr: SocketAddr, f: &Fixture, otp: &str, nonce: &str) -> BTreeMap<String, String> {
-    let q = signed_query(&[("id", &CLIENT.to_string()), ("otp", otp), ("nonce", nonce)], Some(&f.client_key));
+    verify_as(addr, CLIENT, &f.client_key, otp, nonce)
+}
+
+/// GET verify at `addr` as API client `client`; the answer's `h` is
+/// checked with `key` unless the client is unknown there (unsigned).
+fn verify_as(addr: SocketAddr, client: u64, key: &[u8], otp: &str, nonce: &str) -> BTreeMap<String, String> {
+    let q = signed_query(&[("id", &client.to_string()), ("otp", otp), ("nonce", nonce)], Some(key));
     let body = http_get(addr, &format!("/wsapi/2.0/verify?{q}"));
-    assert!(verify_response(&body, &f.client_key), "bad h in {body:?}");
-    parse_response(&body).unwrap()
+    let fields = parse_response(&body).unwrap();
+    if status(&fields) != "NO_SUCH_CLIENT" {
+        assert!(verify_response(&body, key), "bad h in {body:?}");
+    }
+    fields
 }
 
 fn http_get(addr: SocketAddr, target: &str) -> String {
@@ -575,6 +584,114 @@ fn partition_through_the_proxy_fails_closed_and_heals() {
     for _ in 0..3 {
         let (lossy, _) = login_until_ok(aa, &f, &mut counter);
         assert_eq!(status(&verify(ba, &f, &lossy, &nonce("lossy"))), "REPLAYED_OTP");
+    }
+
+    a.shutdown();
+    b.shutdown();
+    drop((to_a, to_b));
+}
+
+/// An OTP of the YubiKey with `secrets`.
+fn otp_of(id: PublicId, secrets: &YubiKeySecrets, counter: u16) -> String {
+    let t = TokenFields { uid: *secrets.uid.expose(), counter, session_use: 0, timestamp_low: 0x0202, timestamp_high: 0x03, rnd: 0x1234 }
+        .build();
+    Otp::new(id, t.encrypt(&secrets.key)).to_string()
+}
+
+/// Polls `done` every 100 ms until it holds, within [`RECOVERY`].
+fn eventually(what: &str, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < RECOVERY, "{what}: not within {RECOVERY:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn after_a_partition_counters_aeads_and_clients_converge() {
+    let f = fixture();
+    let (qa, qb) = (free_udp("127.0.0.1"), free_udp("127.0.0.2"));
+    let faults = Arc::new(Faults::default());
+    let to_b = UdpProxy::start("127.0.0.3", qb, faults.clone());
+    let to_a = UdpProxy::start("127.0.0.3", qa, faults.clone());
+    let (a, b) = f.two_sites(qa, qb, to_b.listen, to_a.listen);
+    let (aa, ba) = (a.local_addr(), b.local_addr());
+    let site = |name: &str, file: &str| f.dir.path().join(name).join(file);
+    let hsm_a = Arc::new(SoftHsm::open_unlocked(&site("auth1", "v.ks"), &Password::new(PASSWORD).unwrap()).unwrap());
+    let clients_a = SqliteClients::open(&site("auth1", "validator.db"), hsm_a.clone()).unwrap();
+    let (store_a, store_b) =
+        (AeadStore::open_existing(&site("auth1", "aeads.db")).unwrap(), AeadStore::open_existing(&site("auth2", "aeads.db")).unwrap());
+    let mut counter = 1;
+    let (_, _) = login_until_ok(aa, &f, &mut counter);
+
+    // Before the partition: client 78 made at A reaches B and works there.
+    let key78 = clients_a.add(Some(ClientId::new(78).unwrap()), None).unwrap().1;
+    let probe = f.otp(counter, 0);
+    counter += 1;
+    eventually("client 78 at B", || status(&verify_as(ba, 78, key78.expose(), &probe, &nonce("probe78"))) != "NO_SUCH_CLIENT");
+
+    faults.partition.store(true, Ordering::Relaxed);
+    // During the partition, at A: an OTP refused for want of B (its
+    // counters burned at A only), a new YubiKey's AEAD, client 77 created,
+    // client 78 disabled; and one public id provisioned at both sites with
+    // different bytes (a key provisioned twice).
+    let burned = f.otp(counter, 0);
+    counter += 1;
+    assert_eq!(status(&verify(aa, &f, &burned, &nonce("cut"))), "NOT_ENOUGH_ANSWERS");
+    let fresh_id = PublicId::from_number(0x0c0f_fee0_0077, 6).unwrap();
+    let rec = hsm_a.generate_yubikey_aeads(&[KH], NonceSource::Given(fresh_id.aead_nonce().unwrap())).unwrap().remove(0);
+    let fresh = YubiKeySecrets::from_plaintext(&hsm_a.decrypt_aead(&rec).unwrap()).unwrap();
+    store_a.put(&fresh_id, &rec, "ksm import", 0).unwrap();
+    let key77 = clients_a.add(Some(ClientId::new(77).unwrap()), None).unwrap().1;
+    clients_a.disable(ClientId::new(78).unwrap()).unwrap();
+    let twice = PublicId::from_number(0x0c0f_fee0_0099, 6).unwrap();
+    let twice_a = hsm_a.generate_yubikey_aeads(&[KH], NonceSource::Random).unwrap().remove(0);
+    let twice_b = hsm_a.generate_yubikey_aeads(&[KH], NonceSource::Random).unwrap().remove(0);
+    store_a.put(&twice, &twice_a, "ksm import", 0).unwrap();
+    store_b.put(&twice, &twice_b, "ksm import", 0).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(store_b.get(&fresh_id, KH).unwrap().is_none(), "the AEAD crossed the partition");
+    assert_eq!(status(&verify_as(ba, 77, key77.expose(), &otp_of(fresh_id, &fresh, 1), &nonce("early"))), "NO_SUCH_CLIENT");
+    let counters_b = validator::counters::SqliteCounters::open(&site("auth2", "validator.db")).unwrap();
+    let burned_at =
+        validator::counters::SqliteCounters::open(&site("auth1", "validator.db")).unwrap().get(&f.id).unwrap().unwrap().counters;
+    assert!(counters_b.get(&f.id).unwrap().unwrap().counters < burned_at);
+
+    // Heal: everything reaches B without any login.
+    faults.partition.store(false, Ordering::Relaxed);
+    let took = eventually("AEAD, client and counters at B", || {
+        store_b.get(&fresh_id, KH).unwrap().is_some()
+            && counters_b.get(&f.id).unwrap().unwrap().counters >= burned_at
+            && !store_b.conflicts().unwrap().is_empty()
+    });
+    eprintln!("converged {took:?} after healing");
+    // The new YubiKey logs in at B as the new client, and is then a replay at A.
+    let first = otp_of(fresh_id, &fresh, 1);
+    let mut answer = BTreeMap::new();
+    eventually("client 77 accepted at B", || {
+        answer = verify_as(ba, 77, key77.expose(), &first, &nonce("new77"));
+        status(&answer) != "NO_SUCH_CLIENT"
+    });
+    assert_eq!(status(&answer), "OK", "{answer:?}");
+    assert_eq!(status(&verify(aa, &f, &first, &nonce("replay77"))), "REPLAYED_OTP");
+    // The OTP burned at A alone is refused at B too.
+    assert_eq!(status(&verify(ba, &f, &burned, &nonce("burned"))), "REPLAYED_OTP");
+    // Client 78 is disabled at B.
+    eventually("client 78 disabled at B", || {
+        status(&verify_as(ba, 78, key78.expose(), &f.otp(counter, 0), &nonce("gone78"))) == "NO_SUCH_CLIENT"
+    });
+    // The doubly provisioned id: each site kept its own, and quarantined the other's.
+    assert_eq!(store_a.get(&twice, KH).unwrap(), Some(twice_a));
+    assert_eq!(store_b.get(&twice, KH).unwrap(), Some(twice_b));
+    eventually("the conflict quarantined at A", || store_a.conflicts().unwrap().iter().any(|c| c.public_id == twice));
+    assert!(store_b.conflicts().unwrap().iter().any(|c| c.public_id == twice && c.refused == twice_a));
+    eventually("the conflict counted at A", || {
+        metric(aa, "validator_replication_sync_conflicts_total{peer=\"auth2\",dataset=\"aeads\"}").unwrap_or(0) >= 1
+    });
+    let status_page = http_get(aa, "/status");
+    for dataset in ["counters", "aeads", "clients"] {
+        assert!(status_page.contains(&format!("sync: peer=auth2 dataset={dataset} ")), "{status_page}");
     }
 
     a.shutdown();
