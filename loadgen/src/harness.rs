@@ -238,6 +238,26 @@ pub fn proc_mem(pid: u32) -> Result<Mem, HarnessError> {
     Ok(parse_proc_status(&status))
 }
 
+/// CPU time (user + system) `pid` has used, from `/proc/<pid>/stat`
+/// (clock ticks of 10 ms, the Linux default `USER_HZ`).
+pub fn proc_cpu(pid: u32) -> Result<Duration, HarnessError> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).map_err(io(path.clone()))?;
+    parse_proc_stat(&stat).ok_or_else(|| HarnessError::Other(format!("{path}: unexpected format")))
+}
+
+/// User + system CPU time from the text of a `/proc/<pid>/stat` file.
+#[must_use]
+pub fn parse_proc_stat(stat: &str) -> Option<Duration> {
+    // The command name (field 2) is in parentheses and may hold spaces:
+    // count the fields after its closing one (utime and stime are 14, 15).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
 /// [`Mem`] from the text of a `/proc/<pid>/status` file (missing fields: 0).
 #[must_use]
 pub fn parse_proc_status(status: &str) -> Mem {
@@ -351,6 +371,13 @@ mod tests {
         assert_eq!(parse_proc_status(""), Mem::default());
         let own = proc_mem(std::process::id()).unwrap();
         assert!(own.rss_kb > 0 && own.hwm_kb >= own.rss_kb, "{own:?}");
+    }
+
+    #[test]
+    fn cpu_from_proc_stat() {
+        let stat = "4242 (validator serve) S 1 4242 4242 0 -1 4194560 1234 0 0 0 150 25 0 0 20 0 9 0 100 0 0";
+        assert_eq!(parse_proc_stat(stat), Some(Duration::from_millis(1750)));
+        assert_eq!(parse_proc_stat("garbage"), None);
     }
 
     #[test]

@@ -12,6 +12,11 @@
 //!   ([`wire`]) to a [`Message::CasReply`] that goes back in as
 //!   [`Input::Message`]. An RPC error or timeout is simply no reply: the
 //!   machine's deadline decides.
+//! - Requests are sent once the commands already waiting in the channel
+//!   are handled: those queued for one peer meanwhile leave together as one
+//!   RPC carrying a [`wire::encode_batch`] frame (under load, tens of
+//!   requests share one QUIC stream and its packets), and the peer answers
+//!   with a batch of the replies in the same order.
 //! - An incoming RPC carrying a `CasRequest` is fed to the machine, and the
 //!   RPC's answer is the `CasReply` the machine emits for that
 //!   `(origin, request id)`, whether at once (its duplicate cache) or after
@@ -72,7 +77,27 @@ pub const EVENT_CAPACITY: usize = 1024;
 pub trait DurableCas: Send + Sync + 'static {
     /// The durable compare-and-set of a peer's request.
     fn peer_cas(&self, origin: SiteId, proposal: &Proposal) -> PeerCasResult;
+
+    /// The same as a future, which is what the node awaits. The default
+    /// runs [`Self::peer_cas`] on tokio's blocking pool (a panic there is
+    /// [`PeerCasResult::Failed`]); a store that can answer a task directly
+    /// (a group-commit writer replying after its COMMIT) overrides it and
+    /// saves a blocking thread and two context switches per request.
+    fn peer_cas_async(self: Arc<Self>, origin: SiteId, proposal: Proposal) -> CasFuture
+    where
+        Self: Sized,
+    {
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || self.peer_cas(origin, &proposal)).await.unwrap_or_else(|error| {
+                tracing::error!(peer = %origin, %error, "durable compare-and-set panicked");
+                PeerCasResult::Failed
+            })
+        })
+    }
 }
+
+/// A peer compare-and-set in progress ([`DurableCas::peer_cas_async`]).
+pub type CasFuture = std::pin::Pin<Box<dyn Future<Output = PeerCasResult> + Send>>;
 
 /// What [`Node::start`] needs besides the endpoint and the store.
 #[derive(Clone, Debug)]
@@ -171,6 +196,10 @@ pub struct Metrics {
     pub peer_up: u64,
     /// Transitions of a peer to down.
     pub peer_down: u64,
+    /// Compare-and-set requests sent to peers.
+    pub requests_sent: u64,
+    /// RPCs that carried them (fewer when requests were batched).
+    pub request_rpcs: u64,
 }
 
 /// Something that happened at this node, for logs and alerts.
@@ -208,6 +237,8 @@ struct AtomicMetrics {
     bad_messages: AtomicU64,
     peer_up: AtomicU64,
     peer_down: AtomicU64,
+    requests_sent: AtomicU64,
+    request_rpcs: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -230,6 +261,8 @@ impl AtomicMetrics {
             bad_messages: get(&self.bad_messages),
             peer_up: get(&self.peer_up),
             peer_down: get(&self.peer_down),
+            requests_sent: get(&self.requests_sent),
+            request_rpcs: get(&self.request_rpcs),
         }
     }
 
@@ -414,6 +447,7 @@ impl Node {
             submits: HashMap::new(),
             incoming: HashMap::new(),
             next_waiter: 0,
+            outgoing: BTreeMap::new(),
         };
         let driver = tokio::spawn(driver.run(rx));
 
@@ -650,26 +684,74 @@ async fn serve_request(
         tracing::warn!(node = %shared.site, peer = %peer.name, "request from an authorized peer that is not in the group: ignored");
         return Bytes::new();
     };
+    if !wire::is_batch(request) {
+        return match incoming(shared, commands, from, request) {
+            Some(reply) => reply.await.unwrap_or_default(),
+            None => Bytes::new(),
+        };
+    }
+    let requests = match wire::decode_batch(request) {
+        Ok(requests) => requests,
+        Err(error) => {
+            bump(&shared.metrics.bad_messages);
+            tracing::warn!(node = %shared.site, peer = %from, %error, "undecodable batch: ignored");
+            return Bytes::new();
+        }
+    };
+    // Every request of the batch goes to the machine at once; the replies
+    // come back in the requests' order (an empty one where there is none).
+    let waiting: Vec<_> = requests.into_iter().map(|r| incoming(shared, commands, from, r)).collect();
+    let mut replies = Vec::with_capacity(waiting.len());
+    for reply in waiting {
+        // The transport's server deadline bounds these waits.
+        replies.push(match reply {
+            Some(reply) => reply.await.unwrap_or_default(),
+            None => Bytes::new(),
+        });
+    }
+    wire::encode_batch(&replies).unwrap_or_default()
+}
+
+/// One compare-and-set request of `from`, to the machine: the reply to
+/// await, or `None` when the request is refused at once.
+fn incoming(shared: &Shared, commands: &mpsc::UnboundedSender<Command>, from: SiteId, request: &[u8]) -> Option<oneshot::Receiver<Bytes>> {
     let message = match wire::decode(request) {
         Ok(message @ Message::CasRequest { .. }) => message,
         Ok(Message::CasReply { .. }) => {
             bump(&shared.metrics.bad_messages);
             tracing::warn!(node = %shared.site, peer = %from, "a reply sent as a request: ignored");
-            return Bytes::new();
+            return None;
         }
         Err(error) => {
             bump(&shared.metrics.bad_messages);
             tracing::warn!(node = %shared.site, peer = %from, %error, "undecodable request: ignored");
-            return Bytes::new();
+            return None;
         }
     };
     bump(&shared.metrics.peer_requests);
     let (waiter, reply) = oneshot::channel();
-    if commands.send(Command::Incoming { from, message, waiter }).is_err() {
-        return Bytes::new();
+    commands.send(Command::Incoming { from, message, waiter }).ok()?;
+    Some(reply)
+}
+
+/// A peer's reply to one of this node's requests, to the machine.
+fn reply_to_machine(shared: &Shared, commands: &mpsc::UnboundedSender<Command>, from: SiteId, reply: &[u8]) {
+    match wire::decode(reply) {
+        Ok(message @ Message::CasReply { .. }) => {
+            let _ = commands.send(Command::Reply { from, message });
+        }
+        Ok(Message::CasRequest { .. }) => {
+            bump(&shared.metrics.bad_messages);
+            tracing::warn!(node = %shared.site, peer = %from, "peer answered with a request: ignored");
+        }
+        Err(_) if reply.is_empty() => {
+            tracing::debug!(node = %shared.site, peer = %from, "peer gave no reply");
+        }
+        Err(error) => {
+            bump(&shared.metrics.bad_messages);
+            tracing::warn!(node = %shared.site, peer = %from, %error, "undecodable reply: ignored");
+        }
     }
-    // The transport's server deadline bounds this wait.
-    reply.await.unwrap_or_default()
 }
 
 type Waiters = Vec<(u64, oneshot::Sender<Bytes>)>;
@@ -688,6 +770,9 @@ struct Driver<S> {
     /// Peers' requests waiting for the machine's reply, by (origin, id).
     incoming: HashMap<(SiteId, RequestId), Waiters>,
     next_waiter: u64,
+    /// Compare-and-set requests to send, by peer, flushed (batched) once
+    /// the commands waiting in the channel are handled.
+    outgoing: BTreeMap<SiteId, Vec<Message>>,
 }
 
 impl<S: DurableCas> Driver<S> {
@@ -699,6 +784,7 @@ impl<S: DurableCas> Driver<S> {
                     () = tokio::time::sleep_until(at.into()) => {
                         let actions = self.machine.handle(Instant::now(), Input::Tick);
                         self.execute(actions);
+                        self.flush();
                         continue;
                     }
                 },
@@ -707,6 +793,23 @@ impl<S: DurableCas> Driver<S> {
             match command {
                 None | Some(Command::Shutdown) => break,
                 Some(command) => self.command(command),
+            }
+            // Whatever queued up meanwhile, before sending: requests to one
+            // peer then leave together, in one frame.
+            let mut stop = false;
+            while self.outgoing.values().map(Vec::len).sum::<usize>() < wire::MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(Command::Shutdown) => {
+                        stop = true;
+                        break;
+                    }
+                    Ok(command) => self.command(command),
+                    Err(_) => break,
+                }
+            }
+            self.flush();
+            if stop {
+                break;
             }
         }
         tracing::info!(node = %self.shared.site, pending = self.submits.len(), "replication node stopped");
@@ -781,20 +884,50 @@ impl<S: DurableCas> Driver<S> {
         }
     }
 
-    fn send_request(&self, to: SiteId, message: Message) {
-        let Some(peer) = self.peers.get(&to).cloned() else {
-            tracing::error!(node = %self.shared.site, peer = %to, "no address for peer");
-            return;
-        };
-        let request = match wire::encode(&message) {
-            Ok(bytes) => bytes,
-            Err(error) => {
-                // Fails closed at the deadline.
-                bump(&self.shared.metrics.bad_messages);
-                tracing::error!(node = %self.shared.site, peer = %to, %error, "request cannot be encoded");
-                return;
+    fn send_request(&mut self, to: SiteId, message: Message) {
+        self.outgoing.entry(to).or_default().push(message);
+    }
+
+    /// Sends the queued requests: one RPC per peer, a batch frame when
+    /// more than one is queued for it.
+    fn flush(&mut self) {
+        for (to, messages) in std::mem::take(&mut self.outgoing) {
+            let Some(peer) = self.peers.get(&to).cloned() else {
+                tracing::error!(node = %self.shared.site, peer = %to, "no address for peer");
+                continue;
+            };
+            let mut encoded = Vec::with_capacity(messages.len());
+            for message in &messages {
+                match wire::encode(message) {
+                    Ok(bytes) => encoded.push(bytes),
+                    Err(error) => {
+                        // Fails closed at the deadline.
+                        bump(&self.shared.metrics.bad_messages);
+                        tracing::error!(node = %self.shared.site, peer = %to, %error, "request cannot be encoded");
+                    }
+                }
             }
-        };
+            for chunk in encoded.chunks(wire::MAX_BATCH) {
+                let frame = match chunk {
+                    [one] => one.clone(),
+                    many => match wire::encode_batch(many) {
+                        Ok(frame) => frame,
+                        Err(error) => {
+                            tracing::error!(node = %self.shared.site, peer = %to, %error, "batch cannot be encoded");
+                            continue;
+                        }
+                    },
+                };
+                self.shared.metrics.requests_sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                bump(&self.shared.metrics.request_rpcs);
+                self.rpc(to, peer.clone(), frame);
+            }
+        }
+    }
+
+    /// One RPC to `to`; its reply (one message or a batch) goes back to
+    /// the machine.
+    fn rpc(&self, to: SiteId, peer: Peer, request: Bytes) {
         let started = Instant::now();
         let deadline = started.checked_add(self.deadline).unwrap_or(started);
         let endpoint = self.endpoint.clone();
@@ -806,21 +939,20 @@ impl<S: DurableCas> Driver<S> {
                     if shared.peer_answered(to, started.elapsed()) {
                         let _ = commands.send(Command::PeerUp { site: to });
                     }
-                    match wire::decode(&reply) {
-                        Ok(message @ Message::CasReply { .. }) => {
-                            let _ = commands.send(Command::Reply { from: to, message });
+                    if wire::is_batch(&reply) {
+                        match wire::decode_batch(&reply) {
+                            Ok(replies) => {
+                                for one in replies {
+                                    reply_to_machine(&shared, &commands, to, one);
+                                }
+                            }
+                            Err(error) => {
+                                bump(&shared.metrics.bad_messages);
+                                tracing::warn!(node = %shared.site, peer = %to, %error, "undecodable batch reply: ignored");
+                            }
                         }
-                        Ok(Message::CasRequest { .. }) => {
-                            bump(&shared.metrics.bad_messages);
-                            tracing::warn!(node = %shared.site, peer = %to, "peer answered with a request: ignored");
-                        }
-                        Err(_) if reply.is_empty() => {
-                            tracing::debug!(node = %shared.site, peer = %to, "peer gave no reply");
-                        }
-                        Err(error) => {
-                            bump(&shared.metrics.bad_messages);
-                            tracing::warn!(node = %shared.site, peer = %to, %error, "undecodable reply: ignored");
-                        }
+                    } else {
+                        reply_to_machine(&shared, &commands, to, &reply);
                     }
                 }
                 Err(error) => shared.peer_failed(to, error),
@@ -849,17 +981,10 @@ impl<S: DurableCas> Driver<S> {
     }
 
     fn durable_cas(&self, origin: SiteId, req_id: RequestId, proposal: Proposal) {
-        let store = self.store.clone();
+        let cas = self.store.clone().peer_cas_async(origin, proposal);
         let commands = self.commands.clone();
-        let site = self.shared.site;
         tokio::spawn(async move {
-            let result = match tokio::task::spawn_blocking(move || store.peer_cas(origin, &proposal)).await {
-                Ok(result) => result,
-                Err(error) => {
-                    tracing::error!(node = %site, peer = %origin, %req_id, %error, "durable compare-and-set panicked");
-                    PeerCasResult::Failed
-                }
-            };
+            let result = cas.await;
             let _ = commands.send(Command::CasDone { origin, req_id, result });
         });
     }

@@ -19,6 +19,7 @@
 //! counters   = counter:u16 (0..=0x7fff) use:u8
 //! nonce      = len:u8 (0..=40) printable ASCII bytes (0x21..=0x7e)
 //! outcome    = 0x00 Ack | 0x01 Stale counters | 0x02 Failed
+//! tag 0x03   Batch:      count:u16 (1..=256) (len:u16 message){count}
 //!
 //! tag 0x10   Pull:        dataset:u8 cursor limit:u32
 //! tag 0x11   Digest:      dataset:u8
@@ -34,6 +35,10 @@
 //! reason     = len:u8 (0..=200) UTF-8 bytes
 //! ```
 //!
+//! A batch carries several quorum messages to one peer in one frame
+//! ([`encode_batch`], [`decode_batch`]): the node sends the compare-and-set
+//! requests that queued up while it was busy together, and the peer answers
+//! with a batch of the replies it has (a request it drops has none).
 //! Tags 0x01–0x0f are the quorum's ([`encode`], [`decode`]); 0x10–0x2f the
 //! sync exchange's ([`encode_sync_request`], [`decode_sync_request`],
 //! [`encode_sync_reply`], [`decode_sync_reply`]). [`is_sync`] tells a
@@ -67,6 +72,7 @@ pub const MAX_MESSAGE: usize = 2 + 8 + 2 + 1 + MAX_PUBLIC_ID + 3 + 1 + MAX_NONCE
 
 const TAG_CAS_REQUEST: u8 = 0x01;
 const TAG_CAS_REPLY: u8 = 0x02;
+const TAG_BATCH: u8 = 0x03;
 
 const TAG_PULL: u8 = 0x10;
 const TAG_DIGEST: u8 = 0x11;
@@ -114,6 +120,10 @@ pub enum WireError {
     ValueLength(usize),
     /// More items than the frame can hold, or than a `u32` counts.
     ItemCount(u64),
+    /// A batch of more than [`MAX_BATCH`] messages (or none).
+    BatchSize(usize),
+    /// A message too long for a batch.
+    BatchMessageLength(usize),
     /// A refusal reason longer than [`MAX_REASON`] or not UTF-8.
     Reason,
     /// An unknown refusal code or cursor flag.
@@ -135,6 +145,8 @@ impl fmt::Display for WireError {
             Self::KeyLength(n) => write!(f, "item key of {n} bytes (at most {MAX_KEY})"),
             Self::ValueLength(n) => write!(f, "item value of {n} bytes (at most {MAX_VALUE})"),
             Self::ItemCount(n) => write!(f, "{n} items do not fit the frame"),
+            Self::BatchSize(n) => write!(f, "a batch of {n} messages (1 to {MAX_BATCH})"),
+            Self::BatchMessageLength(n) => write!(f, "a message of {n} bytes in a batch (at most 65535)"),
             Self::Reason => write!(f, "refusal reason longer than {MAX_REASON} bytes or not UTF-8"),
             Self::Code(c) => write!(f, "unknown code 0x{c:02x}"),
         }
@@ -327,6 +339,58 @@ impl SyncReply {
         }
         Self::Refused { code, reason: reason[..end].to_string() }
     }
+}
+
+/// Most messages in one [`encode_batch`] frame.
+pub const MAX_BATCH: usize = 256;
+
+/// Whether `frame` is a batch of quorum messages ([`decode_batch`]).
+#[must_use]
+pub fn is_batch(frame: &[u8]) -> bool {
+    matches!(frame, [VERSION, TAG_BATCH, ..])
+}
+
+/// One frame holding `messages` (each already encoded, e.g. by
+/// [`encode`]). An empty message stands for "no reply". Fails for more
+/// than [`MAX_BATCH`] messages, none, or one longer than 64 KiB.
+pub fn encode_batch(messages: &[Bytes]) -> Result<Bytes, WireError> {
+    if messages.is_empty() || messages.len() > MAX_BATCH {
+        return Err(WireError::BatchSize(messages.len()));
+    }
+    let mut out = BytesMut::with_capacity(4 + messages.iter().map(|m| 2 + m.len()).sum::<usize>());
+    out.put_u8(VERSION);
+    out.put_u8(TAG_BATCH);
+    // At most MAX_BATCH: fits.
+    out.put_u16(messages.len() as u16);
+    for m in messages {
+        let len = u16::try_from(m.len()).map_err(|_| WireError::BatchMessageLength(m.len()))?;
+        out.put_u16(len);
+        out.put_slice(m);
+    }
+    Ok(out.freeze())
+}
+
+/// The messages of a batch frame, still encoded, in order.
+pub fn decode_batch(input: &[u8]) -> Result<Vec<&[u8]>, WireError> {
+    let mut r = Reader { rest: input };
+    r.version()?;
+    match r.u8()? {
+        TAG_BATCH => {}
+        other => return Err(WireError::Tag(other)),
+    }
+    let count = usize::from(r.u16()?);
+    if count == 0 || count > MAX_BATCH {
+        return Err(WireError::BatchSize(count));
+    }
+    let mut messages = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = usize::from(r.u16()?);
+        messages.push(r.take(len)?);
+    }
+    if !r.rest.is_empty() {
+        return Err(WireError::TrailingBytes(r.rest.len()));
+    }
+    Ok(messages)
 }
 
 /// Whether `frame` carries a sync message (rather than a quorum message):
@@ -615,6 +679,27 @@ impl<'a> Reader<'a> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    #[test]
+    fn batches_round_trip_and_refuse_garbage() {
+        let parts = [Bytes::from_static(b"\x01\x02abc"), Bytes::new(), Bytes::from_static(b"z")];
+        let frame = encode_batch(&parts).unwrap();
+        assert!(is_batch(&frame) && !is_sync(&frame));
+        let back = decode_batch(&frame).unwrap();
+        assert_eq!(back, vec![&b"\x01\x02abc"[..], &b""[..], &b"z"[..]]);
+        assert_eq!(encode_batch(&[]), Err(WireError::BatchSize(0)));
+        assert_eq!(encode_batch(&vec![Bytes::new(); MAX_BATCH + 1]), Err(WireError::BatchSize(MAX_BATCH + 1)));
+        assert_eq!(encode_batch(&[Bytes::from(vec![0u8; 70_000])]), Err(WireError::BatchMessageLength(70_000)));
+        for cut in 0..frame.len() {
+            assert!(decode_batch(&frame[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut long = frame.to_vec();
+        long.push(0);
+        assert_eq!(decode_batch(&long), Err(WireError::TrailingBytes(1)));
+        assert_eq!(decode_batch(&[VERSION, TAG_BATCH, 0x01, 0x01]), Err(WireError::BatchSize(257)));
+        assert_eq!(decode_batch(&[VERSION, TAG_BATCH, 0, 0]), Err(WireError::BatchSize(0)));
+        assert!(decode(&frame).is_err(), "a batch is not a single message");
+    }
     use proptest::prelude::*;
 
     fn request(nonce: &str) -> Message {

@@ -621,3 +621,33 @@ async fn two_site_accept_latency_over_loopback() {
     a.node.shutdown().await;
     b.node.shutdown().await;
 }
+
+/// Requests queued while the driver is busy leave in batch frames, and
+/// every one of them is decided as if sent alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_submissions_travels_in_batches_and_all_are_accepted() {
+    let pki = pki();
+    let (a, b) = two_sites(&pki);
+    // Warm the connection up first.
+    assert!(is_ok(validate(&a, otp(1, 1, 0, "warm-up", 0)).await));
+    let before = a.node.metrics();
+    let proposals: Vec<Proposal> = (0..300).map(|i| otp(1000 + i, 5, 0, "burst", 0)).collect();
+    for p in &proposals {
+        a.store.local_cas(p).unwrap();
+    }
+    // All submitted before any is awaited: they queue up in the channel.
+    let verdicts: Vec<_> = proposals.iter().map(|p| a.node.submit(p.clone(), None, None)).collect();
+    for v in verdicts {
+        assert!(matches!(v.await, Verdict::Accepted { .. }));
+    }
+    let after = a.node.metrics();
+    let (sent, rpcs) = (after.requests_sent - before.requests_sent, after.request_rpcs - before.request_rpcs);
+    println!("300 submissions: {sent} requests in {rpcs} RPCs");
+    assert_eq!(sent, 300);
+    assert!(rpcs < sent / 2, "hardly batched: {sent} requests in {rpcs} RPCs");
+    // B holds every one: the same proposal again is the same request.
+    let records = b.store.records.lock().unwrap();
+    for p in &proposals {
+        assert_eq!(peer_cas(records.get(&p.public_id), p), CasDecision::SameRequest);
+    }
+}

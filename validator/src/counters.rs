@@ -1072,18 +1072,43 @@ impl CounterStore for SqliteCounters {
     }
 }
 
+/// A failed peer compare-and-set: logged (never the proposal's nonce or
+/// digest) and answered [`PeerCasResult::Failed`], which the origin does
+/// not count.
+fn peer_cas_failed(origin: quorum::SiteId, public_id: PublicId, e: &BackendFailure) -> PeerCasResult {
+    tracing::error!(%origin, %public_id, error = %e, "peer compare-and-set failed");
+    PeerCasResult::Failed
+}
+
 impl replication::node::DurableCas for SqliteCounters {
-    /// [`SqliteCounters::peer_compare_and_set`]; a store failure is logged
-    /// (never the proposal's nonce or digest) and answered
-    /// [`PeerCasResult::Failed`], which the origin does not count.
+    /// [`SqliteCounters::peer_compare_and_set`].
     fn peer_cas(&self, origin: quorum::SiteId, proposal: &Proposal) -> PeerCasResult {
-        match self.peer_compare_and_set(proposal) {
-            Ok(result) => result,
-            Err(e) => {
-                tracing::error!(%origin, public_id = %proposal.public_id, error = %e, "peer compare-and-set failed");
-                PeerCasResult::Failed
-            }
-        }
+        self.peer_compare_and_set(proposal).unwrap_or_else(|e| peer_cas_failed(origin, proposal.public_id, &e))
+    }
+
+    /// Queued like [`Self::peer_cas`], but the writer answers the awaiting
+    /// task itself after COMMIT (as [`CounterStore::compare_and_set_async`]).
+    fn peer_cas_async(self: Arc<Self>, origin: quorum::SiteId, proposal: Proposal) -> replication::node::CasFuture {
+        let public_id = proposal.public_id;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let queued = match self.sender.as_ref() {
+            None => Err(BackendFailure("counter store: closed".to_owned())),
+            Some(s) => s
+                .send(Job { work: Work::Peer { proposal, now: unix_now() }, reply: Reply::Async(reply) })
+                .map_err(|_| BackendFailure("counter store: the writer thread has stopped".to_owned())),
+        };
+        Box::pin(async move {
+            let result = match queued {
+                Err(e) => Err(e),
+                Ok(()) => match answer.await {
+                    Ok(Ok(Done::Peer(result))) => Ok(result),
+                    Ok(Ok(_)) => Err(BackendFailure("counter store: the writer answered another question".to_owned())),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(BackendFailure("counter store: the writer thread stopped before answering".to_owned())),
+                },
+            };
+            result.unwrap_or_else(|e| peer_cas_failed(origin, public_id, &e))
+        })
     }
 }
 

@@ -82,13 +82,23 @@ struct Observed<S> {
     heard: Arc<Heard>,
 }
 
-impl<S: DurableCas> DurableCas for Observed<S> {
-    fn peer_cas(&self, origin: SiteId, proposal: &Proposal) -> PeerCasResult {
-        let result = self.store.peer_cas(origin, proposal);
-        let mut heard = self.heard.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+impl Heard {
+    fn note(&self, origin: SiteId) {
+        let mut heard = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let entry = heard.entry(origin).or_insert((Instant::now(), 0));
         *entry = (Instant::now(), entry.1 + 1);
-        result
+    }
+}
+
+impl<S: DurableCas> DurableCas for Observed<S> {
+    fn peer_cas(&self, origin: SiteId, proposal: &Proposal) -> PeerCasResult {
+        self.heard.note(origin);
+        self.store.peer_cas(origin, proposal)
+    }
+
+    fn peer_cas_async(self: Arc<Self>, origin: SiteId, proposal: Proposal) -> replication::node::CasFuture {
+        self.heard.note(origin);
+        self.store.clone().peer_cas_async(origin, proposal)
     }
 }
 
@@ -245,6 +255,10 @@ impl Replication {
         let _ = writeln!(out, "validator_replication_quorum_failures_total {}", m.quorum_failures);
         header(out, "validator_replication_rpc_failures_total", "counter", "Requests to peers that failed (transport).");
         let _ = writeln!(out, "validator_replication_rpc_failures_total {}", m.rpc_failures);
+        header(out, "validator_replication_requests_sent_total", "counter", "Compare-and-set requests sent to peers.");
+        let _ = writeln!(out, "validator_replication_requests_sent_total {}", m.requests_sent);
+        header(out, "validator_replication_request_rpcs_total", "counter", "RPCs carrying them (requests queued together share one).");
+        let _ = writeln!(out, "validator_replication_request_rpcs_total {}", m.request_rpcs);
         header(out, "validator_replication_peer_requests_total", "counter", "Peers' compare-and-set requests answered.");
         let _ = writeln!(out, "validator_replication_peer_requests_total {}", m.peer_requests);
         header(out, "validator_replication_peer_transitions_total", "counter", "Peers going up or down.");
@@ -260,11 +274,15 @@ impl Replication {
             let up = u8::from(p.reachability == Reachability::Up);
             let _ = writeln!(out, "validator_replication_peer_up{{peer=\"{}\",site=\"{}\"}} {up}", p.peer.name, p.site.0);
         }
-        header(out, "validator_replication_peer_rtt_seconds", "gauge", "Round-trip time of the last request to the peer.");
+        header(
+            out,
+            "validator_replication_peer_rtt_seconds",
+            "summary",
+            "Round-trip times of the requests to the peer that were answered.",
+        );
         for p in node.peers() {
-            if let Some(rtt) = p.last_rtt {
-                let _ = writeln!(out, "validator_replication_peer_rtt_seconds{{peer=\"{}\"}} {}", p.peer.name, rtt.as_secs_f64());
-            }
+            let _ = writeln!(out, "validator_replication_peer_rtt_seconds_sum{{peer=\"{}\"}} {}", p.peer.name, p.rtt_total.as_secs_f64());
+            let _ = writeln!(out, "validator_replication_peer_rtt_seconds_count{{peer=\"{}\"}} {}", p.peer.name, p.replies);
         }
         Self::render_sync_metrics(node, out);
     }

@@ -31,8 +31,9 @@ use hsm::soft::SoftHsm;
 use hsm::{Flags, NonceSource as AeadNonce, Password, SecurityModule};
 use ksm::store::AeadStore;
 use loadgen::fleet::{self, Fleet, OtpCase};
-use loadgen::harness::{now_unix, spawn_serving, target_dir, ChildGuard, STORE_BATCH};
+use loadgen::harness::{now_unix, proc_cpu, spawn_serving, target_dir, ChildGuard, STORE_BATCH};
 use loadgen::http::Connection;
+use loadgen::prometheus::Samples;
 use loadgen::run::{self, Report};
 use loadgen::stats::ms;
 use loadgen::verify_answer::{self, NonceSource};
@@ -172,7 +173,7 @@ fn load(addrs: &[SocketAddr], key: &ClientKey, concurrency: usize, cases: &[OtpC
         move |case: &OtpCase| {
             let nonce = nonces.nonce();
             let target = verify_answer::verify_target(CLIENT_ID, key.expose(), &case.otp, &nonce);
-            let resp = conn.get(&format!("{target}&sl=100")).map_err(|e| format!("request failed: {e}"))?;
+            let resp = conn.get(&target).map_err(|e| format!("request failed: {e}"))?;
             if resp.head.status != 200 {
                 return Err(format!("HTTP {}", resp.head.status));
             }
@@ -201,14 +202,17 @@ fn measure(label: &'static str, addrs: &[SocketAddr], args: &Args, key: &ClientK
     Ok(Row { label, report })
 }
 
-/// The mean QUIC round trip between the sites: B's `/status` page.
-fn peer_rtt(http: SocketAddr) -> Option<Duration> {
-    let resp = Connection::new(http, CLIENT_TIMEOUT).get("/status").ok()?;
-    let text = String::from_utf8_lossy(&resp.body).into_owned();
-    // "rtt 0.123 ms" or "rtt=0.123ms": the first number after "rtt".
-    let after = text.split("rtt").nth(1)?;
-    let number: String = after.chars().skip_while(|c| !c.is_ascii_digit()).take_while(|c| c.is_ascii_digit() || *c == '.').collect();
-    number.parse::<f64>().ok().map(|ms| Duration::from_secs_f64(ms / 1000.0))
+/// A's `/metrics`.
+fn scrape(http: SocketAddr) -> Result<Samples> {
+    let resp = Connection::new(http, CLIENT_TIMEOUT).get("/metrics").context("scraping /metrics")?;
+    Ok(Samples::parse(&String::from_utf8_lossy(&resp.body)))
+}
+
+/// The mean round trip of A's requests to B between two scrapes.
+fn mean_rtt(before: &Samples, after: &Samples) -> Option<Duration> {
+    let series = |s: &str| format!("validator_replication_peer_rtt_seconds_{s}{{peer=\"{}\"}}", SITES[1]);
+    let n = after.delta(before, &series("count"));
+    (n > 0.0).then(|| Duration::from_secs_f64(after.delta(before, &series("sum")) / n))
 }
 
 /// Time until `done()` holds, polled every millisecond, at most `limit`.
@@ -351,7 +355,9 @@ fn bench(args: &Args) -> Result<bool> {
     // 1. One site.
     d.prepare("single", 0, None)?;
     let (single, addr) = d.start("single")?;
+    let cpu_single = proc_cpu(single.pid())?;
     rows.push(measure("single site", &[addr], args, &key, &mut fleet)?);
+    let cpu_single = proc_cpu(single.pid())? - cpu_single;
     single.stop();
 
     // 2. Two sites.
@@ -359,9 +365,15 @@ fn bench(args: &Args) -> Result<bool> {
     d.prepare(SITES[1], 1, Some(0))?;
     let (a, addr_a) = d.start(SITES[0])?;
     let (b, addr_b) = d.start(SITES[1])?;
+    let before = scrape(addr_a)?;
+    let cpu_before = (proc_cpu(a.pid())?, proc_cpu(b.pid())?);
     rows.push(measure("two sites, load at A", &[addr_a], args, &key, &mut fleet)?);
+    let cpu = (proc_cpu(a.pid())? - cpu_before.0, proc_cpu(b.pid())? - cpu_before.1);
+    let after = scrape(addr_a)?;
+    let rtt = mean_rtt(&before, &after);
+    let per_rpc = after.delta(&before, "validator_replication_requests_sent_total")
+        / after.delta(&before, "validator_replication_request_rpcs_total").max(1.0);
     rows.push(measure("two sites, split A/B", &[addr_a, addr_b], args, &key, &mut fleet)?);
-    let rtt = peer_rtt(addr_a);
 
     // 3. Lag of AEAD and client changes.
     let (aead_lag, client_lag) = lag(&d, args.lag_samples, &hsm)?;
@@ -387,6 +399,14 @@ fn bench(args: &Args) -> Result<bool> {
         let s = &r.report.summary;
         println!("{:<24} {:>12.0} {:>10} {:>10} {:>10} {:>8}", r.label, s.ok_per_second(), ms(s.p50), ms(s.p99), ms(s.max), s.errors);
     }
+    // The CPU was measured over the warm-up and the run.
+    let per_otp = |cpu: Duration, row: &Row| cpu.as_secs_f64() * 1e6 / (row.report.summary.requests + args.warmup as u64).max(1) as f64;
+    println!(
+        "CPU per validation: single site {:.0} µs; two sites, load at A: A {:.0} µs + B {:.0} µs",
+        per_otp(cpu_single, &rows[0]),
+        per_otp(cpu.0, &rows[1]),
+        per_otp(cpu.1, &rows[1])
+    );
     let (a50, amax) = median_max(aead_lag);
     let (c50, cmax) = median_max(client_lag);
     println!("replication lag, AEAD added at A -> held by B:   median {} ms, max {} ms ({} samples)", ms(a50), ms(amax), args.lag_samples);
@@ -402,7 +422,8 @@ fn bench(args: &Args) -> Result<bool> {
 
     // Targets.
     let (one, two) = (&rows[0].report.summary, &rows[1].report.summary);
-    let rtt = rtt.unwrap_or_default();
+    let rtt = rtt.context("A counted no round trip to B")?;
+    println!("mean round trip of A's requests to B under the load at A: {} ms ({per_rpc:.1} requests per RPC)", ms(rtt));
     let extra = two.p99.saturating_sub(one.p99);
     let latency_ok = extra <= rtt + TARGET_EXTRA_P99;
     let ratio = two.ok_per_second() / one.ok_per_second().max(1.0);
