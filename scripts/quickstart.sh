@@ -14,7 +14,11 @@
 #   6. the validator on loopback (Yubico validation protocol 2.0): OTPs
 #      validated by Debian's ykclient (or curl), a replay refused, and
 #      pam_yubico logging a user in through pamtester when they are
-#      installed and this runs as root.
+#      installed and this runs as root;
+#   7. two validator sites replicating over QUIC with mutual TLS (127.0.0.1
+#      and 127.0.0.2): an API client and a new YubiKey's AEAD added at one
+#      site reach the other, an OTP accepted at one is a replay at the other,
+#      and with the peer gone a site fails closed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,16 +26,18 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*" | sed "s#$work#\$WORK#g"; "$@"; }
 
 say "Building (release)"
-cargo build --release --quiet -p personalizer -p ksm -p validator
+cargo build --release --quiet -p personalizer -p ksm -p validator -p replication
 cargo build --release --quiet -p otp --example yubikey_sim
 bin=target/release
 sim=$bin/examples/yubikey_sim
 
 work=$(mktemp -d)
 server=
+sites=()
 pam_service=
 cleanup() {
   [ -n "$server" ] && kill "$server" 2>/dev/null
+  for p in "${sites[@]}"; do kill "$p" 2>/dev/null; done
   [ -n "$pam_service" ] && rm -f "/etc/pam.d/$pam_service"
   rm -rf "$work"
 }
@@ -161,5 +167,69 @@ printf '$ curl http://%s/metrics | grep verify_requests_total\n' "$vaddr"
 curl -fsS "http://$vaddr/metrics" | grep '^validator_verify_requests_total' | grep -v ' 0$'
 kill -TERM "$server"; wait "$server"; server=
 echo "(validator stopped on SIGTERM)"
+
+say "8. Two sites replicating over QUIC with mutual TLS (a private CA)"
+run $bin/replication ca init --dir "$work/pki"
+for site in auth1 auth2; do
+  run $bin/replication cert issue --ca-dir "$work/pki" --name $site --out "$work/pki" | head -2
+done
+# Each site: its copy of the validation keystore and of the AEAD store, its
+# own database (no API client yet), and a [replication] section.
+quic=(127.0.0.1:$((20000 + RANDOM % 20000)) 127.0.0.2:$((20000 + RANDOM % 20000)))
+names=(auth1 auth2)
+addrs=()
+for i in 0 1; do
+  dir="$work/${names[$i]}"; mkdir "$dir"
+  cp "$work/ksm.keystore" "$work/aeads.db" "$dir/"
+  cat > "$dir/validator.toml" <<TOML
+listen = "127.0.0.1:0"
+db = "$dir/validator.db"
+keystore = "$dir/ksm.keystore"
+password_file = "$work/password"
+[ksm]
+store = "$dir/aeads.db"
+[replication]
+site = $((i + 1))
+listen = "${quic[$i]}"
+certificate = "$work/pki/${names[$i]}.pem"
+key = "$work/pki/${names[$i]}.key"
+ca = "$work/pki/ca.pem"
+deadline_ms = 1000
+[[replication.peers]]
+name = "${names[$((1 - i))]}"
+site = $((2 - i))
+addr = "${quic[$((1 - i))]}"
+TOML
+  $bin/validator serve --config "$dir/validator.toml" 2> "$dir/serve.log" &
+  sites+=($!)
+done
+for i in 0 1; do
+  for _ in $(seq 100); do grep -q 'serving http://' "$work/${names[$i]}/serve.log" && break; sleep 0.05; done
+  addrs+=("$(sed -n 's#.*serving http://\([^/]*\)/.*#\1#p' "$work/${names[$i]}/serve.log")")
+  [ -n "${addrs[$i]}" ] || { cat "$work/${names[$i]}/serve.log"; exit 1; }
+done
+echo "auth1: http://${addrs[0]} quic ${quic[0]}    auth2: http://${addrs[1]} quic ${quic[1]}"
+echo "# at auth1 only: a new API client, and a new YubiKey generated on the laptop and imported"
+run $bin/validator client add --db "$work/auth1/validator.db" --keystore "$work/auth1/ksm.keystore" --password-file "$work/password" --id 2 --notes "bastion" | grep -v '^key='
+run $bin/personalizer generate --keystore "$work/laptop.keystore" --password-file "$work/password" \
+  --count 1 --start-public-id 4 --key-handles 0x2000 --out "$work/aeads-new" --yubikey-csv "$work/secrets-new.csv" 2>&1 | tail -1
+run $bin/ksm import --store "$work/auth1/aeads.db" --aead-dir "$work/aeads-new"
+# An unknown YubiKey's OTP is BAD_OTP for a known client, NO_SUCH_CLIENT before.
+probe="http://${addrs[1]}/wsapi/2.0/verify?id=2&nonce=quickstartprobe0001&otp=cccccccccccccccccccccccccccccccccccccccccccc"
+for _ in $(seq 100); do curl -fsS "$probe" | grep -q '^status=NO_SUCH_CLIENT' || break; sleep 0.05; done
+IFS=, read -r _ public_id uid key _ < "$work/secrets-new.csv"
+otp=$($sim "$public_id" "$uid" "$key" 1 0)
+echo "# the new YubiKey, as the new client, at auth2 (both sites store its counters before OK):"
+curl -fsS "http://${addrs[1]}/wsapi/2.0/verify?id=2&nonce=quickstartnonce0101&otp=$otp" | grep '^status='
+echo "# the same OTP at auth1:"
+curl -fsS "http://${addrs[0]}/wsapi/2.0/verify?id=2&nonce=quickstartnonce0102&otp=$otp" | grep '^status='
+run $bin/validator status --url "http://${addrs[0]}" | grep -E '^(node|quorum|peer|sync):' | sed 's/ last_error=.*//'
+echo "# auth2 stops; auth1 fails closed at its quorum deadline (1 s):"
+kill -TERM "${sites[1]}"; wait "${sites[1]}" || true
+otp=$($sim "$public_id" "$uid" "$key" 2 0)
+curl -fsS "http://${addrs[0]}/wsapi/2.0/verify?id=2&nonce=quickstartnonce0103&otp=$otp" | grep '^status='
+kill -TERM "${sites[0]}"; wait "${sites[0]}" || true
+sites=()
+echo "(both sites stopped)"
 
 say "Done. Everything lived in a temporary directory, now removed."

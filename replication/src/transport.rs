@@ -668,6 +668,15 @@ impl Endpoint {
         }
     }
 
+    /// QUIC's smoothed round-trip estimate of the connection to `peer`
+    /// (the network path alone, no request processing), if one is up.
+    #[must_use]
+    pub fn path_rtt(&self, peer: &Peer) -> Option<Duration> {
+        let slot = self.inner.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(peer).cloned()?;
+        let guard = slot.try_lock().ok()?;
+        guard.as_ref().filter(|c| c.close_reason().is_none()).map(quinn::Connection::rtt)
+    }
+
     /// Closes every connection (peers see [`codes::SHUTDOWN`]) and stops
     /// [`serve`](Self::serve). Requests in flight fail.
     pub fn close(&self) {

@@ -901,10 +901,17 @@ impl SqliteCounters {
     /// to that peer, which records it with [`Self::ack`] and may
     /// [`Self::compact`].
     pub fn merge_max(&self, rows: &[OutboxRow]) -> Result<MergeCounts, BackendFailure> {
-        if rows.is_empty() {
-            return Ok(MergeCounts::default());
+        // Only what would change the state goes to the writer: between
+        // two sites that are up, nearly every pulled row is already held
+        // (its compare-and-set reached both), and the writer, which the
+        // live compare-and-sets wait for, should not spend a transaction
+        // finding that out.
+        let fresh = self.newer_than_stored(rows)?;
+        let held = (rows.len() - fresh.len()) as u64;
+        if fresh.is_empty() {
+            return Ok(MergeCounts { applied: 0, unchanged: held });
         }
-        let rows = rows.to_vec();
+        let rows = fresh;
         match self.alone(move |conn| {
             let mut merge = conn.prepare_cached(MERGE).map_err(|e| format!("prepare: {e}"))?;
             let mut counts = MergeCounts::default();
@@ -929,9 +936,34 @@ impl SqliteCounters {
             }
             Ok(Done::Merged(counts))
         })? {
-            Done::Merged(counts) => Ok(counts),
+            Done::Merged(counts) => Ok(MergeCounts { unchanged: counts.unchanged + held, ..counts }),
             _ => Err(BackendFailure("counter store: the writer answered another question".to_owned())),
         }
+    }
+
+    /// The rows of `rows` that [`MERGE`] would write, judged on the reader
+    /// connection (committed state): greater than the stored `(counter,
+    /// use, nonce, digest)`, compared as SQLite compares them (integers,
+    /// then text and blob bytes), or a key not stored. Stored values only
+    /// grow, so a row dropped here could not have changed anything later.
+    fn newer_than_stored(&self, rows: &[OutboxRow]) -> Result<Vec<OutboxRow>, BackendFailure> {
+        let conn = lock(&self.reader);
+        let mut stmt = conn.prepare_cached(SELECT_VERDICT).map_err(|e| failure("read", e))?;
+        let mut fresh = Vec::new();
+        for row in rows {
+            let stored: Option<(i64, i64, String, Vec<u8>)> = stmt
+                .query_row(params![row.public_id.to_modhex()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .optional()
+                .map_err(|e| failure("read", e))?;
+            let newer = stored.is_none_or(|(counter, session_use, nonce, digest)| {
+                (i64::from(row.counters.counter()), i64::from(row.counters.session_use()), row.nonce.as_bytes(), &row.otp_digest.0[..])
+                    > (counter, session_use, nonce.as_bytes(), digest.as_slice())
+            });
+            if newer {
+                fresh.push(row.clone());
+            }
+        }
+        Ok(fresh)
     }
 
     /// Run `f` in a transaction of its own on the writer thread.

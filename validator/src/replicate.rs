@@ -276,6 +276,17 @@ impl Replication {
         }
         header(
             out,
+            "validator_replication_peer_path_rtt_seconds",
+            "gauge",
+            "QUIC's smoothed round-trip estimate of the network path to the peer.",
+        );
+        for p in node.peers() {
+            if let Some(rtt) = node.endpoint().path_rtt(&p.peer) {
+                let _ = writeln!(out, "validator_replication_peer_path_rtt_seconds{{peer=\"{}\"}} {}", p.peer.name, rtt.as_secs_f64());
+            }
+        }
+        header(
+            out,
             "validator_replication_peer_rtt_seconds",
             "summary",
             "Round-trip times of the requests to the peer that were answered.",

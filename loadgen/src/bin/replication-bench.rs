@@ -87,6 +87,9 @@ struct Args {
     /// How long B stays down (the partition) before it restarts.
     #[arg(long, default_value_t = 60)]
     partition_secs: u64,
+    /// Counter-store durability of every site (`full`: fsync per commit).
+    #[arg(long, default_value = "full", value_parser = ["full", "normal"])]
+    synchronous: String,
     /// Skip the catch-up measurement.
     #[arg(long)]
     skip_catch_up: bool,
@@ -109,6 +112,7 @@ struct Deployment {
     client_key: ClientKey,
     quic: [SocketAddr; 2],
     deadline_ms: u64,
+    synchronous: String,
 }
 
 fn free_udp(ip: [u8; 4]) -> Result<SocketAddr> {
@@ -133,10 +137,11 @@ impl Deployment {
         clients.add(Some(ClientId::new(CLIENT_ID).context("client id")?), Some(ClientKey::new(self.client_key.expose().to_vec())))?;
         drop(clients);
         let mut toml = format!(
-            "listen = \"127.0.0.1:0\"\ndb = \"{own}/validator.db\"\nkeystore = \"{own}/keystore\"\npassword_file = \"{root}/password\"\n\
+            "listen = \"127.0.0.1:0\"\nsynchronous = \"{sync}\"\ndb = \"{own}/validator.db\"\nkeystore = \"{own}/keystore\"\npassword_file = \"{root}/password\"\n\
              request_timeout_ms = 10000\n\n[ksm]\nstore = \"{own}/aeads.db\"\n",
             own = own.display(),
-            root = self.root.display()
+            root = self.root.display(),
+            sync = self.synchronous,
         );
         if let Some(peer) = peer {
             let pki = self.root.join("pki");
@@ -347,6 +352,7 @@ fn bench(args: &Args) -> Result<bool> {
         client_key: ClientKey::new((0..20u8).map(|i| i.wrapping_mul(13) ^ 0x21).collect()),
         quic: [free_udp([127, 0, 0, 1])?, free_udp([127, 0, 0, 2])?],
         deadline_ms: args.deadline_ms,
+        synchronous: args.synchronous.clone(),
     };
     println!("provisioned {} YubiKeys in {:.1}s in {}", args.keys, t.elapsed().as_secs_f64(), root.display());
     let key = d.client_key.clone();
@@ -371,6 +377,7 @@ fn bench(args: &Args) -> Result<bool> {
     let cpu = (proc_cpu(a.pid())? - cpu_before.0, proc_cpu(b.pid())? - cpu_before.1);
     let after = scrape(addr_a)?;
     let rtt = mean_rtt(&before, &after);
+    let path_rtt = after.get(&format!("validator_replication_peer_path_rtt_seconds{{peer=\"{}\"}}", SITES[1])).map(Duration::from_secs_f64);
     let per_rpc = after.delta(&before, "validator_replication_requests_sent_total")
         / after.delta(&before, "validator_replication_request_rpcs_total").max(1.0);
     rows.push(measure("two sites, split A/B", &[addr_a, addr_b], args, &key, &mut fleet)?);
@@ -391,8 +398,8 @@ fn bench(args: &Args) -> Result<bool> {
 
     println!();
     println!(
-        "replication-bench: {} YubiKeys, c={}, synchronous=full, quorum deadline {} ms, 127.0.0.1 <-> 127.0.0.2",
-        args.keys, args.concurrency, args.deadline_ms
+        "replication-bench: {} YubiKeys, c={}, synchronous={}, quorum deadline {} ms, 127.0.0.1 <-> 127.0.0.2",
+        args.keys, args.concurrency, args.synchronous, args.deadline_ms
     );
     println!("{:<24} {:>12} {:>10} {:>10} {:>10} {:>8}", "run", "validations/s", "p50 ms", "p99 ms", "max ms", "errors");
     for r in &rows {
@@ -423,17 +430,23 @@ fn bench(args: &Args) -> Result<bool> {
     // Targets.
     let (one, two) = (&rows[0].report.summary, &rows[1].report.summary);
     let rtt = rtt.context("A counted no round trip to B")?;
-    println!("mean round trip of A's requests to B under the load at A: {} ms ({per_rpc:.1} requests per RPC)", ms(rtt));
+    let path_rtt = path_rtt.context("A reported no QUIC path RTT to B")?;
+    println!(
+        "A -> B under the load at A: QUIC path RTT {} ms; request round trip (B's durable compare-and-set included) {} ms; {per_rpc:.1} requests per RPC",
+        ms(path_rtt),
+        ms(rtt)
+    );
     let extra = two.p99.saturating_sub(one.p99);
-    let latency_ok = extra <= rtt + TARGET_EXTRA_P99;
+    // The target's RTT is the network's; the peer's fsync is on top of it.
+    let latency_ok = extra <= path_rtt + TARGET_EXTRA_P99;
     let ratio = two.ok_per_second() / one.ok_per_second().max(1.0);
     let throughput_ok = ratio >= TARGET_THROUGHPUT_RATIO;
     let errors_ok = rows.iter().all(|r| r.report.summary.errors == 0);
     println!();
     println!(
-        "target: two-site p99 - single-site p99 = {} ms <= RTT {} ms + {} ms: {}",
+        "target: two-site p99 - single-site p99 = {} ms <= path RTT {} ms + {} ms: {}",
         ms(extra),
-        ms(rtt),
+        ms(path_rtt),
         ms(TARGET_EXTRA_P99),
         if latency_ok { "met" } else { "MISSED" }
     );
