@@ -169,9 +169,9 @@ kill -TERM "$server"; wait "$server"; server=
 echo "(validator stopped on SIGTERM)"
 
 say "8. Two sites replicating over QUIC with mutual TLS (a private CA)"
-run $bin/replication ca init --dir "$work/pki"
+run $bin/replication ca init --dir "$work/pki" | sed "s#$work#\$WORK#g"
 for site in auth1 auth2; do
-  run $bin/replication cert issue --ca-dir "$work/pki" --name $site --out "$work/pki" | head -2
+  run $bin/replication cert issue --ca-dir "$work/pki" --name $site --out "$work/pki" | sed "s#$work#\$WORK#g"
 done
 # Each site: its copy of the validation keystore and of the AEAD store, its
 # own database (no API client yet), and a [replication] section.
@@ -212,7 +212,7 @@ echo "auth1: http://${addrs[0]} quic ${quic[0]}    auth2: http://${addrs[1]} qui
 echo "# at auth1 only: a new API client, and a new YubiKey generated on the laptop and imported"
 run $bin/validator client add --db "$work/auth1/validator.db" --keystore "$work/auth1/ksm.keystore" --password-file "$work/password" --id 2 --notes "bastion" | grep -v '^key='
 run $bin/personalizer generate --keystore "$work/laptop.keystore" --password-file "$work/password" \
-  --count 1 --start-public-id 4 --key-handles 0x2000 --out "$work/aeads-new" --yubikey-csv "$work/secrets-new.csv" 2>&1 | tail -1
+  --count 1 --start-public-id 4 --key-handles 0x2000 --out "$work/aeads-new" --yubikey-csv "$work/secrets-new.csv" 2>&1 | tail -1 | sed "s#$work#\$WORK#g"
 run $bin/ksm import --store "$work/auth1/aeads.db" --aead-dir "$work/aeads-new"
 # An unknown YubiKey's OTP is BAD_OTP for a known client, NO_SUCH_CLIENT before.
 probe="http://${addrs[1]}/wsapi/2.0/verify?id=2&nonce=quickstartprobe0001&otp=cccccccccccccccccccccccccccccccccccccccccccc"
@@ -223,6 +223,8 @@ echo "# the new YubiKey, as the new client, at auth2 (both sites store its count
 curl -fsS "http://${addrs[1]}/wsapi/2.0/verify?id=2&nonce=quickstartnonce0101&otp=$otp" | grep '^status='
 echo "# the same OTP at auth1:"
 curl -fsS "http://${addrs[0]}/wsapi/2.0/verify?id=2&nonce=quickstartnonce0102&otp=$otp" | grep '^status='
+# `validator status` exits 0 once every peer answered.
+for _ in $(seq 100); do $bin/validator status --url "http://${addrs[0]}" >/dev/null && break; sleep 0.1; done
 run $bin/validator status --url "http://${addrs[0]}" | grep -E '^(node|quorum|peer|sync):' | sed 's/ last_error=.*//'
 echo "# auth2 stops; auth1 fails closed at its quorum deadline (1 s):"
 kill -TERM "${sites[1]}"; wait "${sites[1]}" || true

@@ -281,6 +281,9 @@ impl fmt::Display for Peer {
     }
 }
 
+/// The first round-trip estimate before any packet came back.
+const INITIAL_RTT: Duration = Duration::from_millis(100);
+
 /// Transport tuning. Use the same values at every site: the effective idle
 /// timeout is the smaller of both, and keep-alives must come well within it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -328,6 +331,12 @@ impl Settings {
     fn transport(&self) -> Result<quinn::TransportConfig, Error> {
         let idle = quinn::IdleTimeout::try_from(self.idle_timeout).map_err(|e| Error::Settings(format!("idle timeout: {e}")))?;
         let mut t = quinn::TransportConfig::default();
+        // quinn's default first RTT guess (333 ms) makes the first
+        // retransmission of a handshake wait about a second: a site dialling
+        // a peer that is just starting would sit that long. Links between
+        // datacenters are far faster; the estimate adapts from the first
+        // reply anyway.
+        t.initial_rtt(INITIAL_RTT);
         t.max_idle_timeout(Some(idle))
             .keep_alive_interval(Some(self.keep_alive))
             .max_concurrent_bidi_streams(VarInt::from_u32(self.max_concurrent_requests))
