@@ -948,7 +948,9 @@ impl SqliteCounters {
     /// grow, so a row dropped here could not have changed anything later.
     fn newer_than_stored(&self, rows: &[OutboxRow]) -> Result<Vec<OutboxRow>, BackendFailure> {
         let conn = lock(&self.reader);
-        let mut stmt = conn.prepare_cached(SELECT_VERDICT).map_err(|e| failure("read", e))?;
+        // One read transaction (one snapshot, one WAL lock) for the page.
+        let tx = conn.unchecked_transaction().map_err(|e| failure("read", e))?;
+        let mut stmt = tx.prepare_cached(SELECT_VERDICT).map_err(|e| failure("read", e))?;
         let mut fresh = Vec::new();
         for row in rows {
             let stored: Option<(i64, i64, String, Vec<u8>)> = stmt
@@ -963,6 +965,8 @@ impl SqliteCounters {
                 fresh.push(row.clone());
             }
         }
+        drop(stmt);
+        tx.finish().map_err(|e| failure("read", e))?;
         Ok(fresh)
     }
 
