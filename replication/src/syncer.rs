@@ -85,7 +85,8 @@ use crate::wire::{self, RefusalCode, SyncReply, SyncRequest, WireError};
 /// a witness over a WAN.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SyncOptions {
-    /// Pause between pulls once a page came back short (default 250 ms).
+    /// Pause between pulls once a page came back short (default 100 ms:
+    /// an empty pull costs the peer one read, no write).
     pub pull_interval: Duration,
     /// Most items per pulled page (default 2,000; at most [`MAX_VALUE`]-sized
     /// values that is about 8 MiB, within the 16 MiB frame).
@@ -104,7 +105,7 @@ pub struct SyncOptions {
 impl Default for SyncOptions {
     fn default() -> Self {
         Self {
-            pull_interval: Duration::from_millis(250),
+            pull_interval: Duration::from_millis(100),
             page_limit: 2_000,
             digest_interval: Duration::from_secs(60),
             deadline: Duration::from_secs(10),
