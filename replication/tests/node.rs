@@ -10,74 +10,23 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use otp::{Counters, PublicId};
 use replication::node::{DurableCas, Error as NodeError, Node, NodeConfig, NodeEvent, Reachability};
-use replication::pki::{Ca, Identity};
 use replication::quorum::{
     peer_cas, CasDecision, Event, OtpDigest, PeerCasResult, Policy, Proposal, QuorumConfig, SiteId, StoredCounters, Verdict,
 };
-use replication::transport::{Endpoint, EndpointConfig, Peer, PeerRule, Settings, Trust};
+use replication::transport::{Endpoint, Peer};
 use replication::wire;
 
-const YEAR: Duration = Duration::from_secs(365 * 86_400);
 const DEADLINE: Duration = Duration::from_millis(300);
 
-// ---------------------------------------------------------------------------
-// Sites, certificates, endpoints.
+mod common;
 
-#[derive(Clone, Copy, Debug)]
-struct Spec {
-    id: SiteId,
-    name: &'static str,
-    ip: &'static str,
-}
-
-const A: Spec = Spec { id: SiteId(1), name: "auth1", ip: "127.0.0.1" };
-const B: Spec = Spec { id: SiteId(2), name: "auth2", ip: "127.0.0.2" };
-const W: Spec = Spec { id: SiteId(3), name: "witness", ip: "127.0.0.3" };
-
-struct Pki {
-    _tmp: tempfile::TempDir,
-    dir: PathBuf,
-    ca: Ca,
-}
-
-fn pki() -> Pki {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
-    Ca::generate("node test CA", YEAR).unwrap().write(&dir).unwrap();
-    let ca = Ca::load(&dir).unwrap();
-    Pki { _tmp: tmp, dir, ca }
-}
-
-impl Pki {
-    /// The site's certificate, written to the temp dir once and loaded back.
-    fn identity(&self, name: &str) -> Identity {
-        let cert = self.dir.join(format!("{name}.pem"));
-        let key = self.dir.join(format!("{name}.key"));
-        if !cert.exists() {
-            self.ca.issue(name, YEAR).unwrap().write(&self.dir).unwrap();
-        }
-        Identity::load(&cert, &key).unwrap()
-    }
-
-    fn endpoint(&self, spec: Spec, addr: SocketAddr, others: &[Spec]) -> Endpoint {
-        let rules = others.iter().map(|o| PeerRule::name(o.name)).collect();
-        let trust = Trust::new(self.ca.cert_der().clone(), rules).unwrap();
-        Endpoint::bind(EndpointConfig { bind: addr, identity: self.identity(spec.name), trust, settings: Settings::default() }).unwrap()
-    }
-}
-
-/// A free UDP port on the site's address, with nothing listening on it.
-fn free_addr(spec: Spec) -> SocketAddr {
-    let socket = std::net::UdpSocket::bind(format!("{}:0", spec.ip)).unwrap();
-    socket.local_addr().unwrap()
-}
+use common::{free_addr, pki, Pki, Spec, A, B, W};
 
 // ---------------------------------------------------------------------------
 // The durable store: a peer's compare-and-set per `peer_cas`, and the

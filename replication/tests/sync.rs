@@ -11,83 +11,31 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use replication::node::{DurableCas, Node, NodeConfig};
-use replication::pki::{Ca, Identity};
 use replication::quorum::{PeerCasResult, Proposal, QuorumConfig, SiteId};
 use replication::sync::{bucket_of, Changes, Dataset, Digest, Item, Merged, SyncError, SyncStore};
 use replication::syncer::{SyncOptions, SyncSetup, SyncStatus};
-use replication::transport::{Endpoint, EndpointConfig, Peer, PeerRule, Settings, Trust};
+use replication::transport::{Endpoint, Peer, Settings};
 use replication::wire::{self, RefusalCode, SyncReply, SyncRequest};
-
-const YEAR: Duration = Duration::from_secs(365 * 86_400);
 
 // ---------------------------------------------------------------------------
 // Sites, certificates, endpoints.
 
-#[derive(Clone, Copy, Debug)]
-struct Spec {
-    id: SiteId,
-    name: &'static str,
-    ip: &'static str,
-}
+mod common;
 
-const A: Spec = Spec { id: SiteId(1), name: "auth1", ip: "127.0.0.1" };
-const B: Spec = Spec { id: SiteId(2), name: "auth2", ip: "127.0.0.2" };
-
-struct Pki {
-    _tmp: tempfile::TempDir,
-    dir: PathBuf,
-    ca: Ca,
-}
-
-fn pki() -> Pki {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
-    Ca::generate("sync test CA", YEAR).unwrap().write(&dir).unwrap();
-    let ca = Ca::load(&dir).unwrap();
-    Pki { _tmp: tmp, dir, ca }
-}
+use common::{pki, Pki, Spec, A, B};
 
 impl Pki {
-    fn identity(&self, name: &str) -> Identity {
-        let cert = self.dir.join(format!("{name}.pem"));
-        let key = self.dir.join(format!("{name}.key"));
-        if !cert.exists() {
-            self.ca.issue(name, YEAR).unwrap().write(&self.dir).unwrap();
-        }
-        Identity::load(&cert, &key).unwrap()
-    }
-
-    fn try_endpoint(&self, spec: Spec, addr: SocketAddr, other: Spec) -> Result<Endpoint, replication::transport::Error> {
-        self.endpoint_with(spec, addr, other, Settings::default())
-    }
-
-    fn endpoint_with(
-        &self,
-        spec: Spec,
-        addr: SocketAddr,
-        other: Spec,
-        settings: Settings,
-    ) -> Result<Endpoint, replication::transport::Error> {
-        let trust = Trust::new(self.ca.cert_der().clone(), vec![PeerRule::name(other.name)]).unwrap();
-        Endpoint::bind(EndpointConfig { bind: addr, identity: self.identity(spec.name), trust, settings })
-    }
-
-    fn endpoint(&self, spec: Spec, addr: SocketAddr, other: Spec) -> Endpoint {
-        self.try_endpoint(spec, addr, other).unwrap()
-    }
-
     /// The same address again after a shutdown: the old socket is released
     /// by the endpoint's driver task, shortly after the node stopped.
     async fn rebind(&self, spec: Spec, addr: SocketAddr, other: Spec) -> Endpoint {
         let end = Instant::now() + Duration::from_secs(5);
         loop {
-            match self.try_endpoint(spec, addr, other) {
+            match self.try_endpoint(spec, addr, &[other]) {
                 Ok(endpoint) => return endpoint,
                 Err(e) if Instant::now() >= end => panic!("cannot bind {addr} again: {e}"),
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -135,8 +83,8 @@ fn node(
 
 /// Two nodes holding one dataset each, both up; returns B's address too.
 fn pair(pki: &Pki, a: &Arc<MemSync>, b: &Arc<MemSync>, options: SyncOptions) -> (Node, Node, SocketAddr) {
-    let ea = pki.endpoint(A, format!("{}:0", A.ip).parse().unwrap(), B);
-    let eb = pki.endpoint(B, format!("{}:0", B.ip).parse().unwrap(), A);
+    let ea = pki.endpoint(A, format!("{}:0", A.ip).parse().unwrap(), &[B]);
+    let eb = pki.endpoint(B, format!("{}:0", B.ip).parse().unwrap(), &[A]);
     let (aa, ab) = (ea.local_addr().unwrap(), eb.local_addr().unwrap());
     let na = node(A, ea, B, ab, &[(Dataset::COUNTERS, a.clone())], options.clone());
     let nb = node(B, eb, A, aa, &[(Dataset::COUNTERS, b.clone())], options);
@@ -522,8 +470,8 @@ async fn merge_failure_keeps_the_cursor_and_recovers() {
 async fn dataset_missing_at_the_peer_is_reported_and_others_still_sync() {
     let pki = pki();
     let (a_counters, a_aeads, b_counters) = (Arc::new(MemSync::default()), Arc::new(MemSync::default()), Arc::new(MemSync::default()));
-    let ea = pki.endpoint(A, format!("{}:0", A.ip).parse().unwrap(), B);
-    let eb = pki.endpoint(B, format!("{}:0", B.ip).parse().unwrap(), A);
+    let ea = pki.endpoint(A, format!("{}:0", A.ip).parse().unwrap(), &[B]);
+    let eb = pki.endpoint(B, format!("{}:0", B.ip).parse().unwrap(), &[A]);
     let (aa, ab) = (ea.local_addr().unwrap(), eb.local_addr().unwrap());
     // A is a full site, B holds counters only (a witness).
     let na = node(A, ea, B, ab, &[(Dataset::COUNTERS, a_counters.clone()), (Dataset::AEADS, a_aeads.clone())], options());
@@ -604,9 +552,9 @@ async fn sync_requests_are_served_and_bad_ones_refused() {
     // B alone (A's address is dead); a raw transport client with A's
     // certificate asks B directly.
     let dead = std::net::UdpSocket::bind(format!("{}:0", A.ip)).unwrap().local_addr().unwrap();
-    let eb = pki.endpoint(B, format!("{}:0", B.ip).parse().unwrap(), A);
+    let eb = pki.endpoint(B, format!("{}:0", B.ip).parse().unwrap(), &[A]);
     let nb = node(B, eb, A, dead, &[(Dataset::COUNTERS, b.clone())], SyncOptions { deadline: Duration::from_millis(300), ..options() });
-    let raw = pki.endpoint(A, format!("{}:0", A.ip).parse().unwrap(), B);
+    let raw = pki.endpoint(A, format!("{}:0", A.ip).parse().unwrap(), &[B]);
     let target = Peer::new(B.name, nb.endpoint().local_addr().unwrap());
     let ask = |frame: bytes::Bytes| {
         let (raw, target) = (raw.clone(), target.clone());
@@ -683,8 +631,8 @@ async fn pages_too_large_for_a_frame_are_asked_again_smaller() {
     // 21 bytes an item: a page of 2,000, 1,000 or 500 items is over the
     // frame, 250 fit (and so does the 8 KiB digest).
     let settings = Settings { max_frame: 9_000, ..Settings::default() };
-    let ea = pki.endpoint_with(A, format!("{}:0", A.ip).parse().unwrap(), B, settings.clone()).unwrap();
-    let eb = pki.endpoint_with(B, format!("{}:0", B.ip).parse().unwrap(), A, settings).unwrap();
+    let ea = pki.endpoint_with(A, format!("{}:0", A.ip).parse().unwrap(), &[B], settings.clone()).unwrap();
+    let eb = pki.endpoint_with(B, format!("{}:0", B.ip).parse().unwrap(), &[A], settings).unwrap();
     let (aa, ab) = (ea.local_addr().unwrap(), eb.local_addr().unwrap());
     let na = node(A, ea, B, ab, &[(Dataset::COUNTERS, a.clone())], options());
     let nb = node(B, eb, A, aa, &[(Dataset::COUNTERS, b.clone())], options());

@@ -16,45 +16,21 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use hsm::soft::format::KdfParams;
 use hsm::soft::SoftHsm;
-use hsm::{Flags, NonceSource, Password, SecurityModule};
+use hsm::{Flags, Password};
 use httpd::client::Connection;
 use ksm::store::AeadStore;
-use otp::token::TokenFields;
-use otp::{Counters, HandleKey, KeyHandle, Otp, PublicId, YubiKeySecrets};
-use site::Server;
+use otp::{HandleKey, PublicId};
+use site::{nonce, ticket, LoadKey, Server, KH, PASSWORD};
 use validator::counters::SqliteCounters;
 use validator::protocol::{parse_response, signed_query, verify_response};
 
-const KH: KeyHandle = KeyHandle::new(0x2000);
-const PASSWORD: &str = "correct horse";
 /// Load threads, one YubiKey each (so every OTP sent is fresh).
 const THREADS: usize = 8;
-
-#[derive(Clone)]
-struct YubiKey {
-    id: PublicId,
-    secrets: YubiKeySecrets,
-}
-
-impl YubiKey {
-    fn otp(&self, c: Counters) -> String {
-        let t = TokenFields {
-            uid: *self.secrets.uid.expose(),
-            counter: c.counter(),
-            session_use: c.session_use(),
-            timestamp_low: 0x0101,
-            timestamp_high: 0x02,
-            rnd: 0x0303,
-        }
-        .build();
-        Otp::new(self.id, t.encrypt(&self.secrets.key)).to_string()
-    }
-}
 
 /// Files of one validator site: keystore, password, AEAD store, database.
 struct Files {
     dir: tempfile::TempDir,
-    keys: Vec<YubiKey>,
+    keys: Vec<LoadKey>,
 }
 
 impl Files {
@@ -67,9 +43,7 @@ impl Files {
         let keys = (1..=n)
             .map(|i| {
                 let id = PublicId::from_number(0x2000 + i, 6).unwrap();
-                let rec = hsm.generate_yubikey_aeads(&[KH], NonceSource::Given(id.aead_nonce().unwrap())).unwrap().remove(0);
-                store.put(&id, &rec, "test", 0).unwrap();
-                YubiKey { id, secrets: YubiKeySecrets::from_plaintext(&hsm.decrypt_aead(&rec).unwrap()).unwrap() }
+                LoadKey::provision(&hsm, &store, id)
             })
             .collect();
         Self { dir, keys }
@@ -111,15 +85,6 @@ fn serve(files: &Files, extra: &[&str]) -> Server {
     let mut cmd = files.command(&["serve", "--listen", "127.0.0.1:0"]);
     cmd.arg("--store").arg(files.path("aeads.db")).args(extra).env("RUST_LOG", "warn");
     Server::spawn(cmd)
-}
-
-fn nonce(key: usize, i: usize, tag: &str) -> String {
-    format!("{tag}k{key}i{i:0>16}")
-}
-
-/// Ticket `i` of a YubiKey: fresh and increasing.
-fn ticket(i: usize) -> Counters {
-    Counters::new(u16::try_from(1 + i / 250).unwrap(), u8::try_from(i % 250).unwrap()).unwrap()
 }
 
 /// One verify over a kept-alive connection: the body, if one came.

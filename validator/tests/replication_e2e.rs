@@ -15,124 +15,41 @@
 //! AEAD store and its own database holding the same API client.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+#[path = "oracles/replicated.rs"]
+mod replicated;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use hsm::soft::format::KdfParams;
 use hsm::soft::SoftHsm;
-use hsm::{Flags, NonceSource, Password, SecurityModule};
+use hsm::{NonceSource, Password, SecurityModule};
 use ksm::store::AeadStore;
 use otp::token::TokenFields;
-use otp::{HandleKey, KeyHandle, Otp, PublicId, YubiKeySecrets};
+use otp::{Otp, PublicId, YubiKeySecrets};
+use replicated::{
+    capture_warnings, captured, fixture, free_udp, http_get, logged_with, metric, nonce, status, verify, verify_as, Faults, Fixture,
+    UdpProxy, CA_NAME, CLIENT, KH, PASSWORD, REQUEST_TIMEOUT, YEAR,
+};
 use replication::pki::Ca;
 use validator::clients::SqliteClients;
-use validator::config::{KsmSource, PeerSection, ReplicationConfig, ServeConfig};
-use validator::protocol::{parse_response, signed_query, verify_response};
-use validator::serve::{HttpOptions, Running};
+use validator::config::{PeerSection, ReplicationConfig, ServeConfig};
+use validator::serve::Running;
 use validator::ClientId;
 
-const KH: KeyHandle = KeyHandle::new(0x2000);
-const PASSWORD: &str = "correct horse";
-const CLIENT: u64 = 11;
-const YEAR: Duration = Duration::from_secs(365 * 86_400);
 /// Both sites' quorum deadline: generous, for a loaded machine.
 const QUORUM_DEADLINE: Duration = Duration::from_millis(2000);
-/// The HTTP answer ceiling, well above the quorum deadline.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a "recovers eventually" loop may take.
 const RECOVERY: Duration = Duration::from_secs(90);
 
 // ---------------------------------------------------------------------------
-// Warnings logged by the replication layer, captured in-process.
-
-fn captured() -> &'static Mutex<Vec<String>> {
-    static LOG: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
-    LOG.get_or_init(|| Mutex::new(Vec::new()))
-}
-
-/// A minimal subscriber keeping every WARN and ERROR event as one line of
-/// `field=value` pairs.
-struct Capture;
-
-struct Line(String);
-
-impl tracing::field::Visit for Line {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        use std::fmt::Write as _;
-        let _ = write!(self.0, "{}={:?} ", field.name(), value);
-    }
-}
-
-impl tracing::Subscriber for Capture {
-    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
-        *metadata.level() <= tracing::Level::WARN
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        let mut line = Line(format!("{} {}: ", event.metadata().level(), event.metadata().target()));
-        event.record(&mut line);
-        captured().lock().unwrap().push(line.0);
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
-fn capture_warnings() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| tracing::subscriber::set_global_default(Capture).unwrap());
-}
-
-/// The captured lines mentioning `needle`.
-fn logged_with(needle: &str) -> Vec<String> {
-    captured().lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
-}
-
-// ---------------------------------------------------------------------------
 // Two sites.
-
-struct Fixture {
-    dir: tempfile::TempDir,
-    secrets: YubiKeySecrets,
-    id: PublicId,
-    client_key: Vec<u8>,
-    ca: Ca,
-}
-
-/// Keystore, AEAD store with one YubiKey, a private CA with certificates
-/// for auth1 and auth2 in `pki/`, the API client key.
-fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let ks = dir.path().join("v.ks");
-    let hsm = SoftHsm::create(&ks, &Password::new(PASSWORD).unwrap(), KdfParams::INSECURE_FOR_TESTS).unwrap();
-    hsm.import_handles(&[(KH, Flags::PERSONALIZER | Flags::OTP_DECODE | Flags::EXPORT, HandleKey::new(&[0x47; 32]).unwrap())]).unwrap();
-    let store = AeadStore::open(&dir.path().join("aeads.db")).unwrap();
-    let id = PublicId::from_number(0x0c0f_fee0_0001, 6).unwrap();
-    let rec = hsm.generate_yubikey_aeads(&[KH], NonceSource::Given(id.aead_nonce().unwrap())).unwrap().remove(0);
-    store.put(&id, &rec, "test", 0).unwrap();
-    let secrets = YubiKeySecrets::from_plaintext(&hsm.decrypt_aead(&rec).unwrap()).unwrap();
-    drop(store);
-    std::fs::write(dir.path().join("password"), PASSWORD).unwrap();
-    let pki = dir.path().join("pki");
-    std::fs::create_dir(&pki).unwrap();
-    let ca = Ca::generate("e2e replication CA", YEAR).unwrap();
-    ca.write(&pki).unwrap();
-    for name in ["auth1", "auth2"] {
-        ca.issue(name, YEAR).unwrap().write(&pki).unwrap();
-    }
-    Fixture { dir, secrets, id, client_key: (0..20u8).map(|i| i.wrapping_mul(7) ^ 0x33).collect(), ca }
-}
 
 /// How one site is set up.
 struct SiteSpec<'a> {
@@ -146,30 +63,7 @@ struct SiteSpec<'a> {
 }
 
 impl Fixture {
-    fn otp(&self, counter: u16, session_use: u8) -> String {
-        let t =
-            TokenFields { uid: *self.secrets.uid.expose(), counter, session_use, timestamp_low: 0x0101, timestamp_high: 0x02, rnd: 0x7777 }
-                .build();
-        Otp::new(self.id, t.encrypt(&self.secrets.key)).to_string()
-    }
-
-    fn pki(&self) -> PathBuf {
-        self.dir.path().join("pki")
-    }
-
     fn config(&self, spec: &SiteSpec<'_>) -> ServeConfig {
-        let root = self.dir.path();
-        let own = root.join(spec.name);
-        std::fs::create_dir_all(&own).unwrap();
-        let ks = own.join("v.ks");
-        std::fs::copy(root.join("v.ks"), &ks).unwrap();
-        let store = own.join("aeads.db");
-        std::fs::copy(root.join("aeads.db"), &store).unwrap();
-        let db = own.join("validator.db");
-        let hsm = Arc::new(SoftHsm::open_unlocked(&ks, &Password::new(PASSWORD).unwrap()).unwrap());
-        let clients = SqliteClients::open(&db, hsm).unwrap();
-        clients.add(Some(ClientId::new(CLIENT).unwrap()), Some(validator::ClientKey::new(self.client_key.clone()))).unwrap();
-        drop(clients);
         let replication = ReplicationConfig {
             site: spec.site,
             listen: spec.quic,
@@ -185,15 +79,7 @@ impl Fixture {
             }],
             witness: None,
         };
-        ServeConfig {
-            db,
-            synchronous: validator::counters::Synchronous::default(),
-            keystore: ks,
-            password_file: Some(root.join("password")),
-            ksm: KsmSource::Store { path: store, key_handles: Vec::new() },
-            http: HttpOptions { request_timeout: REQUEST_TIMEOUT, ..HttpOptions::new("127.0.0.1:0".parse().unwrap()) },
-            replication: Some(replication),
-        }
+        self.serve_config(spec.name, Some(replication))
     }
 
     fn start(&self, spec: &SiteSpec<'_>) -> Running {
@@ -213,173 +99,11 @@ impl Fixture {
     }
 }
 
-/// A free UDP port on `ip`, released again.
-fn free_udp(ip: &str) -> SocketAddr {
-    UdpSocket::bind(format!("{ip}:0")).unwrap().local_addr().unwrap()
-}
-
-/// GET verify at `addr`, checking the answer's `h` with the client key.
-fn verify(addr: SocketAddr, f: &Fixture, otp: &str, nonce: &str) -> BTreeMap<String, String> {
-    verify_as(addr, CLIENT, &f.client_key, otp, nonce)
-}
-
-/// GET verify at `addr` as API client `client`; the answer's `h` is
-/// checked with `key` unless the client is unknown there (unsigned).
-fn verify_as(addr: SocketAddr, client: u64, key: &[u8], otp: &str, nonce: &str) -> BTreeMap<String, String> {
-    let q = signed_query(&[("id", &client.to_string()), ("otp", otp), ("nonce", nonce)], Some(key));
-    let body = http_get(addr, &format!("/wsapi/2.0/verify?{q}"));
-    let fields = parse_response(&body).unwrap();
-    if status(&fields) != "NO_SUCH_CLIENT" {
-        assert!(verify_response(&body, key), "bad h in {body:?}");
-    }
-    fields
-}
-
-fn http_get(addr: SocketAddr, target: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    write!(s, "GET {target} HTTP/1.1\r\nHost: validator\r\nConnection: close\r\n\r\n").unwrap();
-    let mut bytes = Vec::new();
-    s.read_to_end(&mut bytes).unwrap();
-    let text = String::from_utf8(bytes).unwrap();
-    let (_, body) = text.split_once("\r\n\r\n").unwrap();
-    body.replace("\r\n", "\n")
-}
-
-fn status(fields: &BTreeMap<String, String>) -> &str {
-    fields.get("status").map(String::as_str).unwrap_or("")
-}
-
-/// The value of the Prometheus series `series` (name and labels, exact).
-fn metric(addr: SocketAddr, series: &str) -> Option<u64> {
-    let body = http_get(addr, "/metrics");
-    body.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' '))).map(|v| v.trim().parse().unwrap())
-}
-
-/// A nonce unique to this process.
-fn nonce(tag: &str) -> String {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    format!("{tag}{:08}x{:06}", NEXT.fetch_add(1, Ordering::Relaxed), std::process::id() % 1_000_000)
-}
-
 /// Fresh OTPs (counter `*counter`, then the next ones) at `addr` until one
 /// is answered OK, within [`RECOVERY`]. Returns that OTP and the statuses
 /// seen before it.
 fn login_until_ok(addr: SocketAddr, f: &Fixture, counter: &mut u16) -> (String, Vec<String>) {
-    let start = Instant::now();
-    let mut seen = Vec::new();
-    loop {
-        let otp = f.otp(*counter, 0);
-        *counter += 1;
-        let r = verify(addr, f, &otp, &nonce("retry"));
-        match status(&r) {
-            "OK" => return (otp, seen),
-            s @ "NOT_ENOUGH_ANSWERS" => seen.push(s.to_owned()),
-            other => panic!("unexpected answer {other} while waiting for OK: {r:?} (before: {seen:?})"),
-        }
-        assert!(start.elapsed() < RECOVERY, "no OK within {RECOVERY:?}: {seen:?}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-// ---------------------------------------------------------------------------
-// The fault-injecting UDP proxy.
-
-/// What the proxy does to datagrams, switchable while it runs.
-#[derive(Default)]
-struct Faults {
-    /// Drop everything, both ways.
-    partition: AtomicBool,
-    /// Hold every datagram this long before relaying it.
-    delay_ms: AtomicU64,
-    /// Drop this many datagrams in 1000 (pseudo-random).
-    loss_per_mille: AtomicU32,
-    relayed: AtomicU64,
-    dropped: AtomicU64,
-}
-
-impl Faults {
-    /// Whether to drop the next datagram; otherwise sleeps for the delay.
-    fn drop_next(&self, rng: &mut u64) -> bool {
-        *rng ^= *rng << 13;
-        *rng ^= *rng >> 7;
-        *rng ^= *rng << 17;
-        let loss = u64::from(self.loss_per_mille.load(Ordering::Relaxed));
-        if self.partition.load(Ordering::Relaxed) || *rng % 1000 < loss {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return true;
-        }
-        let delay = self.delay_ms.load(Ordering::Relaxed);
-        if delay > 0 {
-            std::thread::sleep(Duration::from_millis(delay));
-        }
-        self.relayed.fetch_add(1, Ordering::Relaxed);
-        false
-    }
-}
-
-/// Relays datagrams sent to `listen` on to `target`, and the answers back;
-/// one upstream socket per client address.
-struct UdpProxy {
-    listen: SocketAddr,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-const POLL: Duration = Duration::from_millis(50);
-
-impl UdpProxy {
-    fn start(ip: &str, target: SocketAddr, faults: Arc<Faults>) -> Self {
-        let socket = UdpSocket::bind(format!("{ip}:0")).unwrap();
-        socket.set_read_timeout(Some(POLL)).unwrap();
-        let listen = socket.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (f, s) = (faults, stop.clone());
-        let ip = ip.to_owned();
-        let main = std::thread::spawn(move || {
-            let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
-            let mut children = Vec::new();
-            let mut rng = 0x9e37_79b9_7f4a_7c15_u64 ^ u64::from(listen.port());
-            let mut buf = vec![0u8; 65_536];
-            while !s.load(Ordering::Relaxed) {
-                let Ok((n, from)) = socket.recv_from(&mut buf) else { continue };
-                let up = upstreams.entry(from).or_insert_with(|| {
-                    let up = UdpSocket::bind(format!("{ip}:0")).unwrap();
-                    up.connect(target).unwrap();
-                    up.set_read_timeout(Some(POLL)).unwrap();
-                    let up = Arc::new(up);
-                    let (back, up2, f2, s2) = (socket.try_clone().unwrap(), up.clone(), f.clone(), s.clone());
-                    children.push(std::thread::spawn(move || {
-                        let mut rng = 0x2545_f491_4f6c_dd1d_u64 ^ u64::from(from.port());
-                        let mut buf = vec![0u8; 65_536];
-                        while !s2.load(Ordering::Relaxed) {
-                            let Ok(n) = up2.recv(&mut buf) else { continue };
-                            if !f2.drop_next(&mut rng) {
-                                let _ = back.send_to(&buf[..n], from);
-                            }
-                        }
-                    }));
-                    up
-                });
-                if !f.drop_next(&mut rng) {
-                    let _ = up.send(&buf[..n]);
-                }
-            }
-            for c in children {
-                c.join().unwrap();
-            }
-        });
-        Self { listen, stop, threads: vec![main] }
-    }
-}
-
-impl Drop for UdpProxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
+    replicated::login_until_ok(addr, f, counter, RECOVERY)
 }
 
 // ---------------------------------------------------------------------------
@@ -510,6 +234,18 @@ fn pam_yubico_with_both_sites_in_urllist_logs_in_once_per_otp() {
 // ---------------------------------------------------------------------------
 // Partition, delay and loss through the proxy.
 
+/// Sites A and B talking only through two proxies on 127.0.0.3 that share
+/// one set of faults (each site dials the other at one of its ports); the
+/// proxies are returned to be kept running.
+fn proxied_sites(f: &Fixture) -> (Running, Running, Arc<Faults>, [UdpProxy; 2]) {
+    let (qa, qb) = (free_udp("127.0.0.1"), free_udp("127.0.0.2"));
+    let faults = Arc::new(Faults::default());
+    let to_b = UdpProxy::start("127.0.0.3", qb, faults.clone());
+    let to_a = UdpProxy::start("127.0.0.3", qa, faults.clone());
+    let (a, b) = f.two_sites(qa, qb, to_b.listen, to_a.listen);
+    (a, b, faults, [to_a, to_b])
+}
+
 /// A and B talk only through the proxy (each dials the other at one of its
 /// ports). Partitioned, A answers a signed NOT_ENOUGH_ANSWERS by its
 /// deadline; healed, logins at A succeed again and are replays at B; with
@@ -517,11 +253,7 @@ fn pam_yubico_with_both_sites_in_urllist_logs_in_once_per_otp() {
 #[test]
 fn partition_through_the_proxy_fails_closed_and_heals() {
     let f = fixture();
-    let (qa, qb) = (free_udp("127.0.0.1"), free_udp("127.0.0.2"));
-    let faults = Arc::new(Faults::default());
-    let to_b = UdpProxy::start("127.0.0.3", qb, faults.clone());
-    let to_a = UdpProxy::start("127.0.0.3", qa, faults.clone());
-    let (a, b) = f.two_sites(qa, qb, to_b.listen, to_a.listen);
+    let (a, b, faults, proxies) = proxied_sites(&f);
     let (aa, ba) = (a.local_addr(), b.local_addr());
     let mut counter = 1;
 
@@ -546,7 +278,7 @@ fn partition_through_the_proxy_fails_closed_and_heals() {
     let after = metric(aa, "validator_replication_verdicts_total{verdict=\"not_enough_answers\"}").unwrap();
     assert!(after > before, "not_enough_answers {before} -> {after}");
     assert!(faults.dropped.load(Ordering::Relaxed) > 0, "the proxy dropped nothing");
-    assert_eq!(metric(aa, "validator_replication_peer_up{peer=\"auth2\",site=\"2\"}"), Some(0));
+    assert_eq!(metric(aa, "validator_replication_peer_up{peer=\"auth2\",site=\"2\"}"), Some(0.0));
     // The refused OTP is burned at A.
     assert_eq!(status(&verify(aa, &f, &cut, &nonce("again"))), "REPLAYED_OTP");
 
@@ -559,7 +291,7 @@ fn partition_through_the_proxy_fails_closed_and_heals() {
     let (at_b, _) = login_until_ok(ba, &f, &mut counter);
     assert_eq!(status(&verify(aa, &f, &at_b, &nonce("afterheal"))), "REPLAYED_OTP");
 
-    assert_eq!(metric(aa, "validator_replication_peer_up{peer=\"auth2\",site=\"2\"}"), Some(1));
+    assert_eq!(metric(aa, "validator_replication_peer_up{peer=\"auth2\",site=\"2\"}"), Some(1.0));
 
     // A partition longer than the QUIC idle timeout (10 s): the connection
     // dies, every answer meanwhile is NOT_ENOUGH_ANSWERS, and after healing
@@ -572,7 +304,7 @@ fn partition_through_the_proxy_fails_closed_and_heals() {
         assert_eq!(status(&verify(aa, &f, &otp, &nonce("longcut"))), "NOT_ENOUGH_ANSWERS");
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert_eq!(metric(aa, "validator_replication_peer_up{peer=\"auth2\",site=\"2\"}"), Some(0));
+    assert_eq!(metric(aa, "validator_replication_peer_up{peer=\"auth2\",site=\"2\"}"), Some(0.0));
     faults.partition.store(false, Ordering::Relaxed);
     let (reconnected, refused) = login_until_ok(aa, &f, &mut counter);
     eprintln!("after the long partition, {} refusals before the first OK", refused.len());
@@ -588,7 +320,7 @@ fn partition_through_the_proxy_fails_closed_and_heals() {
 
     a.shutdown();
     b.shutdown();
-    drop((to_a, to_b));
+    drop(proxies);
 }
 
 /// An OTP of the YubiKey with `secrets`.
@@ -611,11 +343,7 @@ fn eventually(what: &str, mut done: impl FnMut() -> bool) -> Duration {
 #[test]
 fn after_a_partition_counters_aeads_and_clients_converge() {
     let f = fixture();
-    let (qa, qb) = (free_udp("127.0.0.1"), free_udp("127.0.0.2"));
-    let faults = Arc::new(Faults::default());
-    let to_b = UdpProxy::start("127.0.0.3", qb, faults.clone());
-    let to_a = UdpProxy::start("127.0.0.3", qa, faults.clone());
-    let (a, b) = f.two_sites(qa, qb, to_b.listen, to_a.listen);
+    let (a, b, faults, proxies) = proxied_sites(&f);
     let (aa, ba) = (a.local_addr(), b.local_addr());
     let site = |name: &str, file: &str| f.dir.path().join(name).join(file);
     let hsm_a = Arc::new(SoftHsm::open_unlocked(&site("auth1", "v.ks"), &Password::new(PASSWORD).unwrap()).unwrap());
@@ -687,16 +415,16 @@ fn after_a_partition_counters_aeads_and_clients_converge() {
     eventually("the conflict quarantined at A", || store_a.conflicts().unwrap().iter().any(|c| c.public_id == twice));
     assert!(store_b.conflicts().unwrap().iter().any(|c| c.public_id == twice && c.refused == twice_a));
     eventually("the conflict counted at A", || {
-        metric(aa, "validator_replication_sync_conflicts_total{peer=\"auth2\",dataset=\"aeads\"}").unwrap_or(0) >= 1
+        metric(aa, "validator_replication_sync_conflicts_total{peer=\"auth2\",dataset=\"aeads\"}").unwrap_or(0.0) >= 1.0
     });
-    let status_page = http_get(aa, "/status");
+    let (_, status_page) = http_get(aa, "/status");
     for dataset in ["counters", "aeads", "clients"] {
         assert!(status_page.contains(&format!("sync: peer=auth2 dataset={dataset} ")), "{status_page}");
     }
 
     a.shutdown();
     b.shutdown();
-    drop((to_a, to_b));
+    drop(proxies);
 }
 
 // ---------------------------------------------------------------------------
@@ -717,11 +445,11 @@ fn refused_peer(f: &Fixture, b_certs: PathBuf, pin: Option<String>, b_fingerprin
         assert_eq!(status(&r), "NOT_ENOUGH_ANSWERS", "counter {counter}: {r:?}");
         assert_eq!(r.get("otp"), Some(&otp));
     }
-    assert_eq!(metric(aa, "validator_replication_verdicts_total{verdict=\"accepted\"}"), Some(0));
-    assert_eq!(metric(aa, "validator_replication_verdicts_total{verdict=\"not_enough_answers\"}"), Some(3));
-    assert!(metric(aa, "validator_replication_rpc_failures_total").unwrap() >= 1);
-    assert!(metric(aa, "validator_replication_connections_total{outcome=\"refused\"}").unwrap() >= 1, "refusal not counted");
-    assert_eq!(metric(aa, "validator_replication_peer_up{peer=\"auth2\",site=\"2\"}"), Some(0));
+    assert_eq!(metric(aa, "validator_replication_verdicts_total{verdict=\"accepted\"}"), Some(0.0));
+    assert_eq!(metric(aa, "validator_replication_verdicts_total{verdict=\"not_enough_answers\"}"), Some(3.0));
+    assert!(metric(aa, "validator_replication_rpc_failures_total").unwrap() >= 1.0);
+    assert!(metric(aa, "validator_replication_connections_total{outcome=\"refused\"}").unwrap() >= 1.0, "refusal not counted");
+    assert_eq!(metric(aa, "validator_replication_peer_up{peer=\"auth2\",site=\"2\"}"), Some(0.0));
     let refusals: Vec<String> = logged_with(b_fingerprint).into_iter().filter(|l| l.contains("refused")).collect();
     eprintln!("refusals of {b_fingerprint} logged: {refusals:#?}");
     assert!(!refusals.is_empty(), "no refusal of {b_fingerprint} logged; captured:\n{:#?}", captured().lock().unwrap());
@@ -735,7 +463,7 @@ fn a_peer_with_a_certificate_from_another_ca_is_refused() {
     let f = fixture();
     let other = f.dir.path().join("other-pki");
     std::fs::create_dir(&other).unwrap();
-    let rogue_ca = Ca::generate("e2e replication CA", YEAR).unwrap();
+    let rogue_ca = Ca::generate(CA_NAME, YEAR).unwrap();
     let rogue = rogue_ca.issue("auth2", YEAR).unwrap();
     rogue.write(&other).unwrap();
     refused_peer(&f, other, None, &rogue.fingerprint().to_string());
@@ -785,7 +513,7 @@ fn same_otp_and_nonce_at_both_sites_at_once_is_ok_and_never_a_replayed_otp() {
         match status(r) {
             "OK" => {
                 assert_eq!(r.get("sl").map(String::as_str), Some("100"), "site {site}: {r:?}");
-                assert_eq!(metric(http, "validator_replication_verdicts_total{verdict=\"accepted\"}"), Some(1), "site {site}");
+                assert_eq!(metric(http, "validator_replication_verdicts_total{verdict=\"accepted\"}"), Some(1.0), "site {site}");
             }
             "REPLAYED_REQUEST" => {}
             other => panic!("site {site} answered {other}: A {ra:?}, B {rb:?}"),
@@ -837,6 +565,6 @@ fn with_site_b_down_site_a_fails_closed_within_its_deadline() {
     assert!(took < REQUEST_TIMEOUT, "took {took:?}");
     // The OTP is burned at A all the same: replaying it is refused.
     assert_eq!(status(&verify(a.local_addr(), &f, &otp, "bdownnonce00000000000002")), "REPLAYED_OTP");
-    assert_eq!(metric(a.local_addr(), "validator_replication_verdicts_total{verdict=\"not_enough_answers\"}"), Some(1));
+    assert_eq!(metric(a.local_addr(), "validator_replication_verdicts_total{verdict=\"not_enough_answers\"}"), Some(1.0));
     a.shutdown();
 }

@@ -29,54 +29,21 @@ use std::time::{Duration, Instant};
 
 use hsm::soft::format::KdfParams;
 use hsm::soft::SoftHsm;
-use hsm::{Flags, NonceSource, Password, SecurityModule};
+use hsm::{Flags, Password};
 use httpd::client::Connection;
 use ksm::store::AeadStore;
-use otp::token::TokenFields;
-use otp::{Counters, HandleKey, KeyHandle, Otp, PublicId, YubiKeySecrets};
+use otp::{HandleKey, PublicId};
 use replication::pki::Ca;
-use site::Server;
+use site::{nonce, ticket, LoadKey, Server, KH, PASSWORD};
 use validator::clients::SqliteClients;
 use validator::counters::SqliteCounters;
 use validator::protocol::{parse_response, signed_query, verify_response};
 use validator::{ClientId, ClientKey};
 
-const KH: KeyHandle = KeyHandle::new(0x2000);
-const PASSWORD: &str = "correct horse";
 /// Load threads, one YubiKey each; even threads ask site 0, odd ones site 1.
 const THREADS: usize = 8;
 const SITES: [&str; 2] = ["auth1", "auth2"];
 const YEAR: Duration = Duration::from_secs(365 * 86_400);
-
-#[derive(Clone)]
-struct YubiKey {
-    id: PublicId,
-    secrets: YubiKeySecrets,
-}
-
-impl YubiKey {
-    fn otp(&self, c: Counters) -> String {
-        let t = TokenFields {
-            uid: *self.secrets.uid.expose(),
-            counter: c.counter(),
-            session_use: c.session_use(),
-            timestamp_low: 0x0101,
-            timestamp_high: 0x02,
-            rnd: 0x0404,
-        }
-        .build();
-        Otp::new(self.id, t.encrypt(&self.secrets.key)).to_string()
-    }
-}
-
-/// Ticket `i` of a YubiKey: fresh and increasing.
-fn ticket(i: usize) -> Counters {
-    Counters::new(u16::try_from(1 + i / 250).unwrap(), u8::try_from(i % 250).unwrap()).unwrap()
-}
-
-fn nonce(key: usize, i: usize, tag: &str) -> String {
-    format!("{tag}k{key}i{i:0>16}")
-}
 
 /// A free UDP port on `ip` (bound and released).
 fn udp_port(ip: [u8; 4]) -> SocketAddr {
@@ -87,7 +54,7 @@ fn udp_port(ip: [u8; 4]) -> SocketAddr {
 /// client with the same key in each database, a CA and two certificates.
 struct Fixture {
     dir: tempfile::TempDir,
-    keys: Vec<YubiKey>,
+    keys: Vec<LoadKey>,
     client_key: Vec<u8>,
     quic: [SocketAddr; 2],
 }
@@ -110,9 +77,7 @@ impl Fixture {
         let keys = (1..=THREADS as u64)
             .map(|i| {
                 let id = PublicId::from_number(0x3000 + i, 6).unwrap();
-                let rec = hsm.generate_yubikey_aeads(&[KH], NonceSource::Given(id.aead_nonce().unwrap())).unwrap().remove(0);
-                store.put(&id, &rec, "test", 0).unwrap();
-                YubiKey { id, secrets: YubiKeySecrets::from_plaintext(&hsm.decrypt_aead(&rec).unwrap()).unwrap() }
+                LoadKey::provision(&hsm, &store, id)
             })
             .collect();
         drop(store);
@@ -224,7 +189,7 @@ fn verify(conn: &mut Connection, key: &[u8], otp: &str, nonce: &str) -> Option<S
 /// peer is gone: `NOT_ENOUGH_ANSWERS`) or none comes (this site is gone),
 /// or `stop` is set; returns the tickets answered `OK` and the first other
 /// outcome.
-fn load(addr: SocketAddr, key: &[u8], t: usize, yk: &YubiKey, from: usize, stop: &AtomicBool) -> (Vec<usize>, Option<String>) {
+fn load(addr: SocketAddr, key: &[u8], t: usize, yk: &LoadKey, from: usize, stop: &AtomicBool) -> (Vec<usize>, Option<String>) {
     let mut conn = Connection::new(addr, Duration::from_secs(15));
     let mut ok = Vec::new();
     for i in from.. {

@@ -13,136 +13,39 @@
 //! builds them.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+#[path = "oracles/replicated.rs"]
+mod replicated;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use hsm::soft::format::KdfParams;
-use hsm::soft::SoftHsm;
-use hsm::{Flags, NonceSource, Password, SecurityModule};
-use ksm::store::AeadStore;
-use otp::token::TokenFields;
-use otp::{HandleKey, KeyHandle, Otp, PublicId, YubiKeySecrets};
-use replication::pki::Ca;
-use validator::clients::SqliteClients;
-use validator::config::{ConfigFile, KsmSource, NodeConfig, PeerSection, ReplicationConfig, ServeConfig, SiteConfig, WitnessConfig};
-use validator::protocol::{parse_response, signed_query, verify_response};
-use validator::serve::{HttpOptions, Running};
-use validator::ClientId;
+use replicated::{
+    capture_warnings, captured, fixture, free_udp, http_get, http_options, logged_with, metric, nonce, status, verify, Faults, Fixture,
+    UdpProxy, CLIENT,
+};
+use validator::config::{ConfigFile, NodeConfig, PeerSection, ReplicationConfig, SiteConfig, WitnessConfig};
+use validator::serve::Running;
 
-const KH: KeyHandle = KeyHandle::new(0x2000);
-const PASSWORD: &str = "correct horse";
-const CLIENT: u64 = 11;
-const YEAR: Duration = Duration::from_secs(365 * 86_400);
 /// Every node's quorum deadline.
 const QUORUM_DEADLINE: Duration = Duration::from_millis(1500);
-/// The HTTP answer ceiling, well above the quorum deadline.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a "recovers eventually" loop may take.
 const RECOVERY: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------
-// WARN and ERROR events, captured in-process.
-
-fn captured() -> &'static Mutex<Vec<String>> {
-    static LOG: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
-    LOG.get_or_init(|| Mutex::new(Vec::new()))
-}
-
-struct Capture;
-
-struct Line(String);
-
-impl tracing::field::Visit for Line {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        use std::fmt::Write as _;
-        let _ = write!(self.0, "{}={:?} ", field.name(), value);
-    }
-}
-
-impl tracing::Subscriber for Capture {
-    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
-        *metadata.level() <= tracing::Level::WARN
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        let mut line = Line(format!("{} {}: ", event.metadata().level(), event.metadata().target()));
-        event.record(&mut line);
-        captured().lock().unwrap().push(line.0);
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
-fn capture_warnings() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| tracing::subscriber::set_global_default(Capture).unwrap());
-}
-
-fn logged_with(needle: &str) -> Vec<String> {
-    captured().lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
-}
-
-// ---------------------------------------------------------------------------
-// Keys, certificates, configurations.
-
-struct Fixture {
-    dir: tempfile::TempDir,
-    secrets: YubiKeySecrets,
-    id: PublicId,
-    client_key: Vec<u8>,
-}
-
-/// Keystore, AEAD store with one YubiKey, a private CA with certificates
-/// for auth1, auth2 and witness in `pki/`, the API client key.
-fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let ks = dir.path().join("v.ks");
-    let hsm = SoftHsm::create(&ks, &Password::new(PASSWORD).unwrap(), KdfParams::INSECURE_FOR_TESTS).unwrap();
-    hsm.import_handles(&[(KH, Flags::PERSONALIZER | Flags::OTP_DECODE | Flags::EXPORT, HandleKey::new(&[0x51; 32]).unwrap())]).unwrap();
-    let store = AeadStore::open(&dir.path().join("aeads.db")).unwrap();
-    let id = PublicId::from_number(0x0c0f_fee0_0003, 6).unwrap();
-    let rec = hsm.generate_yubikey_aeads(&[KH], NonceSource::Given(id.aead_nonce().unwrap())).unwrap().remove(0);
-    store.put(&id, &rec, "test", 0).unwrap();
-    let secrets = YubiKeySecrets::from_plaintext(&hsm.decrypt_aead(&rec).unwrap()).unwrap();
-    drop(store);
-    std::fs::write(dir.path().join("password"), PASSWORD).unwrap();
-    let pki = dir.path().join("pki");
-    std::fs::create_dir(&pki).unwrap();
-    let ca = Ca::generate("witness test CA", YEAR).unwrap();
-    ca.write(&pki).unwrap();
-    for name in ["auth1", "auth2", "witness"] {
-        ca.issue(name, YEAR).unwrap().write(&pki).unwrap();
-    }
-    Fixture { dir, secrets, id, client_key: (0..20u8).map(|i| i.wrapping_mul(11) ^ 0x5a).collect() }
-}
+// Configurations.
 
 fn peer(name: &str, site: u16, addr: SocketAddr) -> PeerSection {
     PeerSection { name: name.to_owned(), site, addr, fingerprint: None }
 }
 
 impl Fixture {
-    fn otp(&self, counter: u16, session_use: u8) -> String {
-        let t =
-            TokenFields { uid: *self.secrets.uid.expose(), counter, session_use, timestamp_low: 0x0202, timestamp_high: 0x03, rnd: 0x4242 }
-                .build();
-        Otp::new(self.id, t.encrypt(&self.secrets.key)).to_string()
-    }
-
-    fn pki(&self) -> PathBuf {
-        self.dir.path().join("pki")
-    }
-
     fn replication(
         &self,
         name: &str,
@@ -166,27 +69,7 @@ impl Fixture {
     /// A full site `name` with its own copies of the keystore and AEAD store
     /// and its own database holding the API client.
     fn site(&self, name: &str, replication: Option<ReplicationConfig>, accept_at_risk_until: Option<SystemTime>) -> NodeConfig {
-        let root = self.dir.path();
-        let own = root.join(name);
-        std::fs::create_dir_all(&own).unwrap();
-        let ks = own.join("v.ks");
-        std::fs::copy(root.join("v.ks"), &ks).unwrap();
-        let store = own.join("aeads.db");
-        std::fs::copy(root.join("aeads.db"), &store).unwrap();
-        let db = own.join("validator.db");
-        let hsm = Arc::new(SoftHsm::open_unlocked(&ks, &Password::new(PASSWORD).unwrap()).unwrap());
-        let clients = SqliteClients::open(&db, hsm).unwrap();
-        clients.add(Some(ClientId::new(CLIENT).unwrap()), Some(validator::ClientKey::new(self.client_key.clone()))).unwrap();
-        drop(clients);
-        let serve = ServeConfig {
-            db,
-            synchronous: validator::counters::Synchronous::default(),
-            keystore: ks,
-            password_file: Some(root.join("password")),
-            ksm: KsmSource::Store { path: store, key_handles: Vec::new() },
-            http: http_options(),
-            replication,
-        };
+        let serve = self.serve_config(name, replication);
         NodeConfig::Site(SiteConfig { serve, accept_at_risk_until })
     }
 
@@ -203,54 +86,13 @@ impl Fixture {
     }
 }
 
-fn http_options() -> HttpOptions {
-    HttpOptions { request_timeout: REQUEST_TIMEOUT, ..HttpOptions::new("127.0.0.1:0".parse().unwrap()) }
-}
-
 fn start(config: &NodeConfig) -> Running {
     let node = validator::serve::assemble_node(config).unwrap();
     validator::serve::start_node(node, config.http().clone()).unwrap()
 }
 
-/// A free UDP port on `ip`, released again.
-fn free_udp(ip: &str) -> SocketAddr {
-    UdpSocket::bind(format!("{ip}:0")).unwrap().local_addr().unwrap()
-}
-
 // ---------------------------------------------------------------------------
 // HTTP.
-
-/// GET verify at `addr`, checking the answer's `h` with the client key.
-fn verify(addr: SocketAddr, f: &Fixture, otp: &str, nonce: &str) -> BTreeMap<String, String> {
-    let q = signed_query(&[("id", &CLIENT.to_string()), ("otp", otp), ("nonce", nonce)], Some(&f.client_key));
-    let (code, body) = http_get(addr, &format!("/wsapi/2.0/verify?{q}"));
-    assert_eq!(code, 200, "{body}");
-    assert!(verify_response(&body, &f.client_key), "bad h in {body:?}");
-    parse_response(&body).unwrap()
-}
-
-/// HTTP status code and body.
-fn http_get(addr: SocketAddr, target: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(s, "GET {target} HTTP/1.1\r\nHost: validator\r\nConnection: close\r\n\r\n").unwrap();
-    let mut bytes = Vec::new();
-    s.read_to_end(&mut bytes).unwrap();
-    let text = String::from_utf8(bytes).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (code, body.replace("\r\n", "\n"))
-}
-
-fn status(fields: &BTreeMap<String, String>) -> &str {
-    fields.get("status").map(String::as_str).unwrap_or("")
-}
-
-/// The value of the Prometheus series `series` (name and labels, exact).
-fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
-    let (_, body) = http_get(addr, "/metrics");
-    body.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' '))).map(|v| v.trim().parse().unwrap())
-}
 
 /// The `/status` page's `peer:` line for `name`.
 fn peer_line(addr: SocketAddr, name: &str) -> String {
@@ -272,27 +114,9 @@ fn wait_for_state(addr: SocketAddr, name: &str, state: &str) -> String {
     }
 }
 
-fn nonce(tag: &str) -> String {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    format!("{tag}{:08}x{:06}", NEXT.fetch_add(1, Ordering::Relaxed), std::process::id() % 1_000_000)
-}
-
 /// Fresh OTPs at `addr` until one is answered OK, within [`RECOVERY`].
 fn login_until_ok(addr: SocketAddr, f: &Fixture, counter: &mut u16) -> String {
-    let start = Instant::now();
-    let mut seen = Vec::new();
-    loop {
-        let otp = f.otp(*counter, 0);
-        *counter += 1;
-        let r = verify(addr, f, &otp, &nonce("retry"));
-        match status(&r) {
-            "OK" => return otp,
-            s @ "NOT_ENOUGH_ANSWERS" => seen.push(s.to_owned()),
-            other => panic!("unexpected answer {other} while waiting for OK: {r:?} (before: {seen:?})"),
-        }
-        assert!(start.elapsed() < RECOVERY, "no OK within {RECOVERY:?}: {seen:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    replicated::login_until_ok(addr, f, counter, RECOVERY).0
 }
 
 /// A fresh OTP at `addr`: its answer and how long it took.
@@ -305,105 +129,15 @@ fn timed_login(addr: SocketAddr, f: &Fixture, counter: &mut u16) -> (String, BTr
 }
 
 // ---------------------------------------------------------------------------
-// The fault-injecting UDP proxy: one per direction of each link.
-
-/// What a link's proxies do to datagrams, switchable while they run.
-#[derive(Default)]
-struct Link {
-    /// Drop everything, both ways.
-    cut: AtomicBool,
-    relayed: AtomicU64,
-    dropped: AtomicU64,
-}
-
-impl Link {
-    fn pass(&self) -> bool {
-        if self.cut.load(Ordering::Relaxed) {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            false
-        } else {
-            self.relayed.fetch_add(1, Ordering::Relaxed);
-            true
-        }
-    }
-
-    fn set_cut(&self, cut: bool) {
-        self.cut.store(cut, Ordering::Relaxed);
-    }
-}
-
-/// Relays datagrams sent to `listen` on to `target` and the answers back,
-/// one upstream socket per client address, unless the link is cut.
-struct UdpProxy {
-    listen: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-const POLL: Duration = Duration::from_millis(50);
-
-impl UdpProxy {
-    fn start(ip: &str, target: SocketAddr, link: Arc<Link>) -> Self {
-        let socket = UdpSocket::bind(format!("{ip}:0")).unwrap();
-        socket.set_read_timeout(Some(POLL)).unwrap();
-        let listen = socket.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let ip = ip.to_owned();
-        let thread = std::thread::spawn(move || {
-            let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
-            let mut children = Vec::new();
-            let mut buf = vec![0u8; 65_536];
-            while !s.load(Ordering::Relaxed) {
-                let Ok((n, from)) = socket.recv_from(&mut buf) else { continue };
-                let up = upstreams.entry(from).or_insert_with(|| {
-                    let up = UdpSocket::bind(format!("{ip}:0")).unwrap();
-                    up.connect(target).unwrap();
-                    up.set_read_timeout(Some(POLL)).unwrap();
-                    let up = Arc::new(up);
-                    let (back, up2, l2, s2) = (socket.try_clone().unwrap(), up.clone(), link.clone(), s.clone());
-                    children.push(std::thread::spawn(move || {
-                        let mut buf = vec![0u8; 65_536];
-                        while !s2.load(Ordering::Relaxed) {
-                            let Ok(n) = up2.recv(&mut buf) else { continue };
-                            if l2.pass() {
-                                let _ = back.send_to(&buf[..n], from);
-                            }
-                        }
-                    }));
-                    up
-                });
-                if link.pass() {
-                    let _ = up.send(&buf[..n]);
-                }
-            }
-            for c in children {
-                c.join().unwrap();
-            }
-        });
-        Self { listen, stop, thread: Some(thread) }
-    }
-}
-
-impl Drop for UdpProxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
 // Three nodes.
 
 struct Group {
     a: Running,
     b: Running,
     w: Option<Running>,
-    ab: Arc<Link>,
-    aw: Arc<Link>,
-    bw: Arc<Link>,
+    ab: Arc<Faults>,
+    aw: Arc<Faults>,
+    bw: Arc<Faults>,
     _proxies: Vec<UdpProxy>,
 }
 
@@ -412,7 +146,7 @@ struct Group {
 /// proxy of their link.
 fn three_nodes(f: &Fixture) -> Group {
     let (qa, qb, qw) = (free_udp("127.0.0.1"), free_udp("127.0.0.2"), free_udp("127.0.0.3"));
-    let (ab, aw, bw) = (Arc::new(Link::default()), Arc::new(Link::default()), Arc::new(Link::default()));
+    let (ab, aw, bw) = (Arc::new(Faults::default()), Arc::new(Faults::default()), Arc::new(Faults::default()));
     let a_to_b = UdpProxy::start("127.0.0.2", qb, ab.clone());
     let b_to_a = UdpProxy::start("127.0.0.1", qa, ab.clone());
     let a_to_w = UdpProxy::start("127.0.0.3", qw, aw.clone());
@@ -472,7 +206,7 @@ fn two_sites_and_a_witness_survive_any_single_failure() {
     // (b) The A–B link cut, both still reach W: A answers OK without
     // waiting for its deadline, and the same OTP at B is a replay (W holds
     // it); an OTP accepted at B is a replay at A the same way.
-    g.ab.set_cut(true);
+    g.ab.set_partition(true);
     let (otp, r, took) = timed_login(aa, &f, &mut counter);
     assert_eq!(status(&r), "OK", "{r:?}");
     assert!(took < QUORUM_DEADLINE, "A waited {took:?}: the witness's answer should have made the quorum");
@@ -484,12 +218,12 @@ fn two_sites_and_a_witness_survive_any_single_failure() {
     let line = wait_for_state(aa, "auth2", "down");
     assert!(!line.ends_with("last_error=-"), "{line}");
     assert!(peer_line(aa, "witness").contains(" state=up "));
-    g.ab.set_cut(false);
+    g.ab.set_partition(false);
 
     // (d) A cut from B and W: A fails closed at its deadline, not before;
     // B goes on accepting with W.
-    g.aw.set_cut(true);
-    g.ab.set_cut(true);
+    g.aw.set_partition(true);
+    g.ab.set_partition(true);
     let (cut, r, took) = timed_login(aa, &f, &mut counter);
     assert_eq!(status(&r), "NOT_ENOUGH_ANSWERS", "{r:?}");
     assert_eq!(r.get("otp"), Some(&cut));
@@ -499,8 +233,8 @@ fn two_sites_and_a_witness_survive_any_single_failure() {
     assert_eq!(status(&r), "OK", "B with W: {r:?}");
     assert!(took < QUORUM_DEADLINE, "B waited {took:?}");
     assert!(metric(aa, "validator_replication_verdicts_total{verdict=\"not_enough_answers\"}").unwrap() >= 1.0);
-    g.aw.set_cut(false);
-    g.ab.set_cut(false);
+    g.aw.set_partition(false);
+    g.ab.set_partition(false);
     let healed = login_until_ok(aa, &f, &mut counter);
     assert_eq!(status(&verify(ba, &f, &healed, &nonce("healed"))), "REPLAYED_OTP");
 
