@@ -61,7 +61,7 @@ const TARGET_CATCH_UP: Duration = Duration::from_secs(5);
 /// Two-site replication benchmark: validations/s and latency with the
 /// safety rule against a single site, replication lag, catch-up time.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, args_override_self = true)]
 struct Args {
     /// YubiKeys (AEADs) to provision.
     #[arg(long, default_value_t = 1000)]
