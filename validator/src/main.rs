@@ -94,8 +94,9 @@ window and what is left of it), verdict counters, and one line per peer (name,
 site, role, address, up/down/unknown, since, last RTT, replies, failures,
 requests received, last error).
 
-A peer is `unknown` until this node has exchanged a request with it; a
-witness sends no requests, so it reports a site up once it has answered one.";
+A peer is `unknown` until this node has exchanged a request with it; every
+node, the witness too, pulls changes from each peer at least every 100 ms, so
+the state is that fresh.";
 
 const STATUS_EXIT: &str = "Exit status: 0 when every peer is up (or replication is off); 1 when a peer is down or unknown; 2 when the status could not be fetched or read.";
 

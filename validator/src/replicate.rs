@@ -26,10 +26,10 @@
 //!
 //! **Status.** [`Replication::render_status`] writes the `/status` lines:
 //! this node, its quorum and policy, verdict counters, one line per peer.
-//! Peers' reachability is what this node's own requests found; a witness
-//! sends none, so it reports a site `up` once it has answered one of its
-//! requests and `unknown` before (it cannot see a site go down: ask the
-//! sites).
+//! Peers' reachability is what this node's own requests found: its
+//! compare-and-sets and its sync pulls, which every node (the witness
+//! too) sends each peer at least every pull interval (100 ms), so a peer
+//! going down shows within that and a request deadline.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -342,13 +342,10 @@ impl Replication {
         let (mut up, mut down, mut unknown) = (0, 0, 0);
         for p in node.peers() {
             let heard = self.heard.get(p.site);
-            let state = match (p.reachability, self.role, heard) {
-                (Reachability::Up, _, _) => "up",
-                (Reachability::Down, _, _) => "down",
-                // A witness sends nothing: a site it has answered is up as
-                // far as it can tell.
-                (Reachability::Unknown, Role::Witness, Some(_)) => "up",
-                (Reachability::Unknown, _, _) => "unknown",
+            let state = match p.reachability {
+                Reachability::Up => "up",
+                Reachability::Down => "down",
+                Reachability::Unknown => "unknown",
             };
             match state {
                 "up" => up += 1,
