@@ -1122,7 +1122,7 @@ impl replication::node::DurableCas for SqliteCounters {
         self.peer_compare_and_set(proposal).unwrap_or_else(|e| peer_cas_failed(origin, proposal.public_id, &e))
     }
 
-    /// Queued like [`Self::peer_cas`], but the writer answers the awaiting
+    /// Queued like [`DurableCas::peer_cas`](replication::node::DurableCas::peer_cas), but the writer answers the awaiting
     /// task itself after COMMIT (as [`CounterStore::compare_and_set_async`]).
     fn peer_cas_async(self: Arc<Self>, origin: quorum::SiteId, proposal: Proposal) -> replication::node::CasFuture {
         let public_id = proposal.public_id;
@@ -1409,7 +1409,7 @@ fn peer_compare_and_set_one(st: &mut Statements<'_>, p: &Proposal, now: i64) -> 
 /// **Key:** the public id in modhex, as ASCII bytes (what the `counters`
 /// table is keyed by). **Value:** `counter` (u16 big-endian) ‖ `use` (u8) ‖
 /// the OTP digest (32 bytes) ‖ the nonce (its UTF-8 bytes, the rest of the
-/// value, at most [`MAX_SYNC_NONCE`] bytes). The site-local columns
+/// value, at most [`sync_item::MAX_SYNC_NONCE`] bytes). The site-local columns
 /// (`modified`, `created`, the OTP timestamp) are not part of it, so two
 /// sites that merged each other's rows hold byte-identical values and
 /// equal digests.

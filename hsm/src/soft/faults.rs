@@ -4,7 +4,7 @@
 //! token is pulled, the serial line drops, the device answers garbage. To
 //! rehearse those failures end to end, every [`SoftHsm`](super::SoftHsm)
 //! operation that would touch a device first passes through
-//! [`FaultInjector::check`]. When a fault is armed the operation fails with
+//! `FaultInjector::check`. When a fault is armed the operation fails with
 //! an I/O error (EIO) on the keystore, and the module reports
 //! [`Status::NotReady`](crate::Status::NotReady), exactly as a backend with
 //! a dead device would. Disarming it lets the module recover without a

@@ -1,7 +1,7 @@
 //! The software security module: a password-encrypted keystore file.
 //!
 //! The file holds the key handles (id, AES key, flags) and the three data
-//! keys; see [`format`] for its layout. It is created mode 0600 and every
+//! keys; see [`format`](mod@format) for its layout. It is created mode 0600 and every
 //! change is written atomically (a crash leaves the old or the new file).
 //! The module is [`Status::Locked`] until [`SecurityModule::unlock`] is
 //! given the password; keys then live in memory only, zeroized on drop.
