@@ -39,6 +39,8 @@ echo "== cargo fmt"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo doc (broken links are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 echo "== fuzz targets compile"
 cargo check --quiet --manifest-path fuzz/Cargo.toml
 echo "== cargo test"
