@@ -135,6 +135,8 @@ struct Group {
     a: Running,
     b: Running,
     w: Option<Running>,
+    /// The witness's configuration, to start it again.
+    w_config: NodeConfig,
     ab: Arc<Faults>,
     aw: Arc<Faults>,
     bw: Arc<Faults>,
@@ -153,7 +155,8 @@ fn three_nodes(f: &Fixture) -> Group {
     let w_to_a = UdpProxy::start("127.0.0.1", qa, aw.clone());
     let b_to_w = UdpProxy::start("127.0.0.3", qw, bw.clone());
     let w_to_b = UdpProxy::start("127.0.0.2", qb, bw.clone());
-    let w = start(&f.witness(qw, w_to_a.listen, w_to_b.listen));
+    let w_config = f.witness(qw, w_to_a.listen, w_to_b.listen);
+    let w = start(&w_config);
     let a = start(&f.site(
         "auth1",
         Some(f.replication("auth1", 1, qa, vec![peer("auth2", 2, a_to_b.listen)], Some(peer("witness", 3, a_to_w.listen)))),
@@ -164,7 +167,7 @@ fn three_nodes(f: &Fixture) -> Group {
         Some(f.replication("auth2", 2, qb, vec![peer("auth1", 1, b_to_a.listen)], Some(peer("witness", 3, b_to_w.listen)))),
         None,
     ));
-    Group { a, b, w: Some(w), ab, aw, bw, _proxies: vec![a_to_b, b_to_a, a_to_w, w_to_a, b_to_w, w_to_b] }
+    Group { a, b, w: Some(w), w_config, ab, aw, bw, _proxies: vec![a_to_b, b_to_a, a_to_w, w_to_a, b_to_w, w_to_b] }
 }
 
 /// (a) all up, (b) the A–B link cut, (d) A cut from B and W, (c) W down:
@@ -249,6 +252,63 @@ fn two_sites_and_a_witness_survive_any_single_failure() {
     assert_eq!(status(&verify(aa, &f, &at_b, &nonce("wdown"))), "REPLAYED_OTP");
     wait_for_state(aa, "witness", "down");
     assert!(bw.relayed.load(Ordering::Relaxed) > 0);
+    a.shutdown();
+    b.shutdown();
+}
+
+/// A witness that was down catches up on the counters the sites accepted
+/// meanwhile (it pulls them, as every node pulls every peer), and only
+/// counters: the sites see it hold neither AEADs nor API clients.
+#[test]
+fn a_witness_back_from_downtime_catches_up_on_counters() {
+    let f = fixture();
+    let g = three_nodes(&f);
+    let (aa, ba) = (g.a.local_addr(), g.b.local_addr());
+    let mut counter = 1;
+    login_until_ok(aa, &f, &mut counter);
+    let Group { a, b, w, w_config, .. } = g;
+    w.unwrap().shutdown();
+    // A and B go on without it.
+    for site in [aa, ba, aa] {
+        let (_, r, _) = timed_login(site, &f, &mut counter);
+        assert_eq!(status(&r), "OK", "{r:?}");
+    }
+    let last = otp::Counters::new(counter - 1, 0).unwrap();
+    let NodeConfig::Witness(ref wc) = w_config else { panic!("not a witness") };
+    let store = validator::counters::SqliteCounters::open(&wc.db).unwrap();
+    assert!(store.get(&f.id).unwrap().is_none_or(|s| s.counters < last), "the witness saw them while down");
+    // Back on the same database and address (which may take a moment to free).
+    let started = Instant::now();
+    let w = loop {
+        match validator::serve::assemble_node(&w_config) {
+            Ok(node) => break validator::serve::start_node(node, w_config.http().clone()).unwrap(),
+            Err(e) => {
+                assert!(started.elapsed() < Duration::from_secs(10), "the witness does not start again: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    let took = Instant::now();
+    while store.get(&f.id).unwrap().is_none_or(|s| s.counters < last) {
+        assert!(took.elapsed() < RECOVERY, "the witness never caught up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("the witness caught up {:?} after it started", took.elapsed());
+    let (_, w_status) = http_get(w.local_addr(), "/status");
+    assert!(w_status.contains("sync: peer=auth1 dataset=counters "), "{w_status}");
+    assert!(!w_status.contains("dataset=aeads") && !w_status.contains("dataset=clients"), "{w_status}");
+    let start = Instant::now();
+    loop {
+        let (_, a_status) = http_get(aa, "/status");
+        if a_status.contains("sync: peer=witness dataset=aeads not held by the peer")
+            && a_status.contains("sync: peer=witness dataset=clients not held by the peer")
+        {
+            break;
+        }
+        assert!(start.elapsed() < RECOVERY, "{a_status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    w.shutdown();
     a.shutdown();
     b.shutdown();
 }
