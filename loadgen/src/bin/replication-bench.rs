@@ -90,6 +90,11 @@ struct Args {
     /// Counter-store durability of every site (`full`: fsync per commit).
     #[arg(long, default_value = "full", value_parser = ["full", "normal"])]
     synchronous: String,
+    /// Put auth2's keystore copy, AEAD store and database under this
+    /// directory (another disk), instead of next to auth1's: on one disk the
+    /// two sites' fsyncs queue behind each other.
+    #[arg(long, value_name = "DIR")]
+    site_b_dir: Option<PathBuf>,
     /// Skip the catch-up measurement.
     #[arg(long)]
     skip_catch_up: bool,
@@ -113,6 +118,8 @@ struct Deployment {
     quic: [SocketAddr; 2],
     deadline_ms: u64,
     synchronous: String,
+    /// Where auth2's files go instead of the work directory.
+    b_dir: Option<PathBuf>,
 }
 
 fn free_udp(ip: [u8; 4]) -> Result<SocketAddr> {
@@ -121,7 +128,10 @@ fn free_udp(ip: [u8; 4]) -> Result<SocketAddr> {
 
 impl Deployment {
     fn site_dir(&self, name: &str) -> PathBuf {
-        self.root.join(name)
+        match &self.b_dir {
+            Some(dir) if name == SITES[1] => dir.join(name),
+            _ => self.root.join(name),
+        }
     }
 
     /// A site directory with its own copies, its database with the API
@@ -353,6 +363,7 @@ fn bench(args: &Args) -> Result<bool> {
         quic: [free_udp([127, 0, 0, 1])?, free_udp([127, 0, 0, 2])?],
         deadline_ms: args.deadline_ms,
         synchronous: args.synchronous.clone(),
+        b_dir: args.site_b_dir.clone(),
     };
     println!("provisioned {} YubiKeys in {:.1}s in {}", args.keys, t.elapsed().as_secs_f64(), root.display());
     let key = d.client_key.clone();
