@@ -15,15 +15,15 @@
 //! AEAD store and its own database holding the same API client.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+#[path = "oracles/pam.rs"]
+mod pam;
 #[path = "oracles/replicated.rs"]
 mod replicated;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,7 @@ use hsm::{NonceSource, Password, SecurityModule};
 use ksm::store::AeadStore;
 use otp::token::TokenFields;
 use otp::{Otp, PublicId, YubiKeySecrets};
+use pam::{require_pam_yubico, require_root, PamService};
 use replicated::{
     capture_warnings, captured, fixture, free_udp, http_get, logged_with, metric, nonce, status, verify, verify_as, Faults, Fixture,
     UdpProxy, CA_NAME, CLIENT, KH, PASSWORD, REQUEST_TIMEOUT, YEAR,
@@ -109,82 +110,6 @@ fn login_until_ok(addr: SocketAddr, f: &Fixture, counter: &mut u16) -> (String, 
 // ---------------------------------------------------------------------------
 // pam_yubico.
 
-fn require_root() {
-    let out = Command::new("id").arg("-u").output().unwrap();
-    assert_eq!(
-        String::from_utf8(out.stdout).unwrap().trim(),
-        "0",
-        "the pam_yubico test must run as root: it writes throwaway PAM services to /etc/pam.d"
-    );
-}
-
-fn require_pam_yubico() -> PathBuf {
-    let pamtester = appliance_tests::tools::require("pamtester", "pamtester");
-    let modules = ["/lib/security/pam_yubico.so", "/lib/x86_64-linux-gnu/security/pam_yubico.so", "/usr/lib/security/pam_yubico.so"];
-    assert!(modules.iter().any(|m| Path::new(m).is_file()), "pam_yubico.so not found in {modules:?}: apt-get install libpam-yubico");
-    pamtester
-}
-
-/// `/etc/pam.d/otp-e2e-<pid>-<n>`: pam_yubico alone over `urls`; removed
-/// on drop.
-struct PamService {
-    pamtester: PathBuf,
-    name: String,
-    file: PathBuf,
-    debug_log: PathBuf,
-}
-
-impl PamService {
-    fn new(dir: &Path, key: &str, urls: &[String], authfile: &Path) -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let name = format!("otp-e2e-{}-{n}", std::process::id());
-        let debug_log = dir.join(format!("{name}.debug.log"));
-        std::fs::write(&debug_log, b"").unwrap();
-        let file = Path::new("/etc/pam.d").join(&name);
-        let service = format!(
-            "auth required pam_yubico.so id={CLIENT} key={key} urllist={} authfile={} debug debug_file={}\n\
-             account required pam_permit.so\n",
-            urls.join(";"),
-            authfile.display(),
-            debug_log.display()
-        );
-        let pamtester = require_pam_yubico();
-        let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(&file).unwrap();
-        let me = Self { pamtester, name, file, debug_log };
-        out.write_all(service.as_bytes()).unwrap();
-        me
-    }
-
-    /// `echo OTP | pamtester -v SERVICE USER authenticate`: exit code,
-    /// output and pam_yubico's debug log.
-    fn login(&self, user: &str, otp: &str) -> (Option<i32>, String) {
-        std::fs::write(&self.debug_log, b"").unwrap();
-        let mut child = Command::new(&self.pamtester)
-            .args(["-v", &self.name, user, "authenticate"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(format!("{otp}\n").as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        let text = format!(
-            "{}{}\n--- debug log:\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(&self.debug_log).unwrap()
-        );
-        (out.status.code(), text)
-    }
-}
-
-impl Drop for PamService {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.file);
-    }
-}
-
 fn url(site: &Running) -> String {
     format!("http://{}/wsapi/2.0/verify", site.local_addr())
 }
@@ -202,28 +127,28 @@ fn pam_yubico_with_both_sites_in_urllist_logs_in_once_per_otp() {
     let authfile = f.dir.path().join("authfile");
     std::fs::write(&authfile, format!("alice:{}\n", f.id)).unwrap();
     let key = base64::engine::general_purpose::STANDARD.encode(&f.client_key);
-    let both = PamService::new(f.dir.path(), &key, &[url(&a), url(&b)], &authfile);
-    let only_a = PamService::new(f.dir.path(), &key, &[url(&a)], &authfile);
-    let only_b = PamService::new(f.dir.path(), &key, &[url(&b)], &authfile);
+    let both = PamService::new(f.dir.path(), CLIENT, &key, &[url(&a), url(&b)], &authfile);
+    let only_a = PamService::new(f.dir.path(), CLIENT, &key, &[url(&a)], &authfile);
+    let only_b = PamService::new(f.dir.path(), CLIENT, &key, &[url(&b)], &authfile);
 
     let fresh = f.otp(1, 0);
-    let (code, out) = both.login("alice", &fresh);
+    let (code, out) = both.login("alice", &fresh).outcome();
     assert_eq!(code, Some(0), "fresh OTP through both sites:\n{out}");
     assert!(out.contains("successfully authenticated"), "{out}");
 
-    let (code, out) = both.login("alice", &fresh);
+    let (code, out) = both.login("alice", &fresh).outcome();
     assert_eq!(code, Some(1), "the same OTP again:\n{out}");
     assert!(out.contains("REPLAYED_OTP"), "{out}");
 
     let next = f.otp(2, 0);
-    let (code, out) = only_a.login("alice", &next);
+    let (code, out) = only_a.login("alice", &next).outcome();
     assert_eq!(code, Some(0), "a new OTP through A:\n{out}");
-    let (code, out) = only_b.login("alice", &next);
+    let (code, out) = only_b.login("alice", &next).outcome();
     assert_eq!(code, Some(1), "A's OTP replayed through B:\n{out}");
     assert!(out.contains("REPLAYED_OTP"), "{out}");
 
     // The key's next press still logs in through B alone.
-    let (code, out) = only_b.login("alice", &f.otp(2, 1));
+    let (code, out) = only_b.login("alice", &f.otp(2, 1)).outcome();
     assert_eq!(code, Some(0), "a new OTP through B:\n{out}");
 
     drop((both, only_a, only_b));
