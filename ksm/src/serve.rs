@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use httpd::metrics::{header, Histogram};
+use httpd::metrics::{header, single, Histogram};
 pub use httpd::{HttpOptions, Running};
 use httpd::{Method, Rejection, Reply, Request, StatusCode};
 
@@ -133,8 +133,13 @@ impl httpd::Handler for KsmService {
         for (o, h) in Outcome::ALL.iter().zip(&self.decrypts) {
             h.render(out, "ksm_decrypt_duration_seconds", &format!("result=\"{}\"", o.label()));
         }
-        header(out, "ksm_security_module_ready", "gauge", "1 when the security module is ready to decode.");
-        let _ = writeln!(out, "ksm_security_module_ready {}", u8::from(self.ksm.module_status() == hsm::Status::Ready));
+        single(
+            out,
+            "ksm_security_module_ready",
+            "gauge",
+            "1 when the security module is ready to decode.",
+            u8::from(self.ksm.module_status() == hsm::Status::Ready),
+        );
     }
 
     fn rejected(&self, why: Rejection) -> Reply {

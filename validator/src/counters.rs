@@ -136,7 +136,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use httpd::metrics::{header, Histogram};
+use httpd::metrics::{header, single, Histogram};
 use otp::{Counters, PublicId};
 use replication::quorum::{self, OtpDigest, PeerCasResult, Proposal};
 use replication::sync::{Changes, Digest, Item, Merged, SyncError, SyncStore};
@@ -1019,10 +1019,14 @@ impl SqliteCounters {
     pub fn render_metrics(&self, out: &mut String) {
         let s = &self.stats;
         let st = self.stats();
-        header(out, "validator_counter_batches_total", "counter", "Counter-store transactions committed (one fsync each).");
-        let _ = writeln!(out, "validator_counter_batches_total {}", st.batches);
-        header(out, "validator_counter_batch_failures_total", "counter", "Counter-store transactions that failed and were rolled back.");
-        let _ = writeln!(out, "validator_counter_batch_failures_total {}", st.failed_batches);
+        single(out, "validator_counter_batches_total", "counter", "Counter-store transactions committed (one fsync each).", st.batches);
+        single(
+            out,
+            "validator_counter_batch_failures_total",
+            "counter",
+            "Counter-store transactions that failed and were rolled back.",
+            st.failed_batches,
+        );
         header(out, "validator_counter_updates_total", "counter", "Compare-and-set updates by outcome.");
         for (outcome, n) in [
             ("accepted", st.accepted),
@@ -1038,8 +1042,7 @@ impl SqliteCounters {
         }
         header(out, "validator_counter_batch_size", "histogram", "Updates per committed counter-store transaction.");
         s.batch_sizes.render(out, "validator_counter_batch_size");
-        header(out, "validator_counter_batch_size_max", "gauge", "Largest committed counter-store transaction.");
-        let _ = writeln!(out, "validator_counter_batch_size_max {}", st.max_batch);
+        single(out, "validator_counter_batch_size_max", "gauge", "Largest committed counter-store transaction.", st.max_batch);
         header(
             out,
             "validator_counter_commit_seconds",
@@ -1052,8 +1055,7 @@ impl SqliteCounters {
         header(out, "validator_counter_cas_seconds", "histogram", "Time a caller waits for a compare-and-set: queue, transaction, commit.");
         s.cas.render(out, "validator_counter_cas_seconds", "");
         if let (Ok(last), Ok(cursors)) = (self.outbox_last_seq(), self.peer_cursors()) {
-            header(out, "validator_counter_outbox_last_seq", "gauge", "Highest sequence number appended to the replication outbox.");
-            let _ = writeln!(out, "validator_counter_outbox_last_seq {last}");
+            single(out, "validator_counter_outbox_last_seq", "gauge", "Highest sequence number appended to the replication outbox.", last);
             header(out, "validator_counter_outbox_unacked", "gauge", "Outbox rows a peer has not acknowledged yet.");
             for (peer, acked) in cursors {
                 let peer: String = peer.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')).collect();

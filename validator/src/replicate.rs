@@ -36,7 +36,7 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use httpd::metrics::header;
+use httpd::metrics::{header, single};
 use replication::node::{DurableCas, Node, NodeConfig, Reachability};
 use replication::pki::{Fingerprint, Identity};
 use replication::quorum::{OtpDigest, PeerCasResult, Policy, Proposal, QuorumConfig, SiteId, Verdict};
@@ -249,18 +249,24 @@ impl Replication {
         );
         let left = self.accept_at_risk_remaining().unwrap_or_default();
         let _ = writeln!(out, "validator_replication_accept_at_risk_window_seconds {}", left.as_secs_f64().ceil());
-        header(out, "validator_replication_accepted_at_risk_total", "counter", "OTPs accepted without their quorum (accept-at-risk).");
-        let _ = writeln!(out, "validator_replication_accepted_at_risk_total {}", m.accepted_at_risk);
-        header(out, "validator_replication_quorum_failures_total", "counter", "Requests that missed their quorum.");
-        let _ = writeln!(out, "validator_replication_quorum_failures_total {}", m.quorum_failures);
-        header(out, "validator_replication_rpc_failures_total", "counter", "Requests to peers that failed (transport).");
-        let _ = writeln!(out, "validator_replication_rpc_failures_total {}", m.rpc_failures);
-        header(out, "validator_replication_requests_sent_total", "counter", "Compare-and-set requests sent to peers.");
-        let _ = writeln!(out, "validator_replication_requests_sent_total {}", m.requests_sent);
-        header(out, "validator_replication_request_rpcs_total", "counter", "RPCs carrying them (requests queued together share one).");
-        let _ = writeln!(out, "validator_replication_request_rpcs_total {}", m.request_rpcs);
-        header(out, "validator_replication_peer_requests_total", "counter", "Peers' compare-and-set requests answered.");
-        let _ = writeln!(out, "validator_replication_peer_requests_total {}", m.peer_requests);
+        single(
+            out,
+            "validator_replication_accepted_at_risk_total",
+            "counter",
+            "OTPs accepted without their quorum (accept-at-risk).",
+            m.accepted_at_risk,
+        );
+        single(out, "validator_replication_quorum_failures_total", "counter", "Requests that missed their quorum.", m.quorum_failures);
+        single(out, "validator_replication_rpc_failures_total", "counter", "Requests to peers that failed (transport).", m.rpc_failures);
+        single(out, "validator_replication_requests_sent_total", "counter", "Compare-and-set requests sent to peers.", m.requests_sent);
+        single(
+            out,
+            "validator_replication_request_rpcs_total",
+            "counter",
+            "RPCs carrying them (requests queued together share one).",
+            m.request_rpcs,
+        );
+        single(out, "validator_replication_peer_requests_total", "counter", "Peers' compare-and-set requests answered.", m.peer_requests);
         header(out, "validator_replication_peer_transitions_total", "counter", "Peers going up or down.");
         let _ = writeln!(out, "validator_replication_peer_transitions_total{{to=\"up\"}} {}", m.peer_up);
         let _ = writeln!(out, "validator_replication_peer_transitions_total{{to=\"down\"}} {}", m.peer_down);
