@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use otp::{Counters, PublicId};
 use replication::node::{DurableCas, Error as NodeError, Node, NodeConfig, NodeEvent, Reachability};
-use replication::quorum::{
-    peer_cas, CasDecision, Event, OtpDigest, PeerCasResult, Policy, Proposal, QuorumConfig, SiteId, StoredCounters, Verdict,
-};
+use replication::quorum::{peer_cas, CasDecision, Event, OtpDigest, PeerCasResult, Policy, Proposal, QuorumConfig, SiteId, Verdict};
 use replication::transport::{Endpoint, Peer};
 use replication::wire;
 
@@ -26,37 +24,21 @@ const DEADLINE: Duration = Duration::from_millis(300);
 
 mod common;
 
+use common::model::{apply_peer_cas, local_cas, LocalVerdict, Rng, Store};
 use common::{free_addr, pki, Pki, Spec, A, B, W};
 
 // ---------------------------------------------------------------------------
 // The durable store: a peer's compare-and-set per `peer_cas`, and the
 // validator's local rule.
 
-#[derive(Debug, PartialEq, Eq)]
-enum Local {
-    /// Equal counters, same nonce: REPLAYED_REQUEST.
-    ReplayedRequest,
-    /// Lower, or equal with another nonce: REPLAYED_OTP.
-    ReplayedOtp,
-}
-
 #[derive(Default)]
 struct MemStore {
-    records: Mutex<BTreeMap<PublicId, StoredCounters>>,
+    records: Mutex<Store>,
 }
 
 impl MemStore {
-    fn local_cas(&self, p: &Proposal) -> Result<(), Local> {
-        let mut records = self.records.lock().unwrap();
-        match records.get(&p.public_id) {
-            Some(s) if p.counters < s.counters => Err(Local::ReplayedOtp),
-            Some(s) if p.counters == s.counters && p.nonce == s.nonce => Err(Local::ReplayedRequest),
-            Some(s) if p.counters == s.counters => Err(Local::ReplayedOtp),
-            _ => {
-                records.insert(p.public_id, StoredCounters::from(p));
-                Ok(())
-            }
-        }
+    fn local_cas(&self, p: &Proposal) -> Result<(), LocalVerdict> {
+        local_cas(&mut self.records.lock().unwrap(), p)
     }
 
     fn get(&self, public_id: PublicId) -> Option<Counters> {
@@ -66,12 +48,7 @@ impl MemStore {
 
 impl DurableCas for MemStore {
     fn peer_cas(&self, _origin: SiteId, proposal: &Proposal) -> PeerCasResult {
-        let mut records = self.records.lock().unwrap();
-        let decision = peer_cas(records.get(&proposal.public_id), proposal);
-        if decision == CasDecision::Store {
-            records.insert(proposal.public_id, StoredCounters::from(proposal));
-        }
-        decision.into()
+        apply_peer_cas(&mut self.records.lock().unwrap(), proposal)
     }
 }
 
@@ -110,14 +87,8 @@ fn otp(key_no: u64, counter: u16, session_use: u8, nonce: &str, variant: u8) -> 
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 enum Outcome {
-    Local(LocalOutcome),
+    Local(LocalVerdict),
     Node(Verdict),
-}
-
-#[derive(Debug, PartialEq, Eq, Clone, Copy)]
-enum LocalOutcome {
-    ReplayedRequest,
-    ReplayedOtp,
 }
 
 fn is_ok(o: Outcome) -> bool {
@@ -127,8 +98,7 @@ fn is_ok(o: Outcome) -> bool {
 /// What the validator does: local compare-and-set, then replication.
 async fn validate(site: &Site, p: Proposal) -> Outcome {
     match site.store.local_cas(&p) {
-        Err(Local::ReplayedRequest) => Outcome::Local(LocalOutcome::ReplayedRequest),
-        Err(Local::ReplayedOtp) => Outcome::Local(LocalOutcome::ReplayedOtp),
+        Err(local) => Outcome::Local(local),
         Ok(()) => Outcome::Node(site.node.submit(p, None, None).await),
     }
 }
@@ -187,9 +157,9 @@ async fn replay_at_b_after_an_ok_at_a_is_refused() {
     // Write-all: B durably holds the counters before A answered OK, so B's
     // own compare-and-set refuses the replay, whatever the nonce.
     assert_eq!(b.store.get(p.public_id), Some(p.counters));
-    assert_eq!(validate(&b, p.clone()).await, Outcome::Local(LocalOutcome::ReplayedRequest));
+    assert_eq!(validate(&b, p.clone()).await, Outcome::Local(LocalVerdict::ReplayedRequest));
     let replay = Proposal { nonce: "nonce-replay-0002".into(), ..p.clone() };
-    assert_eq!(validate(&b, replay.clone()).await, Outcome::Local(LocalOutcome::ReplayedOtp));
+    assert_eq!(validate(&b, replay.clone()).await, Outcome::Local(LocalVerdict::ReplayedOtp));
     // Even a site whose local store missed it (forced here) is refused by
     // its peer.
     assert_eq!(b.node.submit(replay, None, None).await, Verdict::Replayed);
@@ -390,23 +360,6 @@ async fn garbage_and_foreign_requests_get_no_reply() {
 
 // ---------------------------------------------------------------------------
 // Concurrency: the invariant under many submissions from several tasks.
-
-/// SplitMix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Clone, Debug)]
 struct Record {

@@ -19,6 +19,10 @@ use replication::quorum::{
     QuorumConfig, ReplyOutcome, RequestId, SiteId, StoredCounters, Verdict,
 };
 
+mod common;
+
+use common::model::{apply_peer_cas, local_cas, LocalVerdict, Rng, Store};
+
 const A: SiteId = SiteId(1);
 const B: SiteId = SiteId(2);
 const W: SiteId = SiteId(3);
@@ -27,41 +31,6 @@ const DEADLINE: Duration = Duration::from_millis(50);
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
-}
-
-// ---------------------------------------------------------------------------
-// A small seeded generator (SplitMix64): no dependency, same sequence
-// everywhere.
-
-#[derive(Clone, Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0; the modulo bias is irrelevant here).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, p: f64) -> bool {
-        ((self.next() >> 11) as f64 / (1u64 << 53) as f64) < p
-    }
-
-    fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
-        let span = (hi - lo).as_micros() as u64;
-        lo + Duration::from_micros(if span == 0 { 0 } else { self.below(span + 1) })
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -90,37 +59,6 @@ fn otp_variant(key_no: u64, counter: u16, session_use: u8, variant: u8) -> Otp {
     d[10] = session_use;
     d[11] = variant;
     Otp { public_id: key(key_no), counters: Counters::new(counter, session_use).unwrap(), digest: OtpDigest(d) }
-}
-
-/// The validator's own rule (`CounterStore::compare_and_set`): strictly
-/// greater → accepted; equal counters and nonce → REPLAYED_REQUEST;
-/// otherwise REPLAYED_OTP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum LocalVerdict {
-    ReplayedRequest,
-    ReplayedOtp,
-}
-
-type Store = BTreeMap<PublicId, StoredCounters>;
-
-fn local_cas(store: &mut Store, p: &Proposal) -> Result<(), LocalVerdict> {
-    match store.get(&p.public_id) {
-        Some(s) if p.counters < s.counters => Err(LocalVerdict::ReplayedOtp),
-        Some(s) if p.counters == s.counters && p.nonce == s.nonce => Err(LocalVerdict::ReplayedRequest),
-        Some(s) if p.counters == s.counters => Err(LocalVerdict::ReplayedOtp),
-        _ => {
-            store.insert(p.public_id, StoredCounters::from(p));
-            Ok(())
-        }
-    }
-}
-
-fn apply_peer_cas(store: &mut Store, p: &Proposal) -> PeerCasResult {
-    let decision = peer_cas(store.get(&p.public_id), p);
-    if decision == CasDecision::Store {
-        store.insert(p.public_id, StoredCounters::from(p));
-    }
-    decision.into()
 }
 
 // ---------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 //! dir, a certificate per site issued on first use.
 #![allow(dead_code)]
 
+pub mod model;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
