@@ -15,7 +15,7 @@ mod site;
 use std::path::PathBuf;
 
 use pam::{require_pam_yubico, require_root, PamService, AUTHINFO_UNAVAIL, AUTH_ERR, SUCCESS, USER_UNKNOWN};
-use site::{garbled, Site};
+use site::{garbled, Server, Site};
 
 /// pam_yubico's authfile, written by `validator authfile` from a YAML map,
 /// giving alice the first YubiKey and bob the second.
@@ -30,12 +30,9 @@ fn authfile(site: &Site) -> PathBuf {
     out_file
 }
 
-/// A fresh OTP logs in; the same OTP again, and an older counter, fail
-/// with REPLAYED_OTP (PAM_AUTH_ERR); a newer one logs in again; a
-/// password typed before the OTP is split off; bob logs in with his own
-/// YubiKey. The validator's /metrics agrees with each verdict.
-#[test]
-fn pam_yubico_logs_in_once_per_otp() {
+/// A site with two YubiKeys (alice's and bob's) and API client 1 (its
+/// key), their authfile, `validator serve`, and a PAM service asking it.
+fn pam_site() -> (Site, String, PathBuf, Server, PamService) {
     require_root();
     require_pam_yubico();
     let site = Site::new(2);
@@ -43,6 +40,16 @@ fn pam_yubico_logs_in_once_per_otp() {
     let auth = authfile(&site);
     let server = site.serve();
     let pam = PamService::new(site.dir.path(), 1, &key, &[server.url()], &auth);
+    (site, key, auth, server, pam)
+}
+
+/// A fresh OTP logs in; the same OTP again, and an older counter, fail
+/// with REPLAYED_OTP (PAM_AUTH_ERR); a newer one logs in again; a
+/// password typed before the OTP is split off; bob logs in with his own
+/// YubiKey. The validator's /metrics agrees with each verdict.
+#[test]
+fn pam_yubico_logs_in_once_per_otp() {
+    let (site, _, _, server, pam) = pam_site();
     let (alice, bob) = (&site.yubikeys[0], &site.yubikeys[1]);
 
     let fresh = alice.otp(0x0010, 3);
@@ -97,13 +104,7 @@ fn pam_yubico_logs_in_once_per_otp() {
 /// a signature failure as with yubikey-val).
 #[test]
 fn pam_yubico_refuses_unmapped_tokens_wrong_keys_and_disabled_clients() {
-    require_root();
-    require_pam_yubico();
-    let site = Site::new(2);
-    let key = site.add_client(1);
-    let auth = authfile(&site);
-    let server = site.serve();
-    let pam = PamService::new(site.dir.path(), 1, &key, &[server.url()], &auth);
+    let (site, key, auth, server, pam) = pam_site();
     let (alice, bob) = (&site.yubikeys[0], &site.yubikeys[1]);
 
     // Alice with bob's YubiKey: the token is not hers.
