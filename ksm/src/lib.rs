@@ -10,6 +10,7 @@ pub mod aead_dir;
 pub mod config;
 pub mod export;
 pub mod import;
+pub mod outbox;
 pub mod serve;
 pub mod store;
 

@@ -38,6 +38,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 use sha2::{Digest, Sha256};
 
 use crate::aead_dir::KeyHandleDir;
+use crate::outbox::Outbox;
+pub use crate::outbox::PeerPosition;
 use crate::{AeadLookup, LookupError};
 
 const SCHEMA: &str = "
@@ -86,8 +88,8 @@ const SELECT_ONE: &str = "SELECT nonce, aead FROM aeads WHERE public_id = ?1 AND
 const SELECT_OUTBOX: &str = "SELECT o.seq, o.public_id, o.key_handle, a.nonce, a.aead FROM aead_outbox o \
      LEFT JOIN aeads a ON a.public_id = o.public_id AND a.key_handle = o.key_handle \
      WHERE o.seq > ?1 ORDER BY o.seq LIMIT ?2";
-const OUTBOX_HEAD: &str = "SELECT seq FROM sqlite_sequence WHERE name = 'aead_outbox'";
-const COMPACT: &str = "DELETE FROM aead_outbox WHERE seq <= (SELECT min(acked_seq) FROM aead_peer_cursors)";
+/// The replication outbox and its per-peer cursors.
+const OUTBOX: Outbox = Outbox { table: "aead_outbox", cursors: "aead_peer_cursors" };
 
 /// Busy timeout of every connection: how long a writer waits for another
 /// process's write transaction (readers never wait in WAL mode).
@@ -135,15 +137,6 @@ pub struct OutboxAead {
     pub key_handle: KeyHandle,
     /// The stored AEAD; `None` if the row was since removed by hand.
     pub record: Option<AeadRecord>,
-}
-
-/// A peer's position in the outbox, as recorded by [`AeadStore::ack_peer`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PeerPosition {
-    /// The peer's acknowledged cursor: it holds every row up to it.
-    pub cursor: u64,
-    /// The highest sequence number ever appended (0 before the first).
-    pub head: u64,
 }
 
 /// The SQLite AEAD store.
@@ -406,70 +399,34 @@ impl AeadStore {
 
     /// Forget `peer`: it no longer holds back compaction.
     pub fn remove_peer(&self, peer: &str) -> Result<(), LookupError> {
-        lock(&self.writer).execute("DELETE FROM aead_peer_cursors WHERE peer = ?1", params![peer]).map(drop).map_err(db_err)
+        OUTBOX.remove(&lock(&self.writer), peer).map_err(db_err)
     }
 
     /// Record that `peer` holds every outbox row up to `acked` (registering
     /// it if unknown; `None` only registers), compact the rows every known
-    /// peer holds, and answer its cursor — all in one transaction. Cursors
-    /// only move forward; one past the head (this file restored from an
-    /// older backup) is clamped to the head.
+    /// peer holds, and answer its cursor ([`Outbox`]). A pull that moves
+    /// nothing is answered from a read connection.
     pub fn ack_peer(&self, peer: &str, acked: Option<u64>) -> Result<PeerPosition, LookupError> {
-        // Most pulls move nothing: answered from a read connection, without
-        // a write transaction.
-        {
-            let conn = self.reader();
-            let known: Option<u64> = conn
-                .prepare_cached("SELECT acked_seq FROM aead_peer_cursors WHERE peer = ?1")
-                .map_err(db_err)?
-                .query_row(params![peer], count_column)
-                .optional()
-                .map_err(db_err)?;
-            let head: u64 = conn.query_row(OUTBOX_HEAD, [], count_column).optional().map_err(db_err)?.unwrap_or(0);
-            if let Some(cursor) = known {
-                if acked.is_none_or(|n| n.min(head) <= cursor) {
-                    return Ok(PeerPosition { cursor, head });
-                }
-            }
+        if let Some(position) = OUTBOX.unchanged(&self.reader(), peer, acked).map_err(db_err)? {
+            return Ok(position);
         }
-        let mut conn = lock(&self.writer);
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
-        let head: i64 = tx.query_row(OUTBOX_HEAD, [], |r| r.get(0)).optional().map_err(db_err)?.unwrap_or(0);
-        let acked = acked.map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX).min(head));
-        tx.execute(
-            "INSERT INTO aead_peer_cursors (peer, acked_seq) VALUES (?1, ?2) \
-             ON CONFLICT (peer) DO UPDATE SET acked_seq = max(acked_seq, excluded.acked_seq)",
-            params![peer, acked],
-        )
-        .map_err(db_err)?;
-        let cursor: i64 =
-            tx.query_row("SELECT acked_seq FROM aead_peer_cursors WHERE peer = ?1", params![peer], |r| r.get(0)).map_err(db_err)?;
-        // A range delete on the integer primary key: one probe when there
-        // is nothing to drop, so it runs with every acknowledgement.
-        tx.execute(COMPACT, []).map_err(db_err)?;
-        tx.commit().map_err(db_err)?;
-        Ok(PeerPosition { cursor: u64::try_from(cursor).unwrap_or(0), head: u64::try_from(head).unwrap_or(0) })
+        OUTBOX.ack(&mut lock(&self.writer), peer, acked).map_err(db_err)
     }
 
     /// Every known peer and its acknowledged cursor, by name.
     pub fn peer_cursors(&self) -> Result<Vec<(String, u64)>, LookupError> {
-        let conn = self.reader();
-        let mut stmt = conn.prepare_cached("SELECT peer, acked_seq FROM aead_peer_cursors ORDER BY peer").map_err(db_err)?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, count_at(r, 1)?))).map_err(db_err)?;
-        rows.collect::<Result<_, _>>().map_err(db_err)
+        OUTBOX.cursors(&self.reader()).map_err(db_err)
     }
 
     /// Delete the outbox rows every known peer has acknowledged (none while
     /// no peer is known); how many.
     pub fn compact(&self) -> Result<u64, LookupError> {
-        let n = lock(&self.writer).execute(COMPACT, []).map_err(db_err)?;
-        Ok(n as u64)
+        OUTBOX.compact(&lock(&self.writer)).map_err(db_err)
     }
 
     /// The highest `seq` ever appended to the outbox (0 before the first).
     pub fn outbox_last_seq(&self) -> Result<u64, LookupError> {
-        let seq: Option<u64> = self.reader().query_row(OUTBOX_HEAD, [], count_column).optional().map_err(db_err)?;
-        Ok(seq.unwrap_or(0))
+        OUTBOX.head(&self.reader()).map_err(db_err)
     }
 
     /// Up to `limit` outbox rows after `after`, in `seq` order, with the

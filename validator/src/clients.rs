@@ -45,6 +45,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use hsm::{DataKey, SecurityModule};
+use ksm::outbox::{Outbox, PeerPosition};
 use replication::sync::{bucket_of, Changes, Digest, Item, Merged, SyncError, SyncStore};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use sha2::{Digest as _, Sha256};
@@ -111,8 +112,8 @@ CREATE TRIGGER IF NOT EXISTS clients_outbox_update AFTER UPDATE ON clients
     BEGIN INSERT INTO clients_outbox (id) VALUES (NEW.id); END;
 ";
 
-const OUTBOX_HEAD: &str = "SELECT seq FROM sqlite_sequence WHERE name = 'clients_outbox'";
-const COMPACT: &str = "DELETE FROM clients_outbox WHERE seq <= (SELECT min(acked_seq) FROM clients_peer_cursors)";
+/// The replication outbox and its per-peer cursors.
+const OUTBOX: Outbox = Outbox { table: "clients_outbox", cursors: "clients_peer_cursors" };
 /// Longest notes accepted by [`ClientDb::add`].
 pub const MAX_NOTES_LEN: usize = 1024;
 
@@ -724,36 +725,18 @@ impl StoredRow {
     }
 }
 
-/// A peer's position in the client outbox.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ClientPeerPosition {
-    /// The peer's acknowledged cursor.
-    pub cursor: u64,
-    /// The highest sequence number ever appended (0 before the first).
-    pub head: u64,
-}
-
 impl ClientDb {
     /// Record that `peer` holds every outbox row up to `acked` (registering
     /// it if unknown; `None` only registers), compact what every known
-    /// peer holds, and answer its cursor, in one transaction. Cursors only
-    /// move forward; one past the head is clamped to the head.
-    pub fn ack_peer(&self, peer: &str, acked: Option<u64>) -> Result<ClientPeerPosition, ClientError> {
+    /// peer holds, and answer its cursor ([`Outbox`]). A pull that moves
+    /// nothing takes no write lock (this table may share its file with the
+    /// counter store's writer).
+    pub fn ack_peer(&self, peer: &str, acked: Option<u64>) -> Result<PeerPosition, ClientError> {
         let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
-        let head: i64 = tx.query_row(OUTBOX_HEAD, [], |r| r.get(0)).optional().map_err(db_err)?.unwrap_or(0);
-        let acked = acked.map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX).min(head));
-        tx.execute(
-            "INSERT INTO clients_peer_cursors (peer, acked_seq) VALUES (?1, ?2) \
-             ON CONFLICT (peer) DO UPDATE SET acked_seq = max(acked_seq, excluded.acked_seq)",
-            params![peer, acked],
-        )
-        .map_err(db_err)?;
-        let cursor: i64 =
-            tx.query_row("SELECT acked_seq FROM clients_peer_cursors WHERE peer = ?1", params![peer], |r| r.get(0)).map_err(db_err)?;
-        tx.execute(COMPACT, []).map_err(db_err)?;
-        tx.commit().map_err(db_err)?;
-        Ok(ClientPeerPosition { cursor: u64::try_from(cursor).unwrap_or(0), head: u64::try_from(head).unwrap_or(0) })
+        if let Some(position) = OUTBOX.unchanged(&conn, peer, acked).map_err(db_err)? {
+            return Ok(position);
+        }
+        OUTBOX.ack(&mut conn, peer, acked).map_err(db_err)
     }
 
     /// Register `peer` (cursor 0) if it is unknown: from now on changes are
@@ -764,15 +747,12 @@ impl ClientDb {
 
     /// Forget `peer`: it no longer holds back compaction.
     pub fn remove_peer(&self, peer: &str) -> Result<(), ClientError> {
-        self.lock().execute("DELETE FROM clients_peer_cursors WHERE peer = ?1", params![peer]).map(drop).map_err(db_err)
+        OUTBOX.remove(&self.lock(), peer).map_err(db_err)
     }
 
     /// Every known peer and its acknowledged cursor, by name.
     pub fn peer_cursors(&self) -> Result<Vec<(String, u64)>, ClientError> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare_cached("SELECT peer, acked_seq FROM clients_peer_cursors ORDER BY peer").map_err(db_err)?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).map_err(db_err)?;
-        rows.map(|r| r.map(|(p, s)| (p, u64::try_from(s).unwrap_or(0))).map_err(db_err)).collect()
+        OUTBOX.cursors(&self.lock()).map_err(db_err)
     }
 
     /// Up to `limit` outbox rows after `after`: (seq, client id), in order.
@@ -791,8 +771,7 @@ impl ClientDb {
 
     /// The highest `seq` ever appended to the outbox (0 before the first).
     pub fn outbox_last_seq(&self) -> Result<u64, ClientError> {
-        let seq: Option<i64> = self.lock().query_row(OUTBOX_HEAD, [], |r| r.get(0)).optional().map_err(db_err)?;
-        Ok(seq.map_or(0, |s| u64::try_from(s).unwrap_or(0)))
+        OUTBOX.head(&self.lock()).map_err(db_err)
     }
 
     /// The replication version of a client's row (1 at creation, one more
