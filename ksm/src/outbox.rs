@@ -68,9 +68,16 @@ impl Outbox {
     /// one `IMMEDIATE` transaction.
     pub fn ack(&self, conn: &mut Connection, peer: &str, acked: Option<u64>) -> rusqlite::Result<PeerPosition> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let head = self.head(&tx)?;
+        let position = self.record(&tx, peer, acked)?;
+        tx.commit()?;
+        Ok(position)
+    }
+
+    /// [`Self::ack`] inside the caller's write transaction.
+    pub fn record(&self, conn: &Connection, peer: &str, acked: Option<u64>) -> rusqlite::Result<PeerPosition> {
+        let head = self.head(conn)?;
         let acked = acked.map_or(0, |n| n.min(head));
-        tx.execute(
+        conn.execute(
             &format!(
                 "INSERT INTO {0} (peer, acked_seq) VALUES (?1, ?2) \
                  ON CONFLICT (peer) DO UPDATE SET acked_seq = max(acked_seq, excluded.acked_seq)",
@@ -78,9 +85,9 @@ impl Outbox {
             ),
             params![peer, i64::try_from(acked).unwrap_or(i64::MAX)],
         )?;
-        let cursor: i64 = tx.query_row(&format!("SELECT acked_seq FROM {} WHERE peer = ?1", self.cursors), params![peer], |r| r.get(0))?;
-        self.compact(&tx)?;
-        tx.commit()?;
+        let cursor: i64 =
+            conn.query_row(&format!("SELECT acked_seq FROM {} WHERE peer = ?1", self.cursors), params![peer], |r| r.get(0))?;
+        self.compact(conn)?;
         Ok(PeerPosition { cursor: seq(cursor), head })
     }
 

@@ -137,6 +137,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use httpd::metrics::{header, single, Histogram};
+use ksm::outbox::{Outbox, PeerPosition};
 use otp::{Counters, PublicId};
 use replication::quorum::{self, OtpDigest, PeerCasResult, Proposal};
 use replication::sync::{Changes, Digest, Item, Merged, SyncError, SyncStore};
@@ -210,6 +211,8 @@ const MERGE: &str = "INSERT INTO counters (public_id, counter, session_use, high
 /// Only while some peer is registered: a lone site keeps no outbox (a peer
 /// joining later bootstraps from a snapshot, then the outbox after its
 /// registration).
+/// The outbox and its per-peer cursors ([`ksm::outbox`]).
+const OUTBOX: Outbox = Outbox { table: "outbox", cursors: "peer_cursors" };
 const APPEND_OUTBOX: &str = "INSERT INTO outbox (public_id, counter, session_use, nonce, otp_digest, modified) \
      SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS (SELECT 1 FROM peer_cursors)";
 const SELECT_VERDICT: &str = "SELECT counter, session_use, nonce, otp_digest FROM counters WHERE public_id = ?1";
@@ -434,7 +437,7 @@ enum Done {
     Merged(MergeCounts),
     Count(u64),
     /// A peer's cursor and the outbox head ([`SyncStore::changes`]).
-    Cursor(u64, u64),
+    Cursor(PeerPosition),
 }
 
 type Answer = Result<Done, BackendFailure>;
@@ -798,11 +801,7 @@ impl SqliteCounters {
     /// Forget `peer` (decommissioned): it no longer holds back compaction.
     pub fn remove_peer(&self, peer: &str) -> Result<(), BackendFailure> {
         let peer = peer.to_owned();
-        self.alone(move |conn| {
-            conn.execute("DELETE FROM peer_cursors WHERE peer = ?1", params![peer]).map_err(|e| format!("remove peer: {e}"))?;
-            Ok(Done::Count(0))
-        })
-        .map(drop)
+        self.alone(move |conn| OUTBOX.remove(conn, &peer).map(|()| Done::Count(0)).map_err(|e| format!("remove peer: {e}"))).map(drop)
     }
 
     /// `peer` has applied every outbox row up to `seq`. The cursor only
@@ -827,11 +826,7 @@ impl SqliteCounters {
     /// a peer whose cursor is here has everything. Compaction does not
     /// lower it.
     pub fn outbox_last_seq(&self) -> Result<u64, BackendFailure> {
-        let seq: Option<i64> = lock(&self.reader)
-            .query_row("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'", [], |r| r.get(0))
-            .optional()
-            .map_err(|e| failure("read outbox", e))?;
-        Ok(seq.map_or(0, |s| u64::try_from(s).unwrap_or(0)))
+        OUTBOX.head(&lock(&self.reader)).map_err(|e| failure("read outbox", e))
     }
 
     /// A page of the whole counter state, for bootstrapping a new site: up
@@ -862,23 +857,13 @@ impl SqliteCounters {
 
     /// Every known peer and its acknowledged cursor, by name.
     pub fn peer_cursors(&self) -> Result<Vec<(String, u64)>, BackendFailure> {
-        let conn = lock(&self.reader);
-        let rows: Vec<(String, i64)> = conn
-            .prepare_cached("SELECT peer, acked_seq FROM peer_cursors ORDER BY peer")
-            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
-            .map_err(|e| failure("read cursors", e))?;
-        Ok(rows.into_iter().map(|(p, s)| (p, u64::try_from(s).unwrap_or(0))).collect())
+        OUTBOX.cursors(&lock(&self.reader)).map_err(|e| failure("read cursors", e))
     }
 
     /// Delete the outbox rows at or below the smallest acknowledged cursor
     /// of all known peers (none when no peer is known); how many.
     pub fn compact(&self) -> Result<u64, BackendFailure> {
-        match self.alone(|conn| {
-            let n = conn
-                .execute("DELETE FROM outbox WHERE seq <= (SELECT min(acked_seq) FROM peer_cursors)", [])
-                .map_err(|e| format!("compact: {e}"))?;
-            Ok(Done::Count(n as u64))
-        })? {
+        match self.alone(|conn| OUTBOX.compact(conn).map(Done::Count).map_err(|e| format!("compact: {e}")))? {
             Done::Count(n) => Ok(n),
             _ => Err(BackendFailure("counter store: the writer answered another question".to_owned())),
         }
@@ -1458,40 +1443,6 @@ pub mod sync_item {
     }
 }
 
-/// The answer of the cursor job of [`SyncStore::changes`]: the cursor to
-/// read after and the outbox head.
-fn cursor_job(conn: &Connection, peer: &str, after: Option<u64>) -> Result<(u64, u64), String> {
-    let head: i64 = conn
-        .query_row("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'", [], |r| r.get(0))
-        .optional()
-        .map_err(|e| format!("read outbox head: {e}"))?
-        .unwrap_or(0);
-    match after {
-        Some(n) => {
-            // A cursor beyond the head (this site's file restored from an
-            // older backup) is clamped: the puller then asks from the head.
-            let n = i64::try_from(n).unwrap_or(i64::MAX).min(head);
-            conn.execute(
-                "INSERT INTO peer_cursors (peer, acked_seq) VALUES (?1, ?2) \
-                 ON CONFLICT (peer) DO UPDATE SET acked_seq = max(acked_seq, excluded.acked_seq)",
-                params![peer, n],
-            )
-            .map_err(|e| format!("ack: {e}"))?;
-        }
-        None => {
-            conn.execute("INSERT INTO peer_cursors (peer, acked_seq) VALUES (?1, 0) ON CONFLICT (peer) DO NOTHING", params![peer])
-                .map_err(|e| format!("add peer: {e}"))?;
-        }
-    }
-    let cursor: i64 = conn
-        .query_row("SELECT acked_seq FROM peer_cursors WHERE peer = ?1", params![peer], |r| r.get(0))
-        .map_err(|e| format!("cursor: {e}"))?;
-    // Compaction with every acknowledgement: a range delete on the
-    // integer primary key, one B-tree probe when there is nothing to drop.
-    conn.execute("DELETE FROM outbox WHERE seq <= (SELECT min(acked_seq) FROM peer_cursors)", []).map_err(|e| format!("compact: {e}"))?;
-    Ok((u64::try_from(cursor).unwrap_or(0), u64::try_from(head).unwrap_or(0)))
-}
-
 /// A text column of a scanned row, borrowed.
 fn scan_text(v: rusqlite::types::ValueRef<'_>) -> Result<&str, SyncError> {
     v.as_str().map_err(|e| SyncError(format!("counter store: scan: {e}")))
@@ -1502,15 +1453,6 @@ fn sync_err(e: BackendFailure) -> SyncError {
 }
 
 impl SqliteCounters {
-    /// `peer`'s acknowledged cursor, if it is known (committed state).
-    fn peer_cursor(&self, peer: &str) -> Result<Option<u64>, BackendFailure> {
-        let cursor: Option<i64> = lock(&self.reader)
-            .prepare_cached("SELECT acked_seq FROM peer_cursors WHERE peer = ?1")
-            .and_then(|mut s| s.query_row(params![peer], |r| r.get(0)).optional())
-            .map_err(|e| failure("read cursors", e))?;
-        Ok(cursor.map(|c| u64::try_from(c).unwrap_or(0)))
-    }
-
     /// Every counters row as an item, in one consistent read on a
     /// connection of its own (the hot read connection is not held), passed
     /// to `f` with its key's bucket.
@@ -1557,14 +1499,15 @@ impl SyncStore for SqliteCounters {
     fn changes(&self, peer: &str, after: Option<u64>, limit: usize) -> Result<Changes, SyncError> {
         // Most pulls move no cursor: answered from the read connection, so
         // they cost the writer (and its group commits) nothing.
-        let known = self.peer_cursor(peer).map_err(sync_err)?;
-        let head = self.outbox_last_seq().map_err(sync_err)?;
-        let (cursor, head) = match known {
-            Some(cursor) if after.is_none_or(|n| n.min(head) <= cursor) => (cursor, head),
-            _ => {
+        let unchanged =
+            OUTBOX.unchanged(&lock(&self.reader), peer, after).map_err(|e| SyncError(format!("counter store: read cursors: {e}")))?;
+        let PeerPosition { cursor, head } = match unchanged {
+            Some(position) => position,
+            None => {
                 let owned = peer.to_owned();
-                match self.alone(move |conn| cursor_job(conn, &owned, after).map(|(c, h)| Done::Cursor(c, h))).map_err(sync_err)? {
-                    Done::Cursor(c, h) => (c, h),
+                let job = move |conn: &Connection| OUTBOX.record(conn, &owned, after).map(Done::Cursor).map_err(|e| format!("ack: {e}"));
+                match self.alone(job).map_err(sync_err)? {
+                    Done::Cursor(position) => position,
                     _ => return Err(SyncError("counter store: the writer answered another question".to_owned())),
                 }
             }
