@@ -60,7 +60,7 @@ use crate::quorum::{
 };
 use crate::sync::{Dataset, SyncStore};
 use crate::syncer::{self, Puller, RpcReport, Statuses, SyncSetup, SyncStatus};
-use crate::transport::{Endpoint, Peer, PeerIdentity, RpcError};
+use crate::transport::{bump, Endpoint, Peer, PeerIdentity, RpcError};
 use crate::wire;
 
 /// Capacity of the [`NodeEvent`] channel; a subscriber that falls further
@@ -239,10 +239,6 @@ struct AtomicMetrics {
     peer_down: AtomicU64,
     requests_sent: AtomicU64,
     request_rpcs: AtomicU64,
-}
-
-fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
 }
 
 impl AtomicMetrics {

@@ -402,7 +402,8 @@ struct Counters {
     refused: AtomicU64,
 }
 
-fn bump(counter: &AtomicU64) {
+/// One more on a statistics counter (relaxed: read only for reports).
+pub(crate) fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
