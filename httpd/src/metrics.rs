@@ -75,6 +75,26 @@ pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
+/// A service's answers by outcome: `requests` (name, help), a counter per
+/// `label` value, then `durations` (name, help), a latency histogram per
+/// value, from the same histograms.
+pub fn answers_by<'a>(
+    out: &mut String,
+    requests: (&str, &str),
+    durations: (&str, &str),
+    label: &str,
+    rows: impl Iterator<Item = (&'a str, &'a Histogram)> + Clone,
+) {
+    header(out, requests.0, "counter", requests.1);
+    for (value, h) in rows.clone() {
+        let _ = writeln!(out, "{}{{{label}=\"{value}\"}} {}", requests.0, h.count());
+    }
+    header(out, durations.0, "histogram", durations.1);
+    for (value, h) in rows {
+        h.render(out, durations.0, &format!("{label}=\"{value}\""));
+    }
+}
+
 /// Append a metric that has one unlabelled sample: its header and `value`.
 pub fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
     header(out, name, kind, help);

@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use httpd::metrics::{header, single, Histogram};
+use httpd::metrics::{answers_by, single, Histogram};
 pub use httpd::{HttpOptions, Running};
 use httpd::{Method, Rejection, Reply, Request, StatusCode};
 
@@ -124,15 +124,13 @@ impl httpd::Handler for KsmService {
     }
 
     fn metrics(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        header(out, "ksm_decrypt_requests_total", "counter", "Decrypt requests answered, by result.");
-        for (o, h) in Outcome::ALL.iter().zip(&self.decrypts) {
-            let _ = writeln!(out, "ksm_decrypt_requests_total{{result=\"{}\"}} {}", o.label(), h.count());
-        }
-        header(out, "ksm_decrypt_duration_seconds", "histogram", "Time from request to answer, by result.");
-        for (o, h) in Outcome::ALL.iter().zip(&self.decrypts) {
-            h.render(out, "ksm_decrypt_duration_seconds", &format!("result=\"{}\"", o.label()));
-        }
+        answers_by(
+            out,
+            ("ksm_decrypt_requests_total", "Decrypt requests answered, by result."),
+            ("ksm_decrypt_duration_seconds", "Time from request to answer, by result."),
+            "result",
+            Outcome::ALL.iter().map(|o| o.label()).zip(&self.decrypts),
+        );
         single(
             out,
             "ksm_security_module_ready",

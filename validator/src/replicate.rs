@@ -241,14 +241,13 @@ impl Replication {
         ] {
             let _ = writeln!(out, "validator_replication_verdicts_total{{verdict=\"{verdict}\"}} {n}");
         }
-        header(
+        single(
             out,
             "validator_replication_accept_at_risk_window_seconds",
             "gauge",
             "Seconds left in the accept-at-risk window (0 when closed or none).",
+            self.accept_at_risk_remaining().unwrap_or_default().as_secs_f64().ceil(),
         );
-        let left = self.accept_at_risk_remaining().unwrap_or_default();
-        let _ = writeln!(out, "validator_replication_accept_at_risk_window_seconds {}", left.as_secs_f64().ceil());
         single(
             out,
             "validator_replication_accepted_at_risk_total",

@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use httpd::metrics::{header, Histogram};
+use httpd::metrics::{answers_by, single, Histogram};
 pub use httpd::{HttpOptions, Running};
 use httpd::{Method, Rejection, Reply, Request, StatusCode};
 
@@ -223,21 +223,20 @@ impl httpd::Handler for ValidatorService {
             }
             return;
         }
-        header(out, "validator_verify_requests_total", "counter", "Verify requests answered, by status.");
-        for (s, h) in Status::ALL.iter().zip(&self.by_status) {
-            let _ = writeln!(out, "validator_verify_requests_total{{status=\"{}\"}} {}", s.as_str(), h.count());
-        }
-        header(out, "validator_verify_duration_seconds", "histogram", "Time from request to answer, by status.");
-        for (s, h) in Status::ALL.iter().zip(&self.by_status) {
-            h.render(out, "validator_verify_duration_seconds", &format!("status=\"{}\"", s.as_str()));
-        }
-        header(
+        answers_by(
+            out,
+            ("validator_verify_requests_total", "Verify requests answered, by status."),
+            ("validator_verify_duration_seconds", "Time from request to answer, by status."),
+            "status",
+            Status::ALL.iter().map(|s| s.as_str()).zip(&self.by_status),
+        );
+        single(
             out,
             "validator_deadline_missed_total",
             "counter",
             "Requests answered BACKEND_ERROR because the decision missed its deadline.",
+            self.deadline_missed.load(Ordering::Relaxed),
         );
-        let _ = writeln!(out, "validator_deadline_missed_total {}", self.deadline_missed.load(Ordering::Relaxed));
         for source in &self.node.metrics {
             source(out);
         }
