@@ -19,6 +19,7 @@ mod error;
 mod flags;
 pub mod fsutil;
 pub mod password;
+pub mod signing;
 pub mod soft;
 
 use std::fmt;

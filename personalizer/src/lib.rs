@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod home;
+
 use std::fmt::Write as _;
 use std::str::FromStr;
 
