@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod event;
 pub mod home;
 
 use std::fmt::Write as _;
