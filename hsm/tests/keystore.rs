@@ -850,3 +850,35 @@ fn otp_decode_after_cli_provisioning() {
     let d = hsm.decode_otp(&rec, &tok).unwrap();
     assert_eq!((d.use_ctr, d.session_ctr), (0x22, 5));
 }
+
+#[test]
+fn decode_only_export_for_the_servers() {
+    let (dir, _path, hsm) = keystore();
+    let kh = KeyHandle::new(0x20); // generated inside, never seen
+    let nonce = AeadNonce::new([1, 2, 3, 4, 5, 6]);
+    let rec = hsm.generate_yubikey_aeads(&[kh], NonceSource::Given(nonce)).unwrap().remove(0);
+    let secrets = YubiKeySecrets::from_plaintext(&hsm.decrypt_aead(&rec).unwrap()).unwrap();
+    let out = dir.path().join("servers.keystore");
+    let server_pw = Password::new("another password for the servers").unwrap();
+    let listed = hsm.export_decode_only(&out, &server_pw, KDF, &[kh]).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].key_handle, listed[0].flags, listed[0].key_bits), (kh, Flags::OTP_DECODE, 256));
+    assert_eq!(mode(&out) & 0o777, 0o600);
+    assert!(hsm.export_decode_only(&out, &server_pw, KDF, &[kh]).is_err(), "never overwrites");
+    assert!(matches!(
+        hsm.export_decode_only(&dir.path().join("x"), &server_pw, KDF, &[KeyHandle::new(0x999)]),
+        Err(Error::UnknownKeyHandle(_))
+    ));
+
+    // The servers' copy decodes OTPs with the same key and can do nothing else.
+    assert!(SoftHsm::open_unlocked(&out, &password()).is_err(), "sealed under the export password");
+    let server = SoftHsm::open_unlocked(&out, &server_pw).unwrap();
+    let ciphertext =
+        TokenFields { uid: *secrets.uid.expose(), counter: 7, session_use: 2, ..Default::default() }.build().encrypt(&secrets.key);
+    let decoded = server.decode_otp(&rec, &ciphertext).unwrap();
+    assert_eq!((decoded.use_ctr, decoded.session_ctr), (7, 2));
+    assert!(matches!(server.decrypt_aead(&rec), Err(Error::NotPermitted { .. })), "no export");
+    assert!(matches!(server.generate_yubikey_aeads(&[kh], NonceSource::Random), Err(Error::NotPermitted { .. })), "no generation");
+    let value = hsm.encrypt_value(DataKey::Config, b"client key").unwrap();
+    assert!(server.decrypt_value(DataKey::Config, &value).is_err(), "data keys of its own");
+}

@@ -198,6 +198,42 @@ impl SoftHsm {
         Ok(())
     }
 
+    /// Write a new keystore at `path` (mode 0600, refused if it exists) for
+    /// the validation servers: the listed handles with the same AES keys
+    /// but only [`Flags::OTP_DECODE`], fresh data keys of its own, sealed
+    /// under `password`. The key-handle ceremony's export: the servers can
+    /// decode OTPs and nothing else (no generation, no export of secrets).
+    pub fn export_decode_only(
+        &self,
+        path: &Path,
+        password: &Password,
+        kdf: KdfParams,
+        handles: &[KeyHandle],
+    ) -> Result<Vec<HandleInfo>, Error> {
+        kdf.validate().map_err(Error::InvalidInput)?;
+        if handles.is_empty() {
+            return Err(Error::InvalidInput("name at least one key handle to export".to_owned()));
+        }
+        let mut data_keys = Zeroizing::new([0u8; DATA_KEYS_LEN]);
+        random_bytes(&mut data_keys[..])?;
+        let mut contents = Contents { data_keys, handles: BTreeMap::new() };
+        {
+            let u = self.ready()?;
+            for kh in handles {
+                let h = u.contents.handles.get(kh).ok_or(Error::UnknownKeyHandle(*kh))?;
+                contents.handles.insert(*kh, Handle { flags: Flags::OTP_DECODE, key: h.key.clone() });
+            }
+        }
+        let mut header = Header { kdf, salt: [0; 16], nonce: [0; 12] };
+        random_bytes(&mut header.salt)?;
+        random_bytes(&mut header.nonce)?;
+        let file_key = format::derive(password, &header)?;
+        let file = format::seal(&file_key, &header, &contents)?;
+        write_atomic(path, &file, Mode::CreateNew)?;
+        tracing::info!(path = %path.display(), handles = handles.len(), "exported a decode-only keystore");
+        Ok(contents.handles.iter().map(|(kh, h)| HandleInfo { key_handle: *kh, flags: h.flags, key_bits: h.key.bits() }).collect())
+    }
+
     /// Apply `change` to a copy of the contents, persist it, then publish it:
     /// the file is written before anyone can use the new state.
     fn mutate(&self, change: impl FnOnce(&mut Contents) -> Result<(), Error>) -> Result<(), Error> {
