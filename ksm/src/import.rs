@@ -125,12 +125,16 @@ impl ImportReport {
         (self.conflicts + self.errors).saturating_sub(self.issues.len() as u64)
     }
 
-    pub(crate) fn error(&mut self, location: Location, reason: impl Into<String>) {
+    /// Count an error at `location`, keeping its details while fewer than
+    /// [`MAX_ISSUES`] are kept.
+    pub fn error(&mut self, location: Location, reason: impl Into<String>) {
         self.errors += 1;
         self.issue(IssueKind::Error, location, reason.into());
     }
 
-    pub(crate) fn conflict(&mut self, location: Location, reason: impl Into<String>) {
+    /// Count a conflict at `location`, keeping its details while fewer
+    /// than [`MAX_ISSUES`] are kept.
+    pub fn conflict(&mut self, location: Location, reason: impl Into<String>) {
         self.conflicts += 1;
         self.issue(IssueKind::Conflict, location, reason.into());
     }
@@ -473,44 +477,19 @@ pub fn import_ykksm_csv(
 ) -> Result<ImportReport, ImportError> {
     let kh = import.key_handle;
     let can_decode = check_import_handle(hsm, kh, import.nonce)?;
-    let mut lines = SecretLines::new(input);
-    let mut line = Zeroizing::new(Vec::with_capacity(MAX_LINE));
-    let io = |source| ImportError::Io { path: PathBuf::from(&import.source), source };
-    let header_ok = matches!(lines.next(&mut line).map_err(io)?, Some(true)) && strip_cr(&line) == YKKSM_HEADER.as_bytes();
-    if !header_ok {
-        return Err(ImportError::Format(format!(
-            "{}: not a YK-KSM export: the first line must be exactly `{YKKSM_HEADER}`; nothing imported",
-            import.source
-        )));
-    }
+    let mut rows = YkksmReader::new(input, &import.source)?;
     let mut report = ImportReport::default();
     let mut pending = Pending::new(format!("ykksm-csv:{}", import.source), now);
-    let mut number = 1u64;
-    while let Some(complete) = lines.next(&mut line).map_err(io)? {
-        number += 1;
+    while let Some((number, row)) = rows.next_row()? {
         progress.inc(1);
         let at = Location::Line(number);
-        if !complete {
-            report.error(at, format!("longer than {MAX_LINE} bytes"));
-            continue;
-        }
-        let text = match std::str::from_utf8(strip_cr(&line)) {
-            Ok(t) => t,
-            Err(_) => {
-                report.error(at, "not UTF-8 text");
-                continue;
-            }
-        };
-        if text.trim().is_empty() || text.starts_with('#') {
-            continue;
-        }
-        let (public_id, secrets) = match parse_row(text) {
-            Ok(Some(row)) => row,
-            Ok(None) => {
+        let (public_id, secrets) = match row {
+            YkksmRow::Secret(public_id, secrets) => (public_id, secrets),
+            YkksmRow::PublicIdZero => {
                 report.skipped += 1;
                 continue;
             }
-            Err(reason) => {
+            YkksmRow::Invalid(reason) => {
                 report.error(at, reason);
                 continue;
             }
@@ -567,6 +546,82 @@ fn holds_secret(hsm: &dyn SecurityModule, stored: &AeadRecord, secrets: &YubiKey
         Ok(_) => Ok(true),
         Err(hsm::Error::OtpInvalid(_) | hsm::Error::AeadInvalid(_)) => Ok(false),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// One data row of a YK-KSM export, as [`YkksmReader`] reads it.
+#[derive(Debug)]
+pub enum YkksmRow {
+    /// A YubiKey: its public id and secrets.
+    Secret(PublicId, YubiKeySecrets),
+    /// Public id 0, which a YubiHSM refuses: skipped, as pyhsm does.
+    PublicIdZero,
+    /// A row that cannot be used, and why. The reason never quotes a
+    /// secret field.
+    Invalid(String),
+}
+
+/// A streaming reader of a Yubico YK-KSM export (`# ykksm 1`): one row at a
+/// time, in constant memory, every buffer zeroized. Rows are
+/// `seq,publicname,uid,aeskey,…`; see [`import_ykksm_csv`] for the rules.
+pub struct YkksmReader<R> {
+    lines: SecretLines<R>,
+    line: Zeroizing<Vec<u8>>,
+    number: u64,
+    source: String,
+}
+
+impl<R: Read> YkksmReader<R> {
+    /// Read and check the header line, which must be exactly
+    /// [`YKKSM_HEADER`]. `source` names the input in messages (a path or
+    /// `stdin`).
+    pub fn new(input: R, source: &str) -> Result<Self, ImportError> {
+        let mut reader = Self {
+            lines: SecretLines::new(input),
+            line: Zeroizing::new(Vec::with_capacity(MAX_LINE)),
+            number: 0,
+            source: source.to_owned(),
+        };
+        let first = reader.lines.next(&mut reader.line).map_err(|e| reader.io(e))?;
+        reader.number = 1;
+        if !(matches!(first, Some(true)) && strip_cr(&reader.line) == YKKSM_HEADER.as_bytes()) {
+            return Err(ImportError::Format(format!(
+                "{source}: not a YK-KSM export: the first line must be exactly `{YKKSM_HEADER}`; nothing imported"
+            )));
+        }
+        Ok(reader)
+    }
+
+    fn io(&self, source: std::io::Error) -> ImportError {
+        ImportError::Io { path: PathBuf::from(&self.source), source }
+    }
+
+    /// The next data row with its 1-based line number, or `None` at the
+    /// end. Comment lines (`#…`) and empty lines are passed over; a line
+    /// that is too long or not UTF-8 is a [`YkksmRow::Invalid`] row.
+    pub fn next_row(&mut self) -> Result<Option<(u64, YkksmRow)>, ImportError> {
+        loop {
+            let Some(complete) = self.lines.next(&mut self.line).map_err(|e| self.io(e))? else {
+                return Ok(None);
+            };
+            self.number += 1;
+            let number = self.number;
+            if !complete {
+                return Ok(Some((number, YkksmRow::Invalid(format!("longer than {MAX_LINE} bytes")))));
+            }
+            let Ok(text) = std::str::from_utf8(strip_cr(&self.line)) else {
+                return Ok(Some((number, YkksmRow::Invalid("not UTF-8 text".to_owned()))));
+            };
+            if text.trim().is_empty() || text.starts_with('#') {
+                continue;
+            }
+            let row = match parse_row(text) {
+                Ok(Some((public_id, secrets))) => YkksmRow::Secret(public_id, secrets),
+                Ok(None) => YkksmRow::PublicIdZero,
+                Err(reason) => YkksmRow::Invalid(reason),
+            };
+            return Ok(Some((number, row)));
+        }
     }
 }
 
