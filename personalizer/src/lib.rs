@@ -5,6 +5,8 @@
 
 pub mod event;
 pub mod home;
+pub mod operators;
+pub mod quorum;
 
 use std::fmt::Write as _;
 use std::str::FromStr;
