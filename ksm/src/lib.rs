@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod aead_dir;
+pub mod bundle;
 pub mod config;
 pub mod export;
 pub mod import;
