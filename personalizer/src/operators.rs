@@ -976,8 +976,7 @@ impl OperatorDb {
             (None, Some(k)) => k,
             (None, None) => return Err(OperatorError::No2fa(name.clone())),
         };
-        let digest32: [u8; 32] = digest;
-        verify_with.verify_challenge(&digest32, &signature).map_err(|_| OperatorError::BadSignature(name.clone()))?;
+        verify_with.verify_challenge(&digest, &signature).map_err(|_| OperatorError::BadSignature(name.clone()))?;
         Ok((pending, row))
     }
 
@@ -1123,12 +1122,6 @@ impl OperatorDb {
     pub fn operators_with_2fa(&self) -> Result<u64, OperatorError> {
         let n: i64 = self.conn.query_row("SELECT COUNT(*) FROM operators WHERE public_key_pem IS NOT NULL", [], |r| r.get(0))?;
         Ok(u64::try_from(n).unwrap_or(0))
-    }
-
-    /// The quorum operation names, for messages.
-    #[must_use]
-    pub fn quorum_operations() -> &'static [QuorumOperation] {
-        &QuorumOperation::ALL
     }
 }
 
