@@ -212,7 +212,14 @@ with the CSV's secret: byte for byte when both use the public id as nonce,
 otherwise by decoding a test OTP in the module if the handle also has
 otp-decode (a different secret is a conflict, reported and not written). If
 the handle cannot decode, such pairs count as already present and are listed
-as unverified on stderr.";
+as unverified on stderr.
+
+--bundle reads a signed transfer bundle written by the personalizer (public
+ids, one AEAD per key handle, a manifest and an RSA-2048/SHA-256 signature).
+The whole file is verified with the public key given by --trust before
+anything is imported: a tampered, truncated or differently signed bundle is
+refused (exit status 2) and nothing is imported. What was verified (count,
+key handles, public id range, signer fingerprint) is printed to stderr.";
 
 const EXPORT_HELP: &str = "Export the SQLite store to a pyhsm-layout AEAD directory, as yhsm-db-export
 does: v1 files (mode 0600) at `<dir>/0x<hex key handle>/<pairs…>/<public id>`.
@@ -223,7 +230,7 @@ the files written.";
 
 /// `ksm import`: exactly one source.
 #[derive(clap::Args, Debug)]
-#[command(group(clap::ArgGroup::new("source").required(true).args(["aead_dir", "ykksm_csv"])))]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["aead_dir", "ykksm_csv", "bundle"])))]
 struct ImportArgs {
     /// The SQLite AEAD store; created (mode 0600) if missing.
     #[arg(long, value_name = "DB")]
@@ -241,6 +248,14 @@ struct ImportArgs {
     /// (pyhsm's --random-nonce); the handle then needs no user-nonce flag.
     #[arg(long, requires = "ykksm_csv")]
     random_nonce: bool,
+    /// A signed transfer bundle from the personalizer; verified with --trust
+    /// before anything is imported.
+    #[arg(long, value_name = "FILE", requires = "trust")]
+    bundle: Option<PathBuf>,
+    /// The personalizer's public key (`-----BEGIN PUBLIC KEY-----` PEM) that
+    /// must have signed the --bundle.
+    #[arg(long, value_name = "PUBKEY", requires = "bundle")]
+    trust: Option<PathBuf>,
     /// The keystore (needed with --ykksm-csv).
     #[arg(long, env = "OTP_KEYSTORE", value_name = "PATH")]
     keystore: Option<PathBuf>,
@@ -333,6 +348,9 @@ fn import(args: ImportArgs) -> Result<ksm::import::ImportReport, String> {
         progress.finish_and_clear();
         return report;
     }
+    if let Some(bundle) = &args.bundle {
+        return import_bundle(bundle, args.trust.as_deref(), &args.store, now);
+    }
     let (Some(csv), Some(key_handle)) = (&args.ykksm_csv, args.key_handle) else {
         return Err("give --aead-dir, or --ykksm-csv with --key-handle".to_owned());
     };
@@ -357,6 +375,48 @@ fn import(args: ImportArgs) -> Result<ksm::import::ImportReport, String> {
         import::import_ykksm_csv(&store, &hsm, input, &CsvImport { key_handle, nonce, source }, now, &progress).map_err(|e| e.to_string());
     progress.finish_and_clear();
     report
+}
+
+/// `ksm import --bundle FILE --trust PUBKEY`.
+fn import_bundle(
+    bundle: &std::path::Path,
+    trust: Option<&std::path::Path>,
+    store: &std::path::Path,
+    now: i64,
+) -> Result<ksm::import::ImportReport, String> {
+    let trust = trust.ok_or("--bundle needs --trust (the personalizer's public key)")?;
+    let key = hsm::signing::VerifyingKey::from_pem_file(trust).map_err(|e| format!("trusted key {}: {e}", trust.display()))?;
+    if !bundle.is_file() {
+        return Err(format!("{} is not a file", bundle.display()));
+    }
+    let store = AeadStore::open(store).map_err(|e| e.to_string())?;
+    let progress = ksm::import::progress_bar(None, "bundle entries");
+    let result = ksm::bundle::import_bundle(&store, bundle, &key, now, &progress);
+    progress.finish_and_clear();
+    let imported = result.map_err(|e| {
+        use ksm::bundle::BundleError as E;
+        match e {
+            // Refused by the verification, which comes before any import.
+            E::Malformed { .. } | E::Truncated(_) | E::BadSignature { .. } | E::WrongSigner { .. } | E::HashMismatch { .. } => {
+                format!("{}: {e}; nothing was imported", bundle.display())
+            }
+            _ => format!("{}: {e}", bundle.display()),
+        }
+    })?;
+    let m = &imported.manifest;
+    let handles: Vec<String> = m.key_handles.iter().map(ToString::to_string).collect();
+    eprintln!(
+        "verified bundle {}: {} YubiKeys, key handles {}, public ids {} to {}, origin {:?}, created {}, signed by {}",
+        bundle.display(),
+        m.count,
+        handles.join(","),
+        m.first_public_id,
+        m.last_public_id,
+        m.origin,
+        m.created,
+        m.signer
+    );
+    Ok(imported.report)
 }
 
 fn export(args: ExportArgs) -> Result<ksm::import::ImportReport, String> {
