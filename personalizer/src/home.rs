@@ -42,6 +42,20 @@ pub struct Config {
     /// How long a 2FA challenge may be answered, in seconds.
     #[serde(default = "default_challenge_ttl")]
     pub challenge_ttl_secs: u64,
+    /// argon2id memory cost of new operator password hashes, in MiB.
+    #[serde(default = "default_kdf_memory_mib")]
+    pub operator_kdf_memory_mib: u32,
+    /// argon2id passes of new operator password hashes.
+    #[serde(default = "default_kdf_iterations")]
+    pub operator_kdf_iterations: u32,
+}
+
+fn default_kdf_memory_mib() -> u32 {
+    64
+}
+
+fn default_kdf_iterations() -> u32 {
+    3
 }
 
 fn default_session_ttl() -> u64 {
@@ -60,6 +74,8 @@ impl std::fmt::Debug for Config {
             .field("hsm_id", &self.hsm_id)
             .field("session_ttl_secs", &self.session_ttl_secs)
             .field("challenge_ttl_secs", &self.challenge_ttl_secs)
+            .field("operator_kdf_memory_mib", &self.operator_kdf_memory_mib)
+            .field("operator_kdf_iterations", &self.operator_kdf_iterations)
             .finish()
     }
 }
@@ -107,6 +123,8 @@ impl Home {
             hsm_id: hsm_id.to_owned(),
             session_ttl_secs: default_session_ttl(),
             challenge_ttl_secs: default_challenge_ttl(),
+            operator_kdf_memory_mib: default_kdf_memory_mib(),
+            operator_kdf_iterations: default_kdf_iterations(),
         };
         let text = Zeroizing::new(toml::to_string(&config).map_err(|e| HomeError::Config(e.to_string()))?);
         write_atomic(&dir.join(CONFIG_FILE), text.as_bytes(), Mode::CreateNew)?;

@@ -711,10 +711,17 @@ pub(crate) fn check_session(conn: &Connection, token_hash: &[u8; 32], now: u64) 
 
 impl OperatorDb {
     /// Open (creating if needed) [`Home::operators_db`] with the pepper,
-    /// TTLs and `hsm_id` of the home's configuration and
-    /// [`KdfCost::DEFAULT`].
+    /// TTLs, `hsm_id` and password-hash cost of the home's configuration
+    /// (`operator_kdf_memory_mib`, `operator_kdf_iterations`; by default
+    /// [`KdfCost::DEFAULT`]).
     pub fn open(home: &Home) -> Result<Self, OperatorError> {
-        Self::open_with_cost(home, KdfCost::DEFAULT)
+        let config = home.config();
+        let cost = KdfCost {
+            memory_kib: config.operator_kdf_memory_mib.saturating_mul(1024),
+            iterations: config.operator_kdf_iterations,
+            parallelism: 1,
+        };
+        Self::open_with_cost(home, cost)
     }
 
     /// [`OperatorDb::open`] with another cost for new password hashes.
