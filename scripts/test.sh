@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 #   libykclient-dev  the `ykclient` command line (Yubico's C validation client)
 #   iproute2 nftables iptables  network namespaces, partitions and loss for
 #                    the replication tests (run as root; skipped otherwise)
-apt_packages=(libyubikey-dev libpam-yubico pamtester libykclient-dev iproute2 nftables iptables)
+#   sqlite3          the shell the personalizer audit tests tamper with the log through
+apt_packages=(libyubikey-dev libpam-yubico pamtester libykclient-dev iproute2 nftables iptables sqlite3)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
