@@ -59,7 +59,8 @@
 //! so far matches the one verified; so every entry handed out is byte for
 //! byte one that was verified, and a file changed in between is refused
 //! with [`BundleError::Changed`] before any entry of the changed chunk is
-//! used.
+//! used. The second pass reads through the file descriptor the first pass
+//! opened: a bundle replaced under its name in between is not read at all.
 
 use std::fmt;
 use std::fs::File;
@@ -109,31 +110,6 @@ const WRITE_BUFFER: usize = 256 * 1024;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BundleError {
-    /// A file could not be read or written.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The bundle to write exists already.
-    #[error("{} already exists; a transfer bundle is never overwritten", .0.display())]
-    Exists(PathBuf),
-    /// What was given to the writer cannot go into a bundle.
-    #[error("{0}")]
-    Invalid(String),
-    /// A line of the bundle is not what the format allows.
-    #[error("bundle line {line}: {what}")]
-    Malformed {
-        /// The line (1-based).
-        line: u64,
-        /// What is wrong with it.
-        what: String,
-    },
-    /// The file ends before its signature line does.
-    #[error("the bundle is truncated: {0}")]
-    Truncated(String),
     /// The signature does not verify with the trusted key.
     #[error(
         "the bundle's signature does not verify with the trusted key {trusted}: \
@@ -143,6 +119,48 @@ pub enum BundleError {
         /// Fingerprint of the trusted key.
         trusted: String,
     },
+    /// The file changed between the verification and the second reading.
+    #[error("the bundle changed on disk after it was verified ({0}); nothing from that point on was used")]
+    Changed(String),
+    /// The bundle to write exists already.
+    #[error("{} already exists; a transfer bundle is never overwritten", .0.display())]
+    Exists(PathBuf),
+    /// The body is not the one the signed manifest describes.
+    #[error("the bundle's entries do not match its signed manifest (SHA-256 {found}, signed {expected}): they were altered")]
+    HashMismatch {
+        /// SHA-256 the manifest carries, hex.
+        expected: String,
+        /// SHA-256 of the body as read, hex.
+        found: String,
+    },
+    /// What was given to the writer cannot go into a bundle.
+    #[error("{0}")]
+    Invalid(String),
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A line of the bundle is not what the format allows.
+    #[error("bundle line {line}: {what}")]
+    Malformed {
+        /// The line (1-based).
+        line: u64,
+        /// What is wrong with it.
+        what: String,
+    },
+    /// The signing key failed.
+    #[error("cannot sign the bundle: {0}")]
+    Signing(#[from] SigningError),
+    /// The AEAD store failed.
+    #[error(transparent)]
+    Store(#[from] LookupError),
+    /// The file ends before its signature line does.
+    #[error("the bundle is truncated: {0}")]
+    Truncated(String),
     /// The manifest names another signing key, and the signature does not
     /// verify with the trusted one.
     #[error("the bundle's signature is by key {found} (as its manifest says), not by the trusted key {expected}")]
@@ -152,23 +170,6 @@ pub enum BundleError {
         /// Fingerprint the manifest names.
         found: String,
     },
-    /// The body is not the one the signed manifest describes.
-    #[error("the bundle's entries do not match its signed manifest (SHA-256 {found}, signed {expected}): they were altered")]
-    HashMismatch {
-        /// SHA-256 the manifest carries, hex.
-        expected: String,
-        /// SHA-256 of the body as read, hex.
-        found: String,
-    },
-    /// The file changed between the verification and the second reading.
-    #[error("the bundle changed on disk after it was verified ({0}); nothing from that point on was used")]
-    Changed(String),
-    /// The signing key failed.
-    #[error("cannot sign the bundle: {0}")]
-    Signing(#[from] SigningError),
-    /// The AEAD store failed.
-    #[error(transparent)]
-    Store(#[from] LookupError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
