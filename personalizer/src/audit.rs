@@ -495,9 +495,11 @@ fn read_head(path: &Path) -> Result<Option<Checkpoint>, String> {
     Checkpoint::try_from(record).map(Some)
 }
 
-/// The structural check [`AuditLog::open`] and [`AuditLog::checkpoint`]
-/// make (no key needed): the checkpoint in the head file is in the
-/// database, unchanged; a database with checkpoints has a head file.
+/// The structural check [`AuditLog::open`] makes (no key needed): the
+/// checkpoint in the head file is in the database, unchanged; a database
+/// with checkpoints has a head file. (The database may hold newer
+/// checkpoints: a command stopped between storing one and writing the
+/// head file.)
 fn check_head_against_db(conn: &Connection, head_path: &Path) -> Result<(), AuditError> {
     let head = read_head(head_path).map_err(|e| AuditError::Tampered(format!("{}: {e}", head_path.display())))?;
     let last = last_checkpoint(conn).map_err(AuditError::Tampered)?;

@@ -539,6 +539,36 @@ fn corrupt_database_gives_a_clear_error() {
 }
 
 #[test]
+fn database_one_checkpoint_ahead_of_the_head_file_is_accepted() {
+    // A command that stopped after storing its checkpoint but before
+    // replacing the head file leaves the head one checkpoint behind.
+    let f = Fixture::new();
+    f.populate();
+    let old_head = std::fs::read(&f.head).unwrap();
+    let mut log = f.open();
+    log.record(&AuditEvent::ok(Some("alice"), "status", json!({}))).unwrap();
+    log.checkpoint(key()).unwrap();
+    std::fs::write(&f.head, &old_head).unwrap();
+    let report = f.verify();
+    assert!(report.is_ok(), "{report}");
+    assert_eq!((report.signed_through, report.head_number), (10, Some(4)));
+    assert!(report.to_string().contains("newer than the head file's #4"), "{report}");
+    // The next command carries on and brings the head file up to date.
+    let mut log = f.open();
+    assert_eq!(log.unsigned_at_open(), None);
+    assert_eq!(log.checkpoint(key()).unwrap().number, 6);
+    let report = f.verify();
+    assert!(report.is_ok() && report.notes.is_empty(), "{report}");
+    assert_eq!(report.head_number, Some(6));
+    // The -wal and -shm files SQLite made are as private as the database.
+    for suffix in ["db-wal", "db-shm"] {
+        if let Ok(meta) = std::fs::metadata(f.db.with_extension(suffix)) {
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{suffix}");
+        }
+    }
+}
+
+#[test]
 fn two_handles_append_to_one_chain() {
     let f = Fixture::new();
     let mut a = f.open();
