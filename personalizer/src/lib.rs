@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod event;
 pub mod home;
+pub mod migrate;
 pub mod operators;
 pub mod quorum;
 
