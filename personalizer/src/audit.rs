@@ -1006,8 +1006,8 @@ impl Problem {
             | Self::EntryModified { seq } => Some(*seq),
             Self::Unsigned { first, .. } => Some(*first),
             Self::CheckpointMismatch { first_seq, .. } => Some(*first_seq),
-            Self::EntriesDeleted { db_last_seq, .. } => Some(db_last_seq + 1),
-            Self::Truncated { head_last_seq, db_last_seq, .. } => (db_last_seq < head_last_seq).then_some(db_last_seq + 1),
+            Self::EntriesDeleted { db_last_seq, .. } => Some(db_last_seq.saturating_add(1)),
+            Self::Truncated { head_last_seq, db_last_seq, .. } => (db_last_seq < head_last_seq).then_some(db_last_seq.saturating_add(1)),
             _ => None,
         }
     }
@@ -1019,23 +1019,28 @@ impl fmt::Display for Problem {
             Self::Database(reason) => write!(f, "{reason}"),
             Self::EntryUnreadable { seq, reason } => write!(f, "entry {seq} cannot be read: {reason}"),
             Self::EntryMissing { seq, next } => {
-                if next - seq == 1 {
-                    write!(f, "entry {seq} is missing (deleted): the entry after {} is {next}", seq - 1)
+                let after = match seq.checked_sub(1) {
+                    Some(0) | None => format!("the log starts at entry {next}"),
+                    Some(before) => format!("the entry after {before} is {next}"),
+                };
+                if next.saturating_sub(*seq) <= 1 {
+                    write!(f, "entry {seq} is missing (deleted): {after}")
                 } else {
-                    write!(f, "entries {seq} to {} are missing (deleted): the entry after {} is {next}", next - 1, seq - 1)
+                    write!(f, "entries {seq} to {} are missing (deleted): {after}", next - 1)
                 }
             }
-            Self::ChainBroken { seq, follows: Some(other) } => write!(
-                f,
-                "entry {seq} does not follow entry {}: it names entry {other} as its predecessor (entries were reordered)",
-                seq - 1
-            ),
-            Self::ChainBroken { seq, follows: None } => write!(
-                f,
-                "entry {seq} does not follow entry {}: its previous-hash is not entry {}'s hash (an entry was removed, inserted or replaced before it)",
-                seq - 1,
-                seq - 1
-            ),
+            Self::ChainBroken { seq, follows } => {
+                match seq.checked_sub(1) {
+                    Some(0) | None => write!(f, "entry {seq} does not start from the genesis hash")?,
+                    Some(before) => write!(f, "entry {seq} does not follow entry {before}")?,
+                }
+                match follows {
+                    Some(other) => write!(f, ": it names entry {other} as its predecessor (entries were reordered)"),
+                    None => {
+                        write!(f, ": its previous-hash is not the hash before it (an entry was removed, inserted or replaced before it)")
+                    }
+                }
+            }
             Self::EntryModified { seq } => write!(f, "entry {seq} was modified: its content does not match its hash"),
             Self::Unsigned { first, last } => {
                 let which = if first == last { format!("entry {first} is") } else { format!("entries {first} to {last} are") };
@@ -1066,7 +1071,7 @@ impl fmt::Display for Problem {
                 f,
                 "checkpoint #{number} covers entries through {last_seq} but the database ends at entry {db_last_seq}: \
                  entries {} to {last_seq} were deleted",
-                db_last_seq + 1
+                db_last_seq.saturating_add(1)
             ),
             Self::HeadMissing { path } => write!(f, "the head file {} is missing (the signed end of the log)", path.display()),
             Self::HeadUnreadable { path, reason } => write!(f, "the head file {} is corrupt: {reason}", path.display()),
@@ -1222,7 +1227,11 @@ fn verify_with(conn: &Connection, head_file: &Path, key: &VerifyingKey, report: 
         }
         let expected = chain.len() as u64;
         let previous = chain[chain.len() - 1];
-        if entry.seq != expected {
+        if entry.seq < expected {
+            // Only seq 0 can sort before the expected number.
+            report.problems.push(Problem::EntryUnreadable { seq: entry.seq, reason: "sequence numbers start at 1".to_owned() });
+            intact = false;
+        } else if entry.seq != expected {
             report.problems.push(Problem::EntryMissing { seq: expected, next: entry.seq });
             intact = false;
         } else if !ct_eq(&entry.prev_hash, &previous) {

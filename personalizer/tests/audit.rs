@@ -536,6 +536,27 @@ fn corrupt_database_gives_a_clear_error() {
     let report = h.verify();
     assert_fails(&report, Some(4), "an unreadable row");
     assert!(matches!(report.problems[0], Problem::EntryUnreadable { seq: 4, .. }), "{report}");
+    // Out-of-range sequence numbers are reported, not a panic.
+    for (seq, first_bad) in [(0, 0), (-5, 1)] {
+        let g = Fixture::new();
+        g.populate();
+        g.tamper(&format!(
+            "INSERT INTO entries (seq, time, operator, action, approvers, outcome, detail, prev_hash, hash) \
+             SELECT {seq}, time, operator, action, approvers, outcome, detail, prev_hash, hash FROM entries WHERE seq = 1;"
+        ));
+        let report = g.verify();
+        assert_fails(&report, Some(first_bad), "an out-of-range seq");
+        assert!(matches!(report.problems[0], Problem::EntryUnreadable { .. }), "{report}");
+        let err = g.open().checkpoint(key()).unwrap_err();
+        assert!(matches!(err, AuditError::Tampered(_)), "{err}");
+    }
+    // Deleting the first entry.
+    let g = Fixture::new();
+    g.populate();
+    g.tamper("DELETE FROM entries WHERE seq = 1;");
+    let report = g.verify();
+    assert_fails(&report, Some(1), "a deleted first entry");
+    assert!(report.to_string().contains("entry 1 is missing (deleted): the log starts at entry 2"), "{report}");
 }
 
 #[test]
