@@ -6,9 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use hsm::cli::{KeystoreArgs, KeystoreCommand};
-use hsm::fsutil::{write_atomic, Mode};
+use hsm::signing::SigningKey;
 use ksm::aead_dir::{AeadDir, KeyHandleDir};
-use personalizer::{export_secrets, generate, yubikey_csv_line, GenerateParams, StartId};
+use personalizer::ledger::Ledger;
+use personalizer::{generate, GenerateParams, RunOptions, StartId};
 use zeroize::Zeroizing;
 
 /// Personalisation of YubiKeys: secrets are generated inside the security
@@ -90,6 +91,9 @@ enum Command {
         fail_fast: bool,
     },
     /// Generate YubiKey secrets inside the module and write their AEADs.
+    ///
+    /// Public ids come from the ledger and are never reused; a run that
+    /// was interrupted is continued with --resume.
     Generate {
         #[command(flatten)]
         keystore: KeystoreArgs,
@@ -97,25 +101,49 @@ enum Command {
         #[arg(long, short = 'c', default_value_t = 1)]
         count: u64,
         /// First public id: a decimal number or a modhex id.
-        #[arg(long, value_name = "ID")]
-        start_public_id: StartId,
+        #[arg(long, value_name = "ID", required_unless_present = "resume")]
+        start_public_id: Option<StartId>,
         /// Public id length in modhex characters.
         #[arg(long, default_value_t = 12, value_name = "N")]
         public_id_chars: usize,
         /// Key handles to wrap each secret under (comma-separated).
-        #[arg(long, value_name = "KH[,KH…]", required = true, value_delimiter = ',')]
+        #[arg(long, value_name = "KH[,KH…]", required_unless_present = "resume", value_delimiter = ',')]
         key_handles: Vec<KeyHandleDir>,
         /// Output AEAD directory (pyhsm layout), created if missing.
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
+        #[arg(long, value_name = "DIR", required_unless_present = "resume")]
+        out: Option<PathBuf>,
         /// Let the module choose each AEAD nonce instead of the public id.
         #[arg(long)]
         random_nonce: bool,
+        /// The public-id ledger (default: ledger.db in --home).
+        #[arg(long, value_name = "FILE")]
+        ledger: Option<PathBuf>,
+        /// The personalizer's home directory.
+        #[arg(long, value_name = "DIR", env = "PERSONALIZER_HOME")]
+        home: Option<PathBuf>,
+        /// Continue the unfinished run of the ledger (or run RUN) after a
+        /// crash; the run's ids, handles and directory come from the ledger.
+        #[arg(long, value_name = "RUN", num_args = 0..=1, conflicts_with_all = ["start_public_id", "key_handles", "out", "random_nonce"])]
+        resume: Option<Option<u64>>,
         /// Also write the plaintext secrets, once, in pyhsm's yubikey-csv
         /// format, to this new file (mode 0600), for programming YubiKeys.
         /// The first key handle must carry the export flag.
         #[arg(long, value_name = "FILE")]
         yubikey_csv: Option<PathBuf>,
+        /// Also write one `ykpersonalize` command per YubiKey to this new
+        /// file (mode 0600). The first key handle must carry the export flag.
+        #[arg(long, value_name = "FILE")]
+        ykpersonalize: Option<PathBuf>,
+        /// Also write a signed transfer bundle of every AEAD of the run.
+        #[arg(long, value_name = "FILE")]
+        bundle: Option<PathBuf>,
+        /// Sign the bundle with this unencrypted PKCS#8 PEM key instead of
+        /// the sealed key of --home (tests).
+        #[arg(long, value_name = "FILE", hide = true)]
+        signing_key_pem: Option<PathBuf>,
+        /// Keys per durable batch.
+        #[arg(long, value_name = "N", default_value_t = personalizer::generate::DEFAULT_BATCH, hide = true)]
+        batch: u64,
     },
 }
 
@@ -184,34 +212,81 @@ fn run(cli: Cli) -> Result<(), personalizer::Error> {
             };
             migrated(&report, &summary)
         }
-        Command::Generate { keystore, count, start_public_id, public_id_chars, key_handles, out, random_nonce, yubikey_csv } => {
-            if let Some(csv) = &yubikey_csv {
-                if csv.exists() {
-                    return Err(hsm::Error::AlreadyExists(csv.clone()).into());
+        Command::Generate {
+            keystore,
+            count,
+            start_public_id,
+            public_id_chars,
+            key_handles,
+            out,
+            random_nonce,
+            ledger,
+            home,
+            resume,
+            yubikey_csv,
+            ykpersonalize,
+            bundle,
+            signing_key_pem,
+            batch,
+        } => {
+            let ledger_path = match (ledger, &home) {
+                (Some(p), _) => p,
+                (None, Some(h)) => personalizer::home::Home::open(h).map_err(|e| personalizer::Error::Usage(e.to_string()))?.ledger_db(),
+                (None, None) => {
+                    return Err(personalizer::Error::Usage("give the public-id ledger with --ledger FILE or --home DIR".to_owned()))
                 }
-            }
+            };
             let hsm = keystore.open()?;
-            let params = GenerateParams { count, start: start_public_id, public_id_chars, key_handles, random_nonce };
-            let dir = AeadDir::new(&out);
-            let generated = generate(&hsm, &dir, &params, |g| tracing::debug!(public_id = %g.public_id, "generated"))?;
-            if let Some(csv) = &yubikey_csv {
-                let mut text = Zeroizing::new(String::new());
-                for (i, g) in generated.iter().enumerate() {
-                    let secrets = export_secrets(&hsm, &g.records[0])?;
-                    text.push_str(&yubikey_csv_line(i as u64 + 1, &g.public_id, &secrets));
+            let signing_key = match (&bundle, signing_key_pem, &home) {
+                (None, _, _) => None,
+                (Some(_), Some(pem), _) => {
+                    let text = Zeroizing::new(std::fs::read_to_string(&pem).map_err(|e| hsm::Error::io(&pem, e))?);
+                    Some(SigningKey::from_pkcs8_pem(&text).map_err(|e| personalizer::Error::Usage(format!("{}: {e}", pem.display())))?)
                 }
-                write_atomic(csv, text.as_bytes(), Mode::CreateNew)?;
-                println!("wrote personalisation secrets for {} YubiKey(s) to {} (mode 0600)", generated.len(), csv.display());
+                (Some(_), None, Some(h)) => {
+                    let sealed = personalizer::home::Home::open(h).map_err(|e| personalizer::Error::Usage(e.to_string()))?.signing_key();
+                    Some(
+                        SigningKey::unseal_file(&hsm, &sealed)
+                            .map_err(|e| personalizer::Error::Usage(format!("{}: {e}", sealed.display())))?,
+                    )
+                }
+                (Some(_), None, None) => {
+                    return Err(personalizer::Error::Usage("--bundle needs the signing key: give --home DIR".to_owned()))
+                }
+            };
+            let opts = RunOptions {
+                yubikey_csv: yubikey_csv.as_deref(),
+                ykpersonalize: ykpersonalize.as_deref(),
+                bundle: bundle.as_deref().zip(signing_key.as_ref()),
+                batch,
+            };
+            let mut ledger = Ledger::open(&ledger_path)?;
+            let bar = ksm::import::progress_bar(None, "generating");
+            let mut progress = |n: u64| bar.set_position(n);
+            let report = match (resume, start_public_id, out) {
+                (Some(run), _, _) => personalizer::resume(&hsm, &mut ledger, run, &opts, &mut progress)?,
+                (None, Some(start), Some(out)) => {
+                    bar.set_length(count);
+                    let params = GenerateParams { count, start, public_id_chars, key_handles, random_nonce };
+                    generate(&hsm, &mut ledger, &out, &params, &opts, &mut progress)?
+                }
+                _ => return Err(personalizer::Error::Usage("give --start-public-id and --out, or --resume".to_owned())),
+            };
+            bar.finish_and_clear();
+            for path in &report.outputs {
+                println!("wrote personalisation secrets for {} YubiKey(s) to {} (mode 0600)", report.count, path.display());
             }
-            if let (Some(first), Some(last)) = (generated.first(), generated.last()) {
-                println!(
-                    "generated {} YubiKey(s), public ids {} to {}, AEADs under {}",
-                    generated.len(),
-                    first.public_id,
-                    last.public_id,
-                    out.display()
-                );
+            if let Some(path) = &report.bundle {
+                println!("wrote the signed transfer bundle {}", path.display());
             }
+            println!(
+                "run {}: generated {} YubiKey(s), public ids {} to {}, AEADs under {}",
+                report.run,
+                report.count,
+                report.first,
+                report.last,
+                report.out.display()
+            );
             Ok(())
         }
     }
