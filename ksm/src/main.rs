@@ -389,11 +389,7 @@ fn import_bundle(
     if !bundle.is_file() {
         return Err(format!("{} is not a file", bundle.display()));
     }
-    let store = AeadStore::open(store).map_err(|e| e.to_string())?;
-    let progress = ksm::import::progress_bar(None, "bundle entries");
-    let result = ksm::bundle::import_bundle(&store, bundle, &key, now, &progress);
-    progress.finish_and_clear();
-    let imported = result.map_err(|e| {
+    let refused = |e: ksm::bundle::BundleError| {
         use ksm::bundle::BundleError as E;
         match e {
             // Refused by the verification, which comes before any import.
@@ -402,8 +398,10 @@ fn import_bundle(
             }
             _ => format!("{}: {e}", bundle.display()),
         }
-    })?;
-    let m = &imported.manifest;
+    };
+    // Verified before the store is even opened (or created); the import
+    // verifies again, and refuses a file changed since.
+    let m = ksm::bundle::verify(bundle, &key).map_err(refused)?;
     let handles: Vec<String> = m.key_handles.iter().map(ToString::to_string).collect();
     eprintln!(
         "verified bundle {}: {} YubiKeys, key handles {}, public ids {} to {}, origin {:?}, created {}, signed by {}",
@@ -416,6 +414,11 @@ fn import_bundle(
         m.created,
         m.signer
     );
+    let store = AeadStore::open(store).map_err(|e| e.to_string())?;
+    let progress = ksm::import::progress_bar(Some(m.count), "bundle entries");
+    let result = ksm::bundle::import_bundle(&store, bundle, &key, now, &progress);
+    progress.finish_and_clear();
+    let imported = result.map_err(refused)?;
     Ok(imported.report)
 }
 

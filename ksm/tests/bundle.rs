@@ -500,7 +500,7 @@ fn cli_refuses_a_tampered_or_foreign_bundle() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(out.stdout.is_empty());
     assert!(stderr.contains("signature does not verify") && stderr.contains("nothing was imported"), "{stderr}");
-    assert_eq!(AeadStore::open_existing(&db).unwrap().count().unwrap(), 0);
+    assert!(!db.exists(), "verified before the store is created");
 
     // Trusting another key: both fingerprints are named.
     std::fs::write(&bundle, &good).unwrap();
@@ -509,7 +509,7 @@ fn cli_refuses_a_tampered_or_foreign_bundle() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains(&trust().fingerprint()) && stderr.contains(&stranger().verifying_key().fingerprint()), "{stderr}");
-    assert_eq!(AeadStore::open_existing(&db).unwrap().count().unwrap(), 0);
+    assert!(!db.exists(), "verified before the store is created");
 
     // --bundle needs --trust; a missing or unreadable key is an error.
     let out = ksm(&["import", "--bundle", s(&bundle), "--store", s(&db)]);
@@ -518,10 +518,19 @@ fn cli_refuses_a_tampered_or_foreign_bundle() {
     let out = ksm(&["import", "--bundle", s(&bundle), "--trust", s(&dir.path().join("none.pem")), "--store", s(&db)]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("trusted key"), "{}", text(&out.stderr));
+    // An existing store is left as it was.
+    let store = AeadStore::open(&db).unwrap();
+    store.put(&id(999), &records(999)[0], "earlier", NOW).unwrap();
+    drop(store);
+    std::fs::write(&bundle, with_byte(&good, origin, b'T')).unwrap();
+    let out = ksm(&["import", "--bundle", s(&bundle), "--trust", s(&trusted), "--store", s(&db)]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(AeadStore::open_existing(&db).unwrap().count().unwrap(), 1);
     // Only one source at a time.
     let out = ksm(&["import", "--bundle", s(&bundle), "--trust", s(&trusted), "--aead-dir", s(dir.path()), "--store", s(&db)]);
     assert_eq!(out.status.code(), Some(2));
-    assert_eq!(AeadStore::open_existing(&db).unwrap().count().unwrap(), 0);
+    assert!(text(&out.stderr).contains("cannot be used with"), "{}", text(&out.stderr));
+    assert_eq!(AeadStore::open_existing(&db).unwrap().count().unwrap(), 1);
 }
 
 /// `cargo test -p ksm --release --test bundle -- --ignored --nocapture`;
