@@ -1244,10 +1244,17 @@ fn verify_with(conn: &Connection, head_file: &Path, key: &VerifyingKey, report: 
         } else {
             chain.push(entry.hash);
             if entry.action == UNSIGNED_FOUND_ACTION {
+                let detail: serde_json::Value = serde_json::from_str(&entry.detail).unwrap_or_default();
+                let range = match (detail["first_seq"].as_u64(), detail["last_seq"].as_u64()) {
+                    (Some(a), Some(b)) if a == b => format!("entry {a} was"),
+                    (Some(a), Some(b)) => format!("entries {a} to {b} were"),
+                    _ => "entries were".to_owned(),
+                };
                 report.notes.push(format!(
-                    "entry {} records that entries were found without a checkpoint when the log was opened ({}): \
-                     a command stopped before its checkpoint, or they were appended without the signing key",
-                    entry.seq, entry.detail
+                    "entry {} records that {range} found without a checkpoint when the log was opened \
+                     (a command stopped before its checkpoint, or they were appended without the signing key); \
+                     later checkpoints cover them",
+                    entry.seq
                 ));
             }
         }

@@ -277,7 +277,7 @@ fn appended_entry_without_checkpoint_is_unsigned() {
     log.checkpoint(key()).unwrap();
     let report = f.verify();
     assert!(report.is_ok(), "{report}");
-    assert!(report.notes.iter().any(|n| n.contains("entry 11 records")), "{report}");
+    assert!(report.notes.iter().any(|n| n.contains("entry 11 records that entry 10 was found without a checkpoint")), "{report}");
 }
 
 #[test]
@@ -311,6 +311,14 @@ fn truncated_tail_is_detected() {
         [Problem::EntriesDeleted { number: 4, last_seq: 9, db_last_seq: 8 }, Problem::Unsigned { first: 8, last: 8 }],
         "{report}"
     );
+
+    // A checkpoint row deleted from the middle.
+    let g = Fixture::new();
+    g.populate();
+    g.tamper("DELETE FROM checkpoints WHERE number = 2;");
+    let report = g.verify();
+    assert_fails(&report, Some(3), "a deleted checkpoint");
+    assert_eq!(report.problems, [Problem::CheckpointMissing { number: 2 }, Problem::Unsigned { first: 3, last: 9 }], "{report}");
 
     // A whole database replaced by a fresh one is behind the head as well.
     let h = Fixture::new();
