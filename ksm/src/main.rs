@@ -25,8 +25,9 @@ enum Command {
     /// Manage the software keystore (key handles and data keys).
     #[command(subcommand)]
     Keystore(KeystoreCommand),
-    /// Import AEADs into the SQLite store: a pyhsm AEAD directory, or a
-    /// YK-KSM export wrapped through the security module.
+    /// Import AEADs into the SQLite store: a pyhsm AEAD directory, a YK-KSM
+    /// export wrapped through the security module, or a signed transfer
+    /// bundle from the personalizer.
     #[command(long_about = IMPORT_HELP, after_help = TRANSFER_EXIT)]
     Import(ImportArgs),
     /// Export the SQLite store to a pyhsm-layout AEAD directory.
