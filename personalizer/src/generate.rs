@@ -54,6 +54,7 @@ use std::str::FromStr;
 use hsm::signing::SigningKey;
 use hsm::{NonceSource, SecurityModule};
 use ksm::aead_dir::KeyHandleDir;
+use ksm::bundle::{BundleError, BundleWriter, Manifest};
 use otp::aead_file::{relative_path, AeadFile, AeadRecord};
 use otp::{KeyHandle, PublicId, YubiKeySecrets};
 
@@ -166,6 +167,8 @@ pub struct RunReport {
     pub outputs: Vec<PathBuf>,
     /// The transfer bundle written.
     pub bundle: Option<PathBuf>,
+    /// Its signed manifest.
+    pub manifest: Option<Manifest>,
 }
 
 /// Decrypt a YubiKey AEAD for personalisation output (needs the handle's
@@ -217,7 +220,7 @@ pub fn generate(
     let draft = Run { id: 0, spec, done: 0, finished: false };
     let first = draft.public_id(0)?;
     probe(hsm, &params.key_handles, nonce_for(&first, params.random_nonce)?, opts)?;
-    let mut sinks = Sinks::open(opts, &params.key_handles)?;
+    let mut sinks = Sinks::open(opts)?;
     let run = match ledger.reserve(&draft.spec) {
         Ok(run) => run,
         Err(e) => {
@@ -226,7 +229,7 @@ pub fn generate(
         }
     };
     tracing::info!(run = run.id, first = %first, count = run.spec.count, "public ids reserved");
-    execute(hsm, ledger, &run, &params.key_handles, false, sinks, opts.batch, progress)
+    execute(hsm, ledger, &run, &params.key_handles, false, sinks, opts, progress)
 }
 
 /// Continue an unfinished run of `ledger` (`run`, or the only unfinished
@@ -253,9 +256,9 @@ pub fn resume(
         )));
     }
     probe(hsm, &handles, nonce_for(&run.public_id(0)?, run.spec.random_nonce)?, opts)?;
-    let sinks = Sinks::open(opts, &handles)?;
+    let sinks = Sinks::open(opts)?;
     tracing::info!(run = run.id, done = run.done, count = run.spec.count, "resuming");
-    execute(hsm, ledger, &run, &handles, true, sinks, opts.batch, progress)
+    execute(hsm, ledger, &run, &handles, true, sinks, opts, progress)
 }
 
 fn nonce_for(id: &PublicId, random: bool) -> Result<NonceSource, Error> {
@@ -276,18 +279,28 @@ fn probe(hsm: &dyn SecurityModule, handles: &[KeyHandleDir], nonce: NonceSource,
 }
 
 /// The outputs of a run besides the AEAD files.
-struct Sinks {
+struct Sinks<'a> {
     files: Vec<SecretsFile>,
-    bundle: Option<BundleSink>,
+    bundle: Option<BundleSink<'a>>,
 }
 
-/// Seam for the signed transfer bundle (`ksm::bundle`).
-struct BundleSink {
-    path: PathBuf,
+/// The signed transfer bundle being written, and its signing key.
+struct BundleSink<'a> {
+    writer: BundleWriter,
+    key: &'a SigningKey,
 }
 
-impl Sinks {
-    fn open(opts: &RunOptions<'_>, _handles: &[KeyHandleDir]) -> Result<Self, Error> {
+impl<'a> Sinks<'a> {
+    /// Create the secrets outputs; the bundle path is only checked here and
+    /// created by [`Sinks::start_bundle`] once the run has its number.
+    fn open(opts: &RunOptions<'a>) -> Result<Self, Error> {
+        if let Some((path, _)) = opts.bundle {
+            match path.symlink_metadata() {
+                Ok(_) => return Err(Error::Bundle(BundleError::Exists(path.to_path_buf()).to_string())),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(hsm::Error::io(path, e).into()),
+            }
+        }
         let mut sinks = Self { files: Vec::new(), bundle: None };
         let mut add = |path: Option<&Path>, format| -> Result<(), Error> {
             if let Some(p) = path {
@@ -300,11 +313,17 @@ impl Sinks {
             sinks.abandon();
             return Err(e);
         }
-        if let Some((path, _key)) = opts.bundle {
-            sinks.abandon();
-            return Err(Error::Bundle(format!("{}: transfer bundles are not available in this build yet", path.display())));
-        }
         Ok(sinks)
+    }
+
+    /// Start the bundle of `run`, if one was asked for.
+    fn start_bundle(&mut self, opts: &RunOptions<'a>, run: &Run, handles: &[KeyHandle]) -> Result<(), Error> {
+        if let Some((path, key)) = opts.bundle {
+            let origin = format!("personalizer run {} ({} YubiKeys from {})", run.id, run.spec.count, run.public_id(0)?);
+            let writer = BundleWriter::create(path, handles, &origin).map_err(|e| Error::Bundle(e.to_string()))?;
+            self.bundle = Some(BundleSink { writer, key });
+        }
+        Ok(())
     }
 
     fn wants_secrets(&self) -> bool {
@@ -320,9 +339,8 @@ impl Sinks {
         for f in self.files.drain(..) {
             let _ = std::fs::remove_file(f.path());
         }
-        if let Some(b) = self.bundle.take() {
-            let _ = std::fs::remove_file(&b.path);
-        }
+        // An unfinished bundle writer removes its temporary file on drop.
+        self.bundle = None;
     }
 }
 
@@ -422,18 +440,19 @@ struct Tally {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn execute(
+fn execute<'a>(
     hsm: &dyn SecurityModule,
     ledger: &mut Ledger,
     run: &Run,
     handles: &[KeyHandleDir],
     resuming: bool,
-    mut sinks: Sinks,
-    batch: u64,
+    mut sinks: Sinks<'a>,
+    opts: &RunOptions<'a>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<RunReport, Error> {
-    let batch = batch.max(1);
+    let batch = opts.batch.max(1);
     let kh: Vec<KeyHandle> = handles.iter().map(|k| k.key_handle).collect();
+    sinks.start_bundle(opts, run, &kh)?;
     let mut aeads = AeadWriter::new(&run.spec.out_dir, handles)?;
     let mut tally = Tally::default();
     let count = run.spec.count;
@@ -467,6 +486,9 @@ fn execute(
                 f.write(i + 1, &id, &secrets)?;
             }
         }
+        if let Some(b) = &mut sinks.bundle {
+            b.writer.add(&id, &records).map_err(|e| Error::Bundle(e.to_string()))?;
+        }
         let n = i + 1;
         if n > run.done && (n % batch == 0 || n == count) {
             // Hand the batch's lines to the kernel too: after a crash the
@@ -483,7 +505,10 @@ fn execute(
     for f in sinks.files.drain(..) {
         outputs.push(f.finish()?);
     }
-    let bundle = sinks.bundle.take().map(|b| b.path);
+    let manifest = match sinks.bundle.take() {
+        Some(b) => Some(b.writer.finish(b.key).map_err(|e| Error::Bundle(e.to_string()))?),
+        None => None,
+    };
     aeads.sync()?;
     ledger.finish(run.id)?;
     let report = RunReport {
@@ -498,7 +523,8 @@ fn execute(
         key_handles: kh,
         out: run.spec.out_dir.clone(),
         outputs,
-        bundle,
+        bundle: manifest.is_some().then(|| opts.bundle.map(|(p, _)| p.to_path_buf())).flatten(),
+        manifest,
     };
     tracing::info!(
         run = report.run,

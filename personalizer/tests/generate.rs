@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use appliance_tests::tools;
+use hsm::signing::{SigningKey, VerifyingKey};
 use hsm::soft::format::KdfParams;
 use hsm::soft::SoftHsm;
 use hsm::{Flags, Password};
@@ -86,6 +87,13 @@ impl Fixture {
         personalizer(&args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
+    /// A signing key for bundles, as the hidden --signing-key-pem file.
+    fn signing_key(&self) -> VerifyingKey {
+        let key = SigningKey::generate().unwrap();
+        std::fs::write(self.p("signing.pem"), key.to_pkcs8_pem().unwrap().as_bytes()).unwrap();
+        key.verifying_key()
+    }
+
     fn hsm(&self) -> Arc<SoftHsm> {
         Arc::new(SoftHsm::open_unlocked(&self.dir.path().join("ks"), &Password::new("correct horse").unwrap()).unwrap())
     }
@@ -158,6 +166,27 @@ fn oracle_open(key: &[u8], records: &BTreeMap<String, (PathBuf, AeadRecord)>) ->
     opened
 }
 
+/// The bundle verifies with `trust` and holds exactly the AEAD files of
+/// ids `first..first + count`, in order.
+fn check_bundle(bundle: &Path, trust: &VerifyingKey, aeads: &Path, first: u64, count: u64) {
+    let files0 = aead_files(aeads, "0x2000");
+    let files1 = aead_files(aeads, "KSM1");
+    let mut next = first;
+    let manifest = ksm::bundle::read_verified(bundle, trust, |id, records| {
+        assert_eq!(id.to_number(), next, "bundle entries in run order");
+        next += 1;
+        let name = id.to_string();
+        assert_eq!(records, [files0[&name].1, files1[&name].1], "{name}");
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(next, first + count);
+    assert_eq!(manifest.count, count);
+    assert_eq!(manifest.key_handles, [KH0, KH1]);
+    assert_eq!(manifest.first_public_id.to_number(), first);
+    assert!(manifest.origin.starts_with("personalizer run "), "{}", manifest.origin);
+}
+
 /// An OTP from Debian's `ykgenerate` for this key and uid.
 fn ykgenerate(key: &str, uid: &str, counter: u16, session_use: u8) -> String {
     let ykgenerate = tools::require("ykgenerate", "libyubikey-dev");
@@ -173,7 +202,12 @@ fn ykgenerate(key: &str, uid: &str, counter: u16, session_use: u8) -> String {
 fn aeads_open_with_an_independent_oracle_and_otps_validate() {
     let f = Fixture::new();
     let (aeads, csv, ykp) = (f.p("aeads"), f.p("secrets.csv"), f.p("ykpersonalize.sh"));
+    let trust = f.signing_key();
     let out = ok(f.generate(&[
+        "--bundle",
+        &f.p("run.bundle"),
+        "--signing-key-pem",
+        &f.p("signing.pem"),
         "--count",
         "25",
         "--start-public-id",
@@ -188,6 +222,8 @@ fn aeads_open_with_an_independent_oracle_and_otps_validate() {
         &ykp,
     ]));
     assert!(out.contains("public ids vvcccccccccb to vvccccccccbk"), "{out}");
+    assert!(out.contains("wrote the signed transfer bundle"), "{out}");
+    check_bundle(Path::new(&f.p("run.bundle")), &trust, Path::new(&aeads), 0xff00_0000_0001, 25);
 
     let csv_text = std::fs::read_to_string(&csv).unwrap();
     let rows = parse_csv(&csv_text);
@@ -344,6 +380,11 @@ fn secrets_output_only_to_new_private_files() {
         let err = refused(f.generate(&[&base[..], &[flag, &path]].concat()));
         assert!(err.contains(why), "{path}: {err}");
     }
+    // A bundle, too, only under a new name, and only with a signing key.
+    assert!(refused(f.generate(&[&base[..], &["--bundle", &f.p("b")]].concat())).contains("signing key"));
+    f.signing_key();
+    let err = refused(f.generate(&[&base[..], &["--bundle", &f.p("old.csv"), "--signing-key-pem", &f.p("signing.pem")]].concat()));
+    assert!(err.contains("already exists; a transfer bundle is never overwritten"), "{err}");
     assert_eq!(std::fs::read_to_string(f.p("old.csv")).unwrap(), "keep me");
     assert!(!Path::new(&f.p("target.csv")).exists(), "the symlink was not followed");
     // Nothing was reserved: the same ids are still free.
@@ -392,6 +433,7 @@ fn check_complete_run(f: &Fixture, first: u64, count: u64, csv: &str) -> BTreeMa
 #[test]
 fn a_killed_run_resumes_without_reusing_ids() {
     let f = Fixture::new();
+    let trust = f.signing_key();
     let count = 6_000u64;
     let args = f.args(&[
         "--count",
@@ -404,6 +446,10 @@ fn a_killed_run_resumes_without_reusing_ids() {
         &f.p("aeads"),
         "--yubikey-csv",
         &f.p("crashed.csv"),
+        "--bundle",
+        &f.p("run.bundle"),
+        "--signing-key-pem",
+        &f.p("signing.pem"),
         "--batch",
         "200",
     ]);
@@ -435,13 +481,23 @@ fn a_killed_run_resumes_without_reusing_ids() {
     assert!(err.contains("already allocated by run 1"), "{err}");
     // Resume needs new outputs; the crashed CSV is not overwritten.
     assert!(refused(f.generate(&["--resume", "--yubikey-csv", &f.p("crashed.csv")])).contains("exists already"));
-    let out = ok(f.generate(&["--resume", "--yubikey-csv", &f.p("resumed.csv")]));
+    assert!(!Path::new(&f.p("run.bundle")).exists(), "no bundle from the killed run");
+    let out = ok(f.generate(&[
+        "--resume",
+        "--yubikey-csv",
+        &f.p("resumed.csv"),
+        "--bundle",
+        &f.p("run.bundle"),
+        "--signing-key-pem",
+        &f.p("signing.pem"),
+    ]));
     assert!(out.contains("run 1: generated 6000 YubiKey(s)"), "{out}");
     let run = Ledger::open(&ledger_path).unwrap().runs().unwrap().remove(0);
     assert!(run.finished && run.done == count);
     assert!(refused(f.generate(&["--resume"])).contains("no unfinished run"));
 
     let secrets = check_complete_run(&f, 1000, count, &f.p("resumed.csv"));
+    check_bundle(Path::new(&f.p("run.bundle")), &trust, Path::new(&f.p("aeads")), 1000, count);
     // Every line of the crashed CSV was for a key whose AEADs were all
     // written first, so the resumed run kept its secret.
     let crashed = parse_csv(&std::fs::read_to_string(f.p("crashed.csv")).unwrap());
@@ -477,7 +533,17 @@ fn resume_keeps_rewraps_or_replaces_partial_keys() {
         std::fs::remove_file(path("0x2000", n)).unwrap();
         std::fs::remove_file(path("KSM1", n)).unwrap();
     }
-    let out = ok(f.generate(&["--resume", "1", "--yubikey-csv", &f.p("resumed.csv")]));
+    let trust = f.signing_key();
+    let out = ok(f.generate(&[
+        "--resume",
+        "1",
+        "--yubikey-csv",
+        &f.p("resumed.csv"),
+        "--bundle",
+        &f.p("b"),
+        "--signing-key-pem",
+        &f.p("signing.pem"),
+    ]));
     assert!(out.contains("run 1: generated 50 YubiKey(s), public ids cccccccccbvf to cccccccccddg"), "{out}");
     let secrets = check_complete_run(&f, 500, 50, &f.p("resumed.csv"));
     for (n, bytes) in kept {
@@ -486,4 +552,5 @@ fn resume_keeps_rewraps_or_replaces_partial_keys() {
     assert_eq!(std::fs::read(path("0x2000", 520)).unwrap(), rewrap_0, "re-wrapped, not regenerated");
     assert_ne!(std::fs::read(path("KSM1", 521)).unwrap(), replaced_1, "a new secret for a key never output");
     assert_eq!(secrets.len(), 50);
+    check_bundle(Path::new(&f.p("b")), &trust, Path::new(&aeads), 500, 50);
 }
