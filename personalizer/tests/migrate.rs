@@ -395,3 +395,59 @@ fn rotation_rewraps_under_a_new_handle() {
     assert!(e.contains("not permitted to decrypt AEADs"), "{e}");
     assert!(!dir.path().join("c").exists() && !dir.path().join("plain.csv").exists());
 }
+
+/// `--random-nonce` from stdin: the module draws the nonces (stored in the
+/// v1 header, no user-nonce flag needed); the oracle opens the files with
+/// those nonces; re-importing cannot compare and reports conflicts.
+#[test]
+fn random_nonce_import_from_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).to_str().unwrap().to_owned();
+    let ks = keystore(dir.path(), &[(7, "buffer-load,buffer-aead-generate,export", KEY_B)]);
+    let ks: Vec<&str> = ks.iter().map(String::as_str).collect();
+    let yks = yubikeys(2);
+    let csv = format!("# ykksm 1\n{}\n{}\n", ykksm_row(1, &yks[0]), ykksm_row(2, &yks[1]));
+    let import = |extra: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_personalizer"))
+            .args([&["import"][..], &ks, &["--ykksm-csv", "-", "--key-handles", "7", "--out", &d("aeads")], extra].concat())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The child may refuse before reading stdin.
+        let _ = child.stdin.take().unwrap().write_all(csv.as_bytes());
+        child.wait_with_output().unwrap()
+    };
+    let e = failed(import(&[]));
+    assert!(e.contains("not permitted to wrap imported secrets") && e.contains("user-nonce"), "{e}");
+    let out = ok(import(&["--random-nonce"]));
+    assert!(out.contains("added 2, already present 0, conflicts 0, errors 0"), "{out}");
+    let mut files = Vec::new();
+    for yk in &yks {
+        let path = aead_path(&dir.path().join("aeads"), "7", &yk.id);
+        let AeadFile::V1(rec) = AeadFile::parse(&std::fs::read(&path).unwrap()).unwrap() else { panic!("not v1") };
+        assert_ne!(rec.nonce.as_bytes(), PublicId::from_modhex(&yk.id).unwrap().as_bytes());
+        files.push((path, 7, KEY_B, format!("{}{}", yk.key, yk.uid)));
+    }
+    oracle_opens(&files);
+    let again = import(&["--random-nonce"]);
+    assert_eq!(again.status.code(), Some(1));
+    let stdout = String::from_utf8(again.stdout.clone()).unwrap();
+    assert!(stdout.contains("added 0, already present 0, conflicts 2, errors 0"), "{stdout}");
+    assert!(failed(again).contains("cannot be compared"));
+
+    ok(personalizer(
+        &[
+            &["decrypt-aead"][..],
+            &ks,
+            &["--aead-dir", &d("aeads"), "--key-handle", "7", "--format", "yubikey-csv", "--output", &d("s.csv")],
+        ]
+        .concat(),
+    ));
+    let text = std::fs::read_to_string(d("s.csv")).unwrap();
+    for yk in &yks {
+        assert!(text.lines().any(|l| l.contains(&format!(",{},{},{},", yk.id, yk.uid, yk.key))), "{text}");
+    }
+}
