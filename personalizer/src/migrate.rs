@@ -332,6 +332,9 @@ impl DecryptAead {
                 if self.rewrap_to.is_some() || self.out.is_some() {
                     return usage("--rewrap-to and --out go with --format aead only");
                 }
+                if output.as_os_str() == "-" {
+                    return usage("plaintext secrets are never written to stdout: give --output FILE, a new file");
+                }
                 if output.symlink_metadata().is_ok() {
                     return Err(MigrateError::Usage(format!(
                         "{} exists already (or is a symbolic link); plaintext secrets are only written to a new file",

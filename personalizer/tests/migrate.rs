@@ -236,6 +236,9 @@ fn ykksm_import_then_decrypt_gives_back_the_secrets() {
     assert!(!dir.path().join("elsewhere.csv").exists());
     let e = failed(decrypt(&["--key-handle", "0x2000", "--format", "yubikey-csv"]));
     assert!(e.contains("--output"), "{e}");
+    let out = decrypt(&["--key-handle", "0x2000", "--format", "yubikey-csv", "--output", "-"]);
+    assert!(out.stdout.is_empty());
+    assert!(failed(out).contains("never written to stdout"));
     let e = failed(decrypt(&["--key-handle", "0x2000", "--format", "raw", "--public-id", "cccccccccccv", "--output", &d("none.txt")]));
     assert!(e.contains("no AEAD of key handle"), "{e}");
     assert!(!dir.path().join("none.txt").exists());
