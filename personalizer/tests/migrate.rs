@@ -325,8 +325,15 @@ fn rotation_rewraps_under_a_new_handle() {
     let d = |p: &str| dir.path().join(p).to_str().unwrap().to_owned();
     let ks = keystore(dir.path(), &[(0x1001, "personalizer", KEY_A), (0x1002, "import,otp-decode", KEY_B), (0x1003, "otp-decode", KEY_B)]);
     let ks: Vec<&str> = ks.iter().map(String::as_str).collect();
+    // The public-id ledger of generate lives apart, in state/.
+    std::fs::create_dir(dir.path().join("state")).unwrap();
     ok(personalizer(
-        &[&["generate"][..], &ks, &["--count", "3", "--start-public-id", "1", "--key-handles", "0x1001", "--out", &d("a")]].concat(),
+        &[
+            &["generate"][..],
+            &ks,
+            &["--count", "3", "--start-public-id", "1", "--key-handles", "0x1001", "--out", &d("a"), "--ledger", &d("state/ledger.db")],
+        ]
+        .concat(),
     ));
 
     let rewrap = |extra: &[&str]| {
@@ -337,7 +344,7 @@ fn rotation_rewraps_under_a_new_handle() {
     // No plaintext anywhere: only the keystore, the two AEAD trees.
     let mut names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
-    assert_eq!(names, ["a", "b", "ks", "pw"]);
+    assert_eq!(names, ["a", "b", "ks", "pw", "state"]);
     let again = ok(rewrap(&["--rewrap-to", "0x1002", "--out", &d("b")]));
     assert!(again.contains("added 0, already present 3"), "{again}");
 
