@@ -115,7 +115,10 @@ impl Context {
 
     /// The session of `--session` / `PERSONALIZER_SESSION`, checked now.
     pub fn session(&self) -> CliResult<Session> {
-        let path = self.session_file.as_deref().ok_or("this command needs a session: log in with `personalizer login`, then pass --session FILE")?;
+        let path = self
+            .session_file
+            .as_deref()
+            .ok_or("this command needs a session: log in with `personalizer login`, then pass --session FILE")?;
         let token = SessionToken::read(path).map_err(|e| e.to_string())?;
         self.operators.session(&token, now()).map_err(|e| e.to_string())
     }
@@ -518,7 +521,11 @@ pub fn quorum(args: &HomeArgs, cmd: &QuorumCommand) -> CliResult<String> {
                 ))
             })();
             ctx.finish(who.as_deref(), "quorum.request", result, |_| {
-                AuditEvent::ok(who.as_deref(), "quorum.request", serde_json::json!({ "id": id, "operation": operation.as_str(), "context": context }))
+                AuditEvent::ok(
+                    who.as_deref(),
+                    "quorum.request",
+                    serde_json::json!({ "id": id, "operation": operation.as_str(), "context": context }),
+                )
             })
         }
         QuorumCommand::Approve { token, signature } => {
@@ -666,7 +673,11 @@ pub fn key_handle(args: &HomeArgs, cmd: &KeyHandleCommand) -> CliResult<String> 
                 let info = ctx.hsm().add_handle(*key_handle, *flags, *key_bits).map_err(|e| e.to_string())?;
                 Ok(format!("created key handle {} (AES-{}, flags {}) inside the module", info.key_handle, info.key_bits, info.flags))
             })();
-            ("key-handle.create", serde_json::json!({ "key_handle": key_handle.to_string(), "flags": flags.to_string(), "key_bits": key_bits }), result)
+            (
+                "key-handle.create",
+                serde_json::json!({ "key_handle": key_handle.to_string(), "flags": flags.to_string(), "key_bits": key_bits }),
+                result,
+            )
         }
         KeyHandleCommand::ImportPyhsm { json, flags, approval } => {
             let context = json.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

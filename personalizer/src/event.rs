@@ -39,13 +39,7 @@ impl AuditEvent {
     /// A successful `action` by `operator`.
     #[must_use]
     pub fn ok(operator: Option<&str>, action: &str, detail: serde_json::Value) -> Self {
-        Self {
-            operator: operator.map(str::to_owned),
-            action: action.to_owned(),
-            approvers: Vec::new(),
-            outcome: Outcome::Ok,
-            detail,
-        }
+        Self { operator: operator.map(str::to_owned), action: action.to_owned(), approvers: Vec::new(), outcome: Outcome::Ok, detail }
     }
 
     /// A refused `action`, with the reason.
