@@ -50,6 +50,8 @@ use std::io::{ErrorKind, Write as _};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
+use std::thread::JoinHandle;
 
 use hsm::signing::SigningKey;
 use hsm::{NonceSource, SecurityModule};
@@ -125,16 +127,23 @@ pub struct RunOptions<'a> {
     /// A signed transfer bundle of every AEAD of the run, and the key that
     /// signs its manifest.
     pub bundle: Option<(&'a Path, &'a SigningKey)>,
-    /// Keys per durable batch (ledger progress step); at least 1.
+    /// Keys per durable batch (ledger progress step), 1 to [`MAX_BATCH`].
     pub batch: u64,
+    /// Threads creating AEAD files, 1 to [`MAX_WRITERS`].
+    pub writers: usize,
 }
 
 /// Keys per durable batch by default.
 pub const DEFAULT_BATCH: u64 = 1000;
+/// Largest batch: a batch's secrets lines are held (in zeroizing memory)
+/// until its AEAD files are written.
+pub const MAX_BATCH: u64 = 10_000;
+/// File-writing threads by default.
+pub const DEFAULT_WRITERS: usize = 4;
 
 impl Default for RunOptions<'_> {
     fn default() -> Self {
-        Self { yubikey_csv: None, ykpersonalize: None, bundle: None, batch: DEFAULT_BATCH }
+        Self { yubikey_csv: None, ykpersonalize: None, bundle: None, batch: DEFAULT_BATCH, writers: DEFAULT_WRITERS }
     }
 }
 
@@ -304,7 +313,8 @@ impl<'a> Sinks<'a> {
         let mut sinks = Self { files: Vec::new(), bundle: None };
         let mut add = |path: Option<&Path>, format| -> Result<(), Error> {
             if let Some(p) = path {
-                sinks.files.push(SecretsFile::create(p, format)?);
+                let lines = usize::try_from(opts.batch.clamp(1, MAX_BATCH)).unwrap_or(1);
+                sinks.files.push(SecretsFile::create_buffered(p, format, lines)?);
             }
             Ok(())
         };
@@ -348,8 +358,8 @@ impl<'a> Sinks<'a> {
 struct AeadWriter {
     base: PathBuf,
     names: Vec<String>,
-    last_dirs: Vec<PathBuf>,
     base_dir: File,
+    pool: WriterPool,
 }
 
 /// What an id's AEAD file holds.
@@ -360,13 +370,13 @@ enum Found {
 }
 
 impl AeadWriter {
-    fn new(base: &Path, handles: &[KeyHandleDir]) -> Result<Self, Error> {
+    fn new(base: &Path, handles: &[KeyHandleDir], writers: usize) -> Result<Self, Error> {
         let base_dir = File::open(base).map_err(|e| hsm::Error::io(base, e))?;
         Ok(Self {
             base: base.to_path_buf(),
             names: handles.iter().map(KeyHandleDir::write_name).collect(),
-            last_dirs: vec![PathBuf::new(); handles.len()],
             base_dir,
+            pool: WriterPool::new(writers.clamp(1, MAX_WRITERS)).map_err(|e| hsm::Error::io(base, e))?,
         })
     }
 
@@ -374,25 +384,15 @@ impl AeadWriter {
         self.base.join(relative_path(&self.names[h], id))
     }
 
-    /// Write the AEAD of handle number `h`: a new file, never replacing one.
+    /// Queue the AEAD of handle number `h` for writing: a new file, never
+    /// replacing one. Written by the time [`AeadWriter::fence`] returns.
     fn write(&mut self, h: usize, id: &PublicId, record: &AeadRecord) -> Result<(), Error> {
-        let path = self.path(h, id);
-        if let Some(parent) = path.parent() {
-            if parent != self.last_dirs[h] {
-                std::fs::create_dir_all(parent).map_err(|e| hsm::Error::io(parent, e))?;
-                self.last_dirs[h] = parent.to_path_buf();
-            }
-        }
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(|e| match e.kind() {
-            ErrorKind::AlreadyExists => Error::Inconsistent(format!(
-                "{} exists already, but public id {id} was never allocated before this run: \
-                 the AEAD directory holds keys from elsewhere; refusing to overwrite it",
-                path.display()
-            )),
-            _ => hsm::Error::io(&path, e).into(),
-        })?;
-        f.write_all(&record.to_v1_bytes()).map_err(|e| hsm::Error::io(&path, e))?;
-        Ok(())
+        self.pool.send(Job { path: self.path(h, id), bytes: record.to_v1_bytes(), id: *id })
+    }
+
+    /// Wait until every queued file is written; the first failure, if any.
+    fn fence(&mut self) -> Result<(), Error> {
+        self.pool.fence()
     }
 
     fn read(&self, h: usize, kh: KeyHandle, id: &PublicId, nonce: Option<&otp::AeadNonce>) -> Result<Found, Error> {
@@ -424,10 +424,119 @@ impl AeadWriter {
     }
 
     /// Make every file written so far durable: one `syncfs(2)` on the AEAD
-    /// directory's file system (data, inodes and directory entries).
+    /// directory's file system (data, inodes and directory entries). Call
+    /// [`AeadWriter::fence`] first.
     fn sync(&self) -> Result<(), Error> {
         rustix::fs::syncfs(&self.base_dir).map_err(|e| hsm::Error::io(&self.base, e.into()).into())
     }
+}
+
+/// Most file-writing threads a run uses.
+pub const MAX_WRITERS: usize = 16;
+
+/// One AEAD file to create.
+struct Job {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    id: PublicId,
+}
+
+enum Msg {
+    Write(Job),
+    Fence,
+}
+
+/// Threads that create AEAD files. Each pyhsm-layout file sits in a
+/// directory of its own, so a key costs two `mkdir`s and two file creations
+/// per handle pair; on file systems where inode allocation is slow those
+/// dominate the run, and several threads overlap them. Queues are bounded:
+/// memory does not grow with the run.
+struct WriterPool {
+    senders: Vec<SyncSender<Msg>>,
+    acks: Receiver<Option<Error>>,
+    workers: Vec<JoinHandle<()>>,
+    next: usize,
+}
+
+impl WriterPool {
+    fn new(n: usize) -> std::io::Result<Self> {
+        let (ack_tx, acks) = channel();
+        let mut pool = Self { senders: Vec::with_capacity(n), acks, workers: Vec::with_capacity(n), next: 0 };
+        for _ in 0..n {
+            let (tx, rx) = sync_channel::<Msg>(256);
+            let ack = ack_tx.clone();
+            let worker = std::thread::Builder::new().name("aead-writer".to_owned()).spawn(move || {
+                let mut failed: Option<Error> = None;
+                for msg in rx {
+                    match msg {
+                        Msg::Write(job) if failed.is_none() => failed = create_aead_file(&job).err(),
+                        Msg::Write(_) => {}
+                        Msg::Fence => {
+                            if ack.send(failed.take()).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            })?;
+            pool.senders.push(tx);
+            pool.workers.push(worker);
+        }
+        Ok(pool)
+    }
+
+    fn send(&mut self, job: Job) -> Result<(), Error> {
+        let i = self.next % self.senders.len().max(1);
+        self.next = self.next.wrapping_add(1);
+        self.senders
+            .get(i)
+            .and_then(|s| s.send(Msg::Write(job)).ok())
+            .ok_or_else(|| Error::Inconsistent("an AEAD writer thread stopped".to_owned()))
+    }
+
+    fn fence(&mut self) -> Result<(), Error> {
+        for s in &self.senders {
+            s.send(Msg::Fence).map_err(|_| Error::Inconsistent("an AEAD writer thread stopped".to_owned()))?;
+        }
+        let mut first = None;
+        for _ in 0..self.senders.len() {
+            let ack = self.acks.recv().map_err(|_| Error::Inconsistent("an AEAD writer thread stopped".to_owned()))?;
+            first = first.or(ack);
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for WriterPool {
+    fn drop(&mut self) {
+        self.senders.clear();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Create `job.path` (mode 0600, `O_EXCL`) and its directory.
+fn create_aead_file(job: &Job) -> Result<(), Error> {
+    let path = &job.path;
+    if let Some(dir) = path.parent() {
+        match std::fs::create_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => std::fs::create_dir_all(dir).map_err(|e| hsm::Error::io(dir, e))?,
+            Err(e) => return Err(hsm::Error::io(dir, e).into()),
+        }
+    }
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| match e.kind() {
+        ErrorKind::AlreadyExists => Error::Inconsistent(format!(
+            "{} exists already, but public id {} was never allocated before this run: \
+             the AEAD directory holds keys from elsewhere; refusing to overwrite it",
+            path.display(),
+            job.id
+        )),
+        _ => hsm::Error::io(path, e).into(),
+    })?;
+    f.write_all(&job.bytes).map_err(|e| hsm::Error::io(path, e).into())
 }
 
 /// Counters of a run.
@@ -450,10 +559,10 @@ fn execute<'a>(
     opts: &RunOptions<'a>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<RunReport, Error> {
-    let batch = opts.batch.max(1);
+    let batch = opts.batch.clamp(1, MAX_BATCH);
     let kh: Vec<KeyHandle> = handles.iter().map(|k| k.key_handle).collect();
     sinks.start_bundle(opts, run, &kh)?;
-    let mut aeads = AeadWriter::new(&run.spec.out_dir, handles)?;
+    let mut aeads = AeadWriter::new(&run.spec.out_dir, handles, opts.writers)?;
     let mut tally = Tally::default();
     let count = run.spec.count;
     // Keys already durable are only read back when an output needs them.
@@ -491,8 +600,10 @@ fn execute<'a>(
         }
         let n = i + 1;
         if n > run.done && (n % batch == 0 || n == count) {
-            // Hand the batch's lines to the kernel too: after a crash the
-            // output shows at least the keys the ledger counts as done.
+            // Every AEAD file of the batch is written; only now do the
+            // batch's secrets lines reach the kernel, so that no output ever
+            // holds a key whose AEADs are not all on disk.
+            aeads.fence()?;
             for f in &mut sinks.files {
                 f.flush()?;
             }
@@ -501,6 +612,7 @@ fn execute<'a>(
         }
         progress(n);
     }
+    aeads.fence()?;
     let mut outputs = Vec::new();
     for f in sinks.files.drain(..) {
         outputs.push(f.finish()?);

@@ -259,6 +259,7 @@ fn run(cli: Cli) -> Result<(), personalizer::Error> {
                 ykpersonalize: ykpersonalize.as_deref(),
                 bundle: bundle.as_deref().zip(signing_key.as_ref()),
                 batch,
+                ..RunOptions::default()
             };
             let mut ledger = Ledger::open(&ledger_path)?;
             let bar = ksm::import::progress_bar(None, "generating");

@@ -29,8 +29,10 @@ use zeroize::{Zeroize, Zeroizing};
 const TMPFS_MAGIC: i128 = 0x0102_1994;
 /// `statfs` magic of ramfs (`RAMFS_MAGIC`).
 const RAMFS_MAGIC: i128 = 0x8584_58f6;
-/// Bytes buffered before a write.
-const BLOCK: usize = 64 * 1024;
+/// Room for one line of either format (the longest is about 110 bytes).
+const LINE_ROOM: usize = 128;
+/// Lines buffered by [`SecretsFile::create`].
+const DEFAULT_LINES: usize = 512;
 
 /// Errors of secrets output.
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +148,14 @@ impl SecretsFile {
     /// [`check_new_path`] for what is refused). Warns, in the log and on
     /// stderr, when the file is not on a tmpfs.
     pub fn create(path: &Path, format: OutputFormat) -> Result<Self, OutputError> {
+        Self::create_buffered(path, format, DEFAULT_LINES)
+    }
+
+    /// [`SecretsFile::create`], holding up to `lines` lines in memory:
+    /// nothing reaches the file before [`SecretsFile::flush`] unless more
+    /// lines are written. The buffer is allocated once (it never grows, so
+    /// no copy of a secret is left behind in freed memory).
+    pub fn create_buffered(path: &Path, format: OutputFormat, lines: usize) -> Result<Self, OutputError> {
         check_new_path(path)?;
         // O_CREAT|O_EXCL: fails on anything that appeared meanwhile,
         // symlinks included, and never follows one.
@@ -168,7 +178,8 @@ impl SecretsFile {
             }
             Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot tell the file system of the secrets output"),
         }
-        Ok(Self { file, path: path.to_path_buf(), format, buf: Zeroizing::new(Vec::with_capacity(BLOCK + 256)), lines: 0 })
+        let room = lines.max(1).saturating_mul(LINE_ROOM);
+        Ok(Self { file, path: path.to_path_buf(), format, buf: Zeroizing::new(Vec::with_capacity(room)), lines: 0 })
     }
 
     /// The file.
