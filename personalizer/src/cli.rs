@@ -239,6 +239,7 @@ pub enum OperatorCommand {
     /// Register an officer's RSA-2048 2FA key. First run: writes a challenge
     /// to --authdata (needs the password). Sign its Digest with the new
     /// key, put the base64 signature into Signature, run again.
+    #[command(name = "set-2fa")]
     Set2fa {
         /// The officer.
         name: String,
@@ -253,6 +254,7 @@ pub enum OperatorCommand {
         password_file: Option<PathBuf>,
     },
     /// Replace your own 2FA key (needs your session); two runs as set-2fa.
+    #[command(name = "rotate-2fa")]
     Rotate2fa {
         /// The new public key (PEM), first run.
         #[arg(long, value_name = "PEM")]
@@ -263,6 +265,7 @@ pub enum OperatorCommand {
     },
     /// Remove an officer's 2FA key: they cannot log in until a new key is
     /// registered (needs a session).
+    #[command(name = "disable-2fa")]
     Disable2fa {
         /// The officer.
         name: String,
