@@ -2,20 +2,26 @@
 # Quickstart: the appliance's main job on embedded defaults (soft keystore,
 # files in a temporary directory, services on loopback only).
 #
-#   1. a personalisation keystore and a validation-only keystore holding the
-#      same key handle with different flags (pyhsm's recommended practice);
-#   2. YubiKey secrets generated inside the module, AEADs written in pyhsm's
-#      v1 format and directory layout, secrets exported once for programming;
-#   3. OTPs built the way a YubiKey builds them (and by Debian's ykgenerate,
+#   1. the personalisation laptop: a keystore, the personalizer's home (its
+#      signing key sealed under the keystore), two crypto officers whose
+#      2FA keys are made and used with openssl, sessions opened with a
+#      password and a signed challenge;
+#   2. the key-handle ceremony under a 2-of-2 quorum: a key handle created
+#      inside the module, the validation servers' decode-only keystore
+#      exported;
+#   3. YubiKey secrets generated inside the module: AEADs in pyhsm's v1
+#      format and layout, a signed transfer bundle, the secrets exported
+#      once (quorum), every step in the signed, hash-chained audit log;
+#   4. OTPs built the way a YubiKey builds them (and by Debian's ykgenerate,
 #      when it is installed);
-#   4. the KSM decoding them, and refusing bad ones;
-#   5. the AEADs imported into the SQLite store, and the KSM as an HTTP
-#      service on loopback (Yubico KSM protocol);
-#   6. the validator on loopback (Yubico validation protocol 2.0): OTPs
+#   5.–6. the KSM decoding them, and refusing bad ones;
+#   7. the bundle verified and imported into the SQLite AEAD store, and the
+#      KSM as an HTTP service on loopback (Yubico KSM protocol);
+#   8. the validator on loopback (Yubico validation protocol 2.0): OTPs
 #      validated by Debian's ykclient (or curl), a replay refused, and
 #      pam_yubico logging a user in through pamtester when they are
 #      installed and this runs as root;
-#   7. two validator sites replicating over QUIC with mutual TLS (127.0.0.1
+#   9. two validator sites replicating over QUIC with mutual TLS (127.0.0.1
 #      and 127.0.0.2): an API client and a new YubiKey's AEAD added at one
 #      site reach the other, an OTP accepted at one is a replay at the other,
 #      and with the peer gone a site fails closed.
@@ -47,26 +53,92 @@ head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/password"
 # Cheap KDF for the demo only; the default is 64 MiB / 3 passes.
 kdf=(--kdf-memory-mib 8 --kdf-iterations 1)
 
-say "1. Keystores: the laptop's and the KSM's, one key handle with different flags"
-# A throwaway pyhsm soft-HSM key file: one AES-256 key under handle 0x2000.
-printf '{"8192": "%s"}\n' "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" > "$work/handle-key.json"
-for ks in laptop ksm; do
-  run $bin/personalizer keystore init --keystore "$work/$ks.keystore" --password-file "$work/password" "${kdf[@]}"
-done
-run $bin/personalizer keystore import-pyhsm --keystore "$work/laptop.keystore" --password-file "$work/password" --json "$work/handle-key.json" --flags personalizer
-run $bin/ksm keystore import-pyhsm --keystore "$work/ksm.keystore" --password-file "$work/password" --json "$work/handle-key.json" --flags decode-only
-rm -f "$work/handle-key.json"
+say "1. The personalisation laptop: keystore, home, two crypto officers with 2FA"
+run $bin/personalizer keystore init --keystore "$work/laptop.keystore" --password-file "$work/password" "${kdf[@]}"
+export PERSONALIZER_HOME="$work/laptop" PERSONALIZER_KEYSTORE_PASSWORD_FILE="$work/password"
+run $bin/personalizer init --keystore "$work/laptop.keystore" --hsm-id laptop-1
+# Demo only: cheap operator password hashes (default 64 MiB, 3 passes).
+sed -i 's/^operator_kdf_memory_mib = .*/operator_kdf_memory_mib = 8/' "$work/laptop/personalizer.toml"
+# What an officer does with a challenge: sign its 32 bytes with their RSA
+# key (openssl dgst -sha256 -sign), put the base64 signature back.
+b64field() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$1" "$2"; }
+sign_b64() { # officer, base64 challenge -> signature file
+  printf '%s' "$2" | base64 -d > "$work/$1.challenge"
+  openssl dgst -sha256 -sign "$work/$1.key.pem" -out "$work/$1.sig" "$work/$1.challenge"
+}
+sign_authdata() { # officer, authdata file
+  sign_b64 "$1" "$(b64field "$2" 'd["Data"][0]["Digest"]')"
+  python3 -c 'import json,sys,base64
+d=json.load(open(sys.argv[1])); d["Data"][0]["Signature"]=base64.b64encode(open(sys.argv[2],"rb").read()).decode()
+json.dump(d,open(sys.argv[1],"w"))' "$2" "$work/$1.sig"
+}
+officer() { # name [session of the officer adding them]
+  head -c 18 /dev/urandom | base64 > "$work/$1.pw"
+  openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$work/$1.key.pem" 2>/dev/null
+  openssl pkey -in "$work/$1.key.pem" -pubout -out "$work/$1.pub.pem"
+  if [ -n "${2:-}" ]; then
+    PERSONALIZER_SESSION="$work/$2.session" run $bin/personalizer operator add "$1" --password-file "$work/$1.pw"
+  else
+    run $bin/personalizer operator add "$1" --password-file "$work/$1.pw"
+  fi
+  run $bin/personalizer operator set-2fa "$1" --public-key "$work/$1.pub.pem" --authdata "$work/$1.2fa.json" --password-file "$work/$1.pw"
+  sign_authdata "$1" "$work/$1.2fa.json"
+  run $bin/personalizer operator set-2fa "$1" --authdata "$work/$1.2fa.json"
+}
+login() {
+  run $bin/personalizer login "$1" --authdata "$work/$1.login.json" --password-file "$work/$1.pw" --session-out "$work/$1.session"
+  sign_authdata "$1" "$work/$1.login.json"
+  run $bin/personalizer login "$1" --authdata "$work/$1.login.json" --session-out "$work/$1.session"
+}
+approve() { # token file, approvers...
+  local token=$1; shift
+  for who in "$@"; do
+    sign_b64 "$who" "$(b64field "$token" 'd["token"]')"
+    PERSONALIZER_SESSION="$work/$who.session" run $bin/personalizer quorum approve --token "$token" --signature "$work/$who.sig"
+  done
+}
+officer alice
+login alice
+officer bob alice
+login bob
+run $bin/personalizer operator list
+export PERSONALIZER_SESSION="$work/alice.session"
+
+say "2. The key-handle ceremony under a 2-of-2 quorum"
+echo "# without approvals:"
+run $bin/personalizer key-handle create --key-handle 0x2000 || true
+run $bin/personalizer quorum request --operation create-key-handle --context 0x2000 --token-out "$work/kh.token"
+approve "$work/kh.token" alice bob
+run $bin/personalizer key-handle create --key-handle 0x2000 --approval "$work/kh.token"
+echo "# the approval was single-use:"
+run $bin/personalizer key-handle create --key-handle 0x2000 --approval "$work/kh.token" || true
+echo "# the validation servers' keystore: the same handle key, decode-only, its own password"
+run $bin/personalizer quorum request --operation export-keystore --context 0x2000 --token-out "$work/export.token"
+approve "$work/export.token" alice bob
+run $bin/personalizer key-handle export-servers --key-handles 0x2000 --out "$work/ksm.keystore" \
+  --export-password-file "$work/password" "${kdf[@]}" --approval "$work/export.token"
 run $bin/ksm keystore list --keystore "$work/ksm.keystore" --password-file "$work/password"
 ls -l "$work/ksm.keystore" | awk '{print "keystore mode:", $1}'
 
-say "2. Generate 3 YubiKeys inside the module"
-run $bin/personalizer generate --keystore "$work/laptop.keystore" --password-file "$work/password" \
-  --count 3 --start-public-id 1 --key-handles 0x2000 --out "$work/aeads" --yubikey-csv "$work/secrets.csv"
+say "3. Generate 3 YubiKeys inside the module: AEADs, a signed bundle, the secrets once (quorum)"
+run $bin/personalizer quorum request --operation plaintext-output --context "$work/secrets.csv" --token-out "$work/csv.token"
+approve "$work/csv.token" alice bob
+run $bin/personalizer generate --count 3 --start-public-id 1 --key-handles 0x2000 --out "$work/aeads" \
+  --bundle "$work/keys.bundle" --yubikey-csv "$work/secrets.csv" --approval "$work/csv.token"
 find "$work/aeads" -type f | sed "s#$work#\$WORK#" | sort
 echo "AEAD file bytes (v1: magic, version, key handle, nonce, AEAD):"
 od -An -tx1 "$work/aeads/0x2000/cc/cc/cc/cc/cc/cb/cccccccccccb" | tr -d '\n' | tr -s ' '; echo
+echo "# public ids are never handed out twice:"
+run $bin/personalizer generate --count 1 --start-public-id 2 --key-handles 0x2000 --out "$work/aeads2" || true
+echo "# the audit log: who did what, with which approvals; chained and signed"
+$bin/personalizer audit export | python3 -c 'import json,sys
+for l in sys.stdin:
+    e=json.loads(l)
+    if e["type"]=="entry": print(e["seq"], e["operator"] or "-", e["action"], e["outcome"], ",".join(e["approvers"]))' | tail -8
+run $bin/personalizer audit verify
+unset PERSONALIZER_SESSION
 
-say "3. Touch each YubiKey twice, as a YubiKey would build the OTPs"
+say "4. Touch each YubiKey twice, as a YubiKey would build the OTPs"
 otps=()
 while IFS=, read -r n public_id uid key _; do
   for use in 0 1; do
@@ -79,12 +151,12 @@ while IFS=, read -r n public_id uid key _; do
 done < "$work/secrets.csv"
 printf '%s\n' "${otps[@]}"
 
-say "4. The KSM decodes them (Yubico KSM protocol answers)"
+say "5. The KSM decodes them (Yubico KSM protocol answers)"
 for otp in "${otps[@]}"; do
   run $bin/ksm decrypt --keystore "$work/ksm.keystore" --password-file "$work/password" --aead-dir "$work/aeads" --key-handle 0x2000 "$otp"
 done
 
-say "5. ...and refuses what it must"
+say "6. ...and refuses what it must"
 good=${otps[0]}
 flip() { local s=$1 i=$2 c=${1:$2:1} r=c; [ "$c" = c ] && r=b; printf '%s%s%s' "${s:0:$i}" "$r" "${s:$((i+1))}"; }
 echo "# a corrupted OTP:"
@@ -99,8 +171,8 @@ echo "# a wrong password:"
 echo wrong > "$work/wrong"
 run $bin/ksm decrypt --keystore "$work/ksm.keystore" --password-file "$work/wrong" --aead-dir "$work/aeads" --key-handle 0x2000 "$good" || true
 
-say "6. The AEAD store, and ksm serve: the same over HTTP on loopback"
-run $bin/ksm import --store "$work/aeads.db" --aead-dir "$work/aeads"
+say "7. The AEAD store from the signed bundle, and ksm serve: the same over HTTP on loopback"
+run $bin/ksm import --store "$work/aeads.db" --bundle "$work/keys.bundle" --trust "$work/laptop/signing-key.pub.pem"
 echo "# importing again changes nothing:"
 run $bin/ksm import --store "$work/aeads.db" --aead-dir "$work/aeads"
 $bin/ksm serve --keystore "$work/ksm.keystore" --password-file "$work/password" --store "$work/aeads.db" \
@@ -120,7 +192,7 @@ curl -fsS "http://$addr/metrics" | grep '^ksm_decrypt_requests_total' | grep -v 
 kill -TERM "$server"; wait "$server"; server=
 echo "(ksm serve stopped on SIGTERM)"
 
-say "7. The validator: Yubico validation protocol 2.0 on loopback"
+say "8. The validator: Yubico validation protocol 2.0 on loopback"
 run $bin/validator client add --db "$work/validator.db" --keystore "$work/ksm.keystore" --password-file "$work/password" --id 1 | tee "$work/client"
 apikey=$(sed -n 's/^key=//p' "$work/client")
 $bin/validator serve --db "$work/validator.db" --keystore "$work/ksm.keystore" --password-file "$work/password" \
@@ -168,7 +240,7 @@ curl -fsS "http://$vaddr/metrics" | grep '^validator_verify_requests_total' | gr
 kill -TERM "$server"; wait "$server"; server=
 echo "(validator stopped on SIGTERM)"
 
-say "8. Two sites replicating over QUIC with mutual TLS (a private CA)"
+say "9. Two sites replicating over QUIC with mutual TLS (a private CA)"
 run $bin/replication ca init --dir "$work/pki" | sed "s#$work#\$WORK#g"
 for site in auth1 auth2; do
   run $bin/replication cert issue --ca-dir "$work/pki" --name $site --out "$work/pki" | sed "s#$work#\$WORK#g"
@@ -211,9 +283,13 @@ done
 echo "auth1: http://${addrs[0]} quic ${quic[0]}    auth2: http://${addrs[1]} quic ${quic[1]}"
 echo "# at auth1 only: a new API client, and a new YubiKey generated on the laptop and imported"
 run $bin/validator client add --db "$work/auth1/validator.db" --keystore "$work/auth1/ksm.keystore" --password-file "$work/password" --id 2 --notes "bastion" | grep -v '^key='
-run $bin/personalizer generate --keystore "$work/laptop.keystore" --password-file "$work/password" \
-  --count 1 --start-public-id 4 --key-handles 0x2000 --out "$work/aeads-new" --yubikey-csv "$work/secrets-new.csv" 2>&1 | tail -1 | sed "s#$work#\$WORK#g"
-run $bin/ksm import --store "$work/auth1/aeads.db" --aead-dir "$work/aeads-new"
+export PERSONALIZER_SESSION="$work/bob.session"
+run $bin/personalizer quorum request --operation plaintext-output --context "$work/secrets-new.csv" --token-out "$work/csv2.token"
+approve "$work/csv2.token" alice bob
+run $bin/personalizer generate --count 1 --start-public-id 4 --key-handles 0x2000 --out "$work/aeads-new" \
+  --bundle "$work/new.bundle" --yubikey-csv "$work/secrets-new.csv" --approval "$work/csv2.token" 2>&1 | tail -1 | sed "s#$work#\$WORK#g"
+unset PERSONALIZER_SESSION
+run $bin/ksm import --store "$work/auth1/aeads.db" --bundle "$work/new.bundle" --trust "$work/laptop/signing-key.pub.pem"
 # An unknown YubiKey's OTP is BAD_OTP for a known client, NO_SUCH_CLIENT before.
 probe="http://${addrs[1]}/wsapi/2.0/verify?id=2&nonce=quickstartprobe0001&otp=cccccccccccccccccccccccccccccccccccccccccccc"
 for _ in $(seq 100); do curl -fsS "$probe" | grep -q '^status=NO_SUCH_CLIENT' || break; sleep 0.05; done

@@ -654,6 +654,12 @@ pub enum KeyHandleCommand {
         /// File holding the export password; prompted for (twice) without it.
         #[arg(long, value_name = "FILE")]
         export_password_file: Option<PathBuf>,
+        /// argon2id memory cost of the exported keystore, in MiB.
+        #[arg(long, default_value_t = KdfParams::DEFAULT.memory_kib / 1024, value_name = "MIB")]
+        kdf_memory_mib: u32,
+        /// argon2id passes of the exported keystore.
+        #[arg(long, default_value_t = KdfParams::DEFAULT.iterations, value_name = "N")]
+        kdf_iterations: u32,
         /// The export-keystore token file.
         #[arg(long, value_name = "FILE")]
         approval: Option<PathBuf>,
@@ -696,7 +702,7 @@ pub fn key_handle(args: &HomeArgs, cmd: &KeyHandleCommand) -> CliResult<String> 
             })();
             ("key-handle.import-pyhsm", serde_json::json!({ "file": context, "flags": flags.to_string(), "handles": imported }), result)
         }
-        KeyHandleCommand::ExportServers { key_handles, out, export_password_file, approval } => {
+        KeyHandleCommand::ExportServers { key_handles, out, export_password_file, kdf_memory_mib, kdf_iterations, approval } => {
             let context = key_handles.join(",");
             let result = (|| {
                 let session = session?;
@@ -704,7 +710,8 @@ pub fn key_handle(args: &HomeArgs, cmd: &KeyHandleCommand) -> CliResult<String> 
                     key_handles.iter().map(|s| s.parse().map_err(|e: otp::Error| format!("{s:?}: {e}"))).collect::<CliResult<_>>()?;
                 approvers = ctx.quorum(&session, approval.as_deref(), QuorumOperation::ExportKeystore, &context)?;
                 let pw = read_password(export_password_file.as_deref(), "Password for the servers' keystore: ", true)?;
-                let listed = ctx.hsm().export_decode_only(out, &pw, KdfParams::DEFAULT, &handles).map_err(|e| e.to_string())?;
+                let kdf = KdfParams { memory_kib: kdf_memory_mib.saturating_mul(1024), iterations: *kdf_iterations, parallelism: 1 };
+                let listed = ctx.hsm().export_decode_only(out, &pw, kdf, &handles).map_err(|e| e.to_string())?;
                 Ok(format!("exported {} decode-only key handle(s) to {} (mode 0600)", listed.len(), out.display()))
             })();
             ("key-handle.export-servers", serde_json::json!({ "handles": context, "out": out.display().to_string() }), result)
