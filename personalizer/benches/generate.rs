@@ -117,7 +117,7 @@ fn child(mode: &str, count: u64, base: &Path) {
         let opts = RunOptions {
             yubikey_csv: (mode == "lib+csv").then_some(csv.as_path()),
             bundle: Some((bundle.as_path(), &key)),
-            writers: std::env::var("GENERATE_BENCH_WRITERS").map_or(personalizer::generate::DEFAULT_WRITERS, |w| w.parse().unwrap()),
+            writers: std::env::var("GENERATE_BENCH_WRITERS").map_or(generate::DEFAULT_WRITERS, |w| w.parse().unwrap()),
             ..RunOptions::default()
         };
         let t = Instant::now();

@@ -20,11 +20,15 @@
 //!
 //! AEAD files are written with plain `O_CREAT|O_EXCL` writes (mode 0600),
 //! not one fsync each (which would cap a run at a few thousand files a
-//! second). At the end of each batch one `syncfs(2)` on the AEAD
-//! directory's file system flushes the batch's files and directory entries;
-//! only *then* is the ledger's `done` count raised, in its own durable
-//! SQLite commit. So a key counted as done in the ledger always has all its
-//! AEAD files on disk, whatever crashes when.
+//! second), by a small pool of threads ([`RunOptions::writers`]) fed through
+//! bounded queues. At the end of each batch the pool is fenced (every file
+//! of the batch written, or the run stops with the first error), the
+//! batch's personalisation lines are handed to the kernel, and one
+//! `syncfs(2)` on the AEAD directory's file system flushes the batch's files
+//! and directory entries; only *then* is the ledger's `done` count raised,
+//! in its own durable SQLite commit. So a key counted as done in the ledger
+//! always has all its AEAD files on disk, whatever crashes when, and no
+//! personalisation line ever reaches a file before all its key's AEADs.
 //!
 //! Keys after the recorded count may or may not have reached the disk.
 //! `--resume` ([`resume`]) handles them without ever making two secrets for
