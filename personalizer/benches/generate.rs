@@ -26,7 +26,7 @@ use personalizer::{generate, GenerateParams, RunOptions, StartId};
 const MODES: [(&str, &str); 3] = [
     ("lib", "library: 2 AEAD files per key, ledger, signed bundle"),
     ("lib+csv", "library: the same plus a yubikey-csv (one export decrypt per key)"),
-    ("binary", "release binary, end to end: keystore unlock, AEADs, ledger, bundle, yubikey-csv"),
+    ("binary", "release binary in an officer's session, end to end: keystore unlock, session check, AEADs, ledger, bundle, audit log"),
 ];
 
 fn vm_hwm_kib(status: &str) -> u64 {
@@ -41,6 +41,68 @@ fn keystore(dir: &Path) -> SoftHsm {
     ])
     .unwrap();
     hsm
+}
+
+/// The binary with the bench's home and keystore password.
+fn personalizer_cmd(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_personalizer"));
+    cmd.env("PERSONALIZER_HOME", dir.join("home")).env("PERSONALIZER_KEYSTORE_PASSWORD_FILE", dir.join("pw")).env_remove("RUST_LOG");
+    cmd
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Sign the challenge of an authdata file with `key`, as `openssl dgst
+/// -sha256 -sign` does.
+fn sign_authdata(file: &Path, key: &SigningKey) {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    let challenge = b64.decode(json["Data"][0]["Digest"].as_str().unwrap()).unwrap();
+    json["Data"][0]["Signature"] = b64.encode(key.sign(&challenge).unwrap()).into();
+    std::fs::write(file, json.to_string()).unwrap();
+}
+
+/// An initialised home with one crypto officer (2FA key `key`) logged in,
+/// as on the laptop: the session file.
+fn laptop(dir: &Path, key: &SigningKey) -> std::path::PathBuf {
+    std::fs::write(dir.join("pw"), "bench\n").unwrap();
+    run_ok(personalizer_cmd(dir).args(["init", "--hsm-id", "bench", "--keystore"]).arg(dir.join("ks")));
+    let config = dir.join("home/personalizer.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("operator_kdf_memory_mib = 64", "operator_kdf_memory_mib = 1")).unwrap();
+    std::fs::write(dir.join("alice.pw"), "alice password\n").unwrap();
+    std::fs::write(dir.join("alice.pub.pem"), key.verifying_key().to_pem().unwrap()).unwrap();
+    run_ok(personalizer_cmd(dir).args(["operator", "add", "alice", "--password-file"]).arg(dir.join("alice.pw")));
+    let (auth, public, pw) = (dir.join("set2fa.json"), dir.join("alice.pub.pem"), dir.join("alice.pw"));
+    run_ok(
+        personalizer_cmd(dir)
+            .args(["operator", "set-2fa", "alice", "--public-key"])
+            .arg(&public)
+            .arg("--authdata")
+            .arg(&auth)
+            .arg("--password-file")
+            .arg(&pw),
+    );
+    sign_authdata(&auth, key);
+    run_ok(personalizer_cmd(dir).args(["operator", "set-2fa", "alice", "--authdata"]).arg(&auth));
+    let (login, session) = (dir.join("login.json"), dir.join("alice.session"));
+    run_ok(
+        personalizer_cmd(dir)
+            .args(["login", "alice", "--authdata"])
+            .arg(&login)
+            .arg("--password-file")
+            .arg(&pw)
+            .arg("--session-out")
+            .arg(&session),
+    );
+    sign_authdata(&login, key);
+    run_ok(personalizer_cmd(dir).args(["login", "alice", "--authdata"]).arg(&login).arg("--session-out").arg(&session));
+    session
 }
 
 /// A kept directory: `path()` as a `TempDir` has.
@@ -65,26 +127,16 @@ fn child(mode: &str, count: u64, base: &Path) {
     let out = dir.path().join("aeads");
     let (csv, bundle, ledger_path) = (dir.path().join("secrets.csv"), dir.path().join("run.bundle"), dir.path().join("ledger.db"));
     let secs = if mode == "binary" {
-        std::fs::write(dir.path().join("pem"), key.to_pkcs8_pem().unwrap().as_bytes()).unwrap();
-        std::fs::write(dir.path().join("pw"), "bench\n").unwrap();
         drop(hsm);
+        let session = laptop(dir.path(), &key);
         let t = Instant::now();
-        let mut proc = Command::new(env!("CARGO_BIN_EXE_personalizer"))
+        let mut proc = personalizer_cmd(dir.path())
             .arg("generate")
             .args(["--count", &count.to_string(), "--start-public-id", "1", "--key-handles", "0x2000,KSM1", "--out"])
             .arg(&out)
-            .arg("--keystore")
-            .arg(dir.path().join("ks"))
-            .arg("--password-file")
-            .arg(dir.path().join("pw"))
-            .arg("--ledger")
-            .arg(&ledger_path)
             .arg("--bundle")
             .arg(&bundle)
-            .arg("--signing-key-pem")
-            .arg(dir.path().join("pem"))
-            .arg("--yubikey-csv")
-            .arg(&csv)
+            .env("PERSONALIZER_SESSION", &session)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
