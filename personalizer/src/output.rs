@@ -29,7 +29,8 @@ use zeroize::{Zeroize, Zeroizing};
 const TMPFS_MAGIC: i128 = 0x0102_1994;
 /// `statfs` magic of ramfs (`RAMFS_MAGIC`).
 const RAMFS_MAGIC: i128 = 0x8584_58f6;
-/// Room for one line of either format (the longest is about 110 bytes).
+/// Room for one line of either format (the longest, a yubikey-csv line
+/// with a 20-digit number and a 16-character public id, is 117 bytes).
 const LINE_ROOM: usize = 128;
 /// Lines buffered by [`SecretsFile::create`].
 const DEFAULT_LINES: usize = 512;
@@ -67,24 +68,36 @@ pub enum OutputFormat {
 /// `000000000000` and an empty timestamp as the last two `%s`: eleven
 /// fields, six commas after the access code.
 pub fn yubikey_csv_line(n: u64, public_id: &PublicId, secrets: &YubiKeySecrets) -> Zeroizing<String> {
-    let mut line = Zeroizing::new(String::with_capacity(96));
-    // Writing to a String cannot fail.
-    let _ =
-        writeln!(line, "{n},{public_id},{},{},000000000000,,,,,,", hex::encode(secrets.uid.expose()), hex::encode(secrets.key.expose()));
+    let mut line = Zeroizing::new(String::with_capacity(LINE_ROOM));
+    // Writing to a String cannot fail; the hex goes straight into the
+    // zeroizing line (no temporary string), which never outgrows its room.
+    let _ = write!(line, "{n},{public_id},");
+    push_hex(&mut line, secrets.uid.expose());
+    line.push(',');
+    push_hex(&mut line, secrets.key.expose());
+    line.push_str(",000000000000,,,,,,\n");
     line
+}
+
+/// Lower-case hex of `bytes`, appended without an intermediate string.
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
 }
 
 /// A `ykpersonalize` command programming slot 1 of a YubiKey with this
 /// public id (`-ofixed=`, modhex), private id (`-ouid=`, hex) and AES key
 /// (`-a`, hex), without asking for confirmation (`-y`).
 pub fn ykpersonalize_line(public_id: &PublicId, secrets: &YubiKeySecrets) -> Zeroizing<String> {
-    let mut line = Zeroizing::new(String::with_capacity(112));
-    let _ = writeln!(
-        line,
-        "ykpersonalize -1 -ofixed={public_id} -ouid={} -a{} -y",
-        hex::encode(secrets.uid.expose()),
-        hex::encode(secrets.key.expose())
-    );
+    let mut line = Zeroizing::new(String::with_capacity(LINE_ROOM));
+    let _ = write!(line, "ykpersonalize -1 -ofixed={public_id} -ouid=");
+    push_hex(&mut line, secrets.uid.expose());
+    line.push_str(" -a");
+    push_hex(&mut line, secrets.key.expose());
+    line.push_str(" -y\n");
     line
 }
 
@@ -248,6 +261,15 @@ mod tests {
             &*ykpersonalize_line(&id, &secrets()),
             "ykpersonalize -1 -ofixed=cccccccccccb -ouid=010203040506 -a000102030405060708090a0b0c0d0e0f -y\n"
         );
+    }
+
+    #[test]
+    fn the_longest_lines_fit_their_room() {
+        let id = PublicId::from_number(u64::MAX, 8).unwrap();
+        for line in [yubikey_csv_line(u64::MAX, &id, &secrets()), ykpersonalize_line(&id, &secrets())] {
+            assert!(line.len() <= LINE_ROOM, "{}", line.len());
+            assert_eq!(line.capacity(), LINE_ROOM, "never reallocated");
+        }
     }
 
     #[test]
