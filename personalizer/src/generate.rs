@@ -104,6 +104,14 @@ pub enum Error {
     /// The transfer bundle failed.
     #[error("transfer bundle: {0}")]
     Bundle(String),
+    /// A run stopped after its ids were reserved.
+    #[error("{source}; run {run} stopped unfinished and keeps its public ids: fix the cause, then continue it with `personalizer generate --resume {run}`")]
+    Stopped {
+        /// The run's number in the ledger.
+        run: u64,
+        /// Why it stopped.
+        source: Box<Error>,
+    },
 }
 
 /// What to generate.
@@ -243,6 +251,7 @@ pub fn generate(
     };
     tracing::info!(run = run.id, first = %first, count = run.spec.count, "public ids reserved");
     execute(hsm, ledger, &run, &params.key_handles, false, sinks, opts, progress)
+        .map_err(|e| Error::Stopped { run: run.id, source: Box::new(e) })
 }
 
 /// Continue an unfinished run of `ledger` (`run`, or the only unfinished
@@ -271,7 +280,7 @@ pub fn resume(
     probe(hsm, &handles, nonce_for(&run.public_id(0)?, run.spec.random_nonce)?, opts)?;
     let sinks = Sinks::open(opts)?;
     tracing::info!(run = run.id, done = run.done, count = run.spec.count, "resuming");
-    execute(hsm, ledger, &run, &handles, true, sinks, opts, progress)
+    execute(hsm, ledger, &run, &handles, true, sinks, opts, progress).map_err(|e| Error::Stopped { run: run.id, source: Box::new(e) })
 }
 
 fn nonce_for(id: &PublicId, random: bool) -> Result<NonceSource, Error> {

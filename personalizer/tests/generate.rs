@@ -516,6 +516,7 @@ fn a_foreign_aead_file_stops_the_run() {
     std::fs::write(&foreign, b"not ours").unwrap();
     let err = lib.generate(&Lib::params(1, 40, "0x2000"), &RunOptions::default()).unwrap_err().to_string();
     assert!(err.contains("exists already, but public id ccccccccccdc was never allocated before this run"), "{err}");
+    assert!(err.contains("run 1 stopped unfinished and keeps its public ids"), "{err}");
     assert_eq!(std::fs::read(&foreign).unwrap(), b"not ours");
     assert_eq!(lib.runs(), [(1, 40, 0, false)]);
 }
