@@ -9,6 +9,9 @@
 //! An unfinished run is continued with `personalizer generate --resume`,
 //! never started again.
 //!
+//! Ids are compared as numbers: `cccccccccccb` and `cb` are the same id 1,
+//! so a range is refused whatever public-id length either run used.
+//!
 //! The ledger is a SQLite file (mode 0600) with `synchronous=FULL`: a
 //! committed reservation or progress mark survives a power loss.
 
