@@ -391,7 +391,9 @@ mod tests {
         l.finish(1).unwrap();
         assert_eq!(l.runs().unwrap()[0].done, 10);
         assert!(l.unfinished(None).is_err());
-        // Even finished, the ids stay allocated.
+        // Even finished, the ids stay allocated, whatever the id length.
         assert!(l.reserve(&spec(12, 1)).is_err());
+        let short = l.reserve(&RunSpec { public_id_chars: 2, ..spec(12, 1) }).unwrap_err().to_string();
+        assert!(short.contains("public ids cr (12) to cr (12) were already allocated by run 1"), "{short}");
     }
 }
