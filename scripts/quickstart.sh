@@ -31,6 +31,10 @@ cd "$(dirname "$0")/.."
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*" | sed "s#$work#\$WORK#g"; "$@"; }
 
+for tool in openssl python3 curl; do
+  command -v "$tool" >/dev/null || { echo "quickstart needs $tool (apt-get install $tool)" >&2; exit 1; }
+done
+
 say "Building (release)"
 cargo build --release --quiet -p personalizer -p ksm -p validator -p replication
 cargo build --release --quiet -p otp --example yubikey_sim

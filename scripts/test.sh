@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 #   iproute2 nftables iptables  network namespaces, partitions and loss for
 #                    the replication tests (run as root; skipped otherwise)
 #   sqlite3          the shell the personalizer audit tests tamper with the log through
-apt_packages=(libyubikey-dev libpam-yubico pamtester libykclient-dev iproute2 nftables iptables sqlite3)
+#   openssl          the crypto officers' RSA keys and signatures (2FA, quorum) in the tests
+apt_packages=(libyubikey-dev libpam-yubico pamtester libykclient-dev iproute2 nftables iptables sqlite3 openssl)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -27,9 +27,8 @@
 //!
 //! Everything streams: memory does not grow with the number of YubiKeys.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use hsm::{Flags, NonceSource, SecurityModule};
@@ -40,10 +39,10 @@ use otp::aead_file::{key_handle_dir_names, relative_path, AeadFile, AeadRecord};
 use otp::{PublicId, YubiKeySecrets};
 use zeroize::Zeroizing;
 
+use crate::output::{OutputFormat, SecretsFile};
+
 /// An AEAD file is under 100 bytes; anything much larger is not one.
 const MAX_AEAD_FILE: u64 = 1024;
-/// Plaintext output is written in chunks of about this size.
-const OUTPUT_CHUNK: usize = 64 * 1024;
 
 /// Why a migration stopped as a whole.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +66,9 @@ pub enum MigrateError {
     /// The input is not in the expected format.
     #[error("{0}")]
     Format(String),
+    /// The plaintext output file was refused or failed.
+    #[error(transparent)]
+    Output(#[from] crate::output::OutputError),
     /// [`DecryptAead::fail_fast`] stopped the run at the first bad entry.
     #[error("stopped at the first error (--fail-fast): {0}; no plaintext file was written")]
     Stopped(String),
@@ -402,32 +404,31 @@ pub fn decrypt_aead(hsm: &dyn SecurityModule, run: &DecryptAead, progress: &Prog
             let Some(output) = &run.output else {
                 return Err(MigrateError::Usage("give --output FILE".to_owned()));
             };
-            let mut file = SecretFile::create(output)?;
+            let format = match run.format {
+                Format::YubikeyCsv => OutputFormat::YubikeyCsv,
+                _ => OutputFormat::Raw,
+            };
+            let mut file = SecretsFile::create(output, format)?;
             let mut n = 0u64;
-            walk(&base, run, &mut report, progress, |public_id, record, path, report| {
+            let written = walk(&base, run, &mut report, progress, |public_id, record, path, report| {
                 let Some(plain) = open_secret(hsm, &record, path, report)? else { return Ok(()) };
                 n += 1;
-                let line = match run.format {
-                    Format::YubikeyCsv => {
-                        let secrets =
-                            YubiKeySecrets::from_plaintext(&plain).map_err(|e| MigrateError::Module(hsm::Error::AeadInvalid(e)))?;
-                        crate::yubikey_csv_line(n, &public_id, &secrets)
-                    }
-                    _ => {
-                        let mut line = Zeroizing::new(String::with_capacity(64));
-                        line.push_str(&public_id.to_modhex());
-                        line.push(',');
-                        line.push_str(&Zeroizing::new(hex::encode(&plain[..])));
-                        line.push('\n');
-                        line
-                    }
-                };
-                file.write(line.as_bytes())?;
+                let secrets = YubiKeySecrets::from_plaintext(&plain).map_err(|e| MigrateError::Module(hsm::Error::AeadInvalid(e)))?;
+                file.write(n, &public_id, &secrets)?;
                 report.added += 1;
                 Ok(())
-            })?;
-            nothing_found(n, &report, run)?;
-            file.finish()?;
+            })
+            .and_then(|()| nothing_found(n, &report, run));
+            match written {
+                // A run that failed leaves no plaintext file behind.
+                Err(e) => {
+                    file.discard();
+                    return Err(e);
+                }
+                Ok(()) => {
+                    file.finish()?;
+                }
+            }
         }
     }
     Ok(report)
@@ -568,78 +569,6 @@ fn read_record(path: &Path, meta: &fs::Metadata, public_id: &PublicId, kh: &KeyH
     let bytes = fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
     let file = AeadFile::parse(&bytes).map_err(|e| format!("not an AEAD file: {e}"))?;
     file.resolve(kh.key_handle, public_id).map_err(|e| e.to_string())
-}
-
-/// A new plaintext file: written under a temporary name (mode 0600,
-/// `O_EXCL`) through a zeroized buffer, then linked to its name only if
-/// that name is still free. Dropped unfinished, the temporary file goes.
-struct SecretFile {
-    target: PathBuf,
-    tmp: PathBuf,
-    file: File,
-    buf: Zeroizing<Vec<u8>>,
-    done: bool,
-}
-
-impl SecretFile {
-    fn create(target: &Path) -> Result<Self, MigrateError> {
-        if target.symlink_metadata().is_ok() {
-            return Err(hsm::Error::AlreadyExists(target.to_path_buf()).into());
-        }
-        let name = target
-            .file_name()
-            .ok_or_else(|| MigrateError::Usage(format!("{} is not a file path", target.display())))?
-            .to_string_lossy()
-            .into_owned();
-        let dir = match target.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let mut suffix = [0u8; 6];
-        rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut suffix)
-            .map_err(|e| MigrateError::Module(hsm::Error::Random(e.to_string())))?;
-        let tmp = dir.join(format!(".{name}.tmp-{}", hex::encode(suffix)));
-        // create_new is O_CREAT|O_EXCL: it follows no symbolic link.
-        let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
-        Ok(Self { target: target.to_path_buf(), tmp, file, buf: Zeroizing::new(Vec::with_capacity(OUTPUT_CHUNK + 256)), done: false })
-    }
-
-    fn write(&mut self, bytes: &[u8]) -> Result<(), MigrateError> {
-        if self.buf.len() + bytes.len() > self.buf.capacity() {
-            self.flush()?;
-        }
-        self.buf.extend_from_slice(bytes);
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<(), MigrateError> {
-        self.file.write_all(&self.buf).map_err(io(&self.tmp))?;
-        // Overwrites the old bytes; the capacity stays.
-        zeroize::Zeroize::zeroize(&mut *self.buf);
-        Ok(())
-    }
-
-    fn finish(mut self) -> Result<(), MigrateError> {
-        self.flush()?;
-        self.file.sync_all().map_err(io(&self.tmp))?;
-        // link(2) fails if the target exists: an atomic no-clobber create.
-        fs::hard_link(&self.tmp, &self.target).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => hsm::Error::AlreadyExists(self.target.clone()).into(),
-            _ => io(&self.target)(e),
-        })?;
-        self.done = true;
-        let _ = fs::remove_file(&self.tmp);
-        let dir = self.target.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
-    }
-}
-
-impl Drop for SecretFile {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = fs::remove_file(&self.tmp);
-        }
-    }
 }
 
 /// Write a report's issues and notes to `err` (for stderr), one a line.

@@ -1,12 +1,14 @@
 //! Personalisation output: the one place plaintext YubiKey secrets leave
 //! the module, to program the keys.
 //!
-//! Two formats, one line per YubiKey:
+//! Three formats, one line per YubiKey:
 //!
 //! - [`OutputFormat::YubikeyCsv`]: pyhsm's `yhsm-decrypt-aead --format
 //!   yubikey-csv` line, see [`yubikey_csv_line`].
 //! - [`OutputFormat::Ykpersonalize`]: a `ykpersonalize` command that programs
 //!   slot 1 with the key, see [`ykpersonalize_line`].
+//! - [`OutputFormat::Raw`]: the AEAD plaintext per public id, see
+//!   [`raw_line`] (`personalizer decrypt-aead --format raw`).
 //!
 //! A [`SecretsFile`] is only ever a *new regular file*, created mode 0600
 //! with `O_EXCL` (which also refuses symlinks); an existing path, `-`
@@ -59,6 +61,8 @@ pub enum OutputFormat {
     YubikeyCsv,
     /// `ykpersonalize -1 -ofixed=<public id> -ouid=<uid hex> -a<key hex> -y`
     Ykpersonalize,
+    /// `<public id>,<key hex><uid hex>`
+    Raw,
 }
 
 /// One line of pyhsm's `yhsm-decrypt-aead --format yubikey-csv`:
@@ -98,6 +102,17 @@ pub fn ykpersonalize_line(public_id: &PublicId, secrets: &YubiKeySecrets) -> Zer
     line.push_str(" -a");
     push_hex(&mut line, secrets.key.expose());
     line.push_str(" -y\n");
+    line
+}
+
+/// The AEAD plaintext of a YubiKey, `key ‖ uid`, after its public id:
+/// `<public id>,<key hex><uid hex>`.
+pub fn raw_line(public_id: &PublicId, secrets: &YubiKeySecrets) -> Zeroizing<String> {
+    let mut line = Zeroizing::new(String::with_capacity(LINE_ROOM));
+    let _ = write!(line, "{public_id},");
+    push_hex(&mut line, secrets.key.expose());
+    push_hex(&mut line, secrets.uid.expose());
+    line.push('\n');
     line
 }
 
@@ -212,6 +227,7 @@ impl SecretsFile {
         let line = match self.format {
             OutputFormat::YubikeyCsv => yubikey_csv_line(n, public_id, secrets),
             OutputFormat::Ykpersonalize => ykpersonalize_line(public_id, secrets),
+            OutputFormat::Raw => raw_line(public_id, secrets),
         };
         if self.buf.len() + line.len() > self.buf.capacity() {
             self.flush_block()?;
@@ -231,6 +247,13 @@ impl SecretsFile {
         // Wipes the whole capacity and empties the buffer; the capacity is kept.
         self.buf.zeroize();
         r.map_err(|e| OutputError::Io { path: self.path.clone(), source: e })
+    }
+
+    /// Give up: wipe what is buffered and remove the file (an output that
+    /// failed half-way is not left behind).
+    pub fn discard(mut self) {
+        self.buf.zeroize();
+        let _ = std::fs::remove_file(&self.path);
     }
 
     /// Write what is buffered and make the file durable.
