@@ -1,16 +1,20 @@
-//! `personalizer import` and `personalizer decrypt-aead` end to end: real
-//! keystores, real files, the real binary; AEADs checked by the Python
+//! `personalizer import` and `personalizer decrypt-aead` end to end: the
+//! laptop's keystore (officers' sessions, quorum approvals for plaintext
+//! outputs), real files, the real binary; AEADs checked by the Python
 //! `cryptography` oracle, OTPs made by Debian's `ykgenerate`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use hsm::soft::format::KdfParams;
+use common::{Laptop, KEYSTORE_PASSWORD};
 use hsm::soft::SoftHsm;
 use hsm::{Flags, Password, SecurityModule};
 use ksm::aead_dir::AeadDir;
@@ -36,8 +40,25 @@ fn require_python_cryptography() -> PathBuf {
     python
 }
 
-fn personalizer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_personalizer")).args(args).env_remove("RUST_LOG").output().unwrap()
+/// `personalizer …` in officer alice's session.
+fn alice(l: &Laptop, args: &[&str]) -> Output {
+    l.run(Some("alice"), args)
+}
+
+/// A plaintext-output approval for `context` (the output path as given on
+/// the command line), requested by alice, approved by alice and bob: the
+/// token file, kept outside the tests' work directories.
+fn approve(l: &Laptop, context: &str) -> String {
+    static TOKENS: AtomicUsize = AtomicUsize::new(0);
+    let token = l.path(&format!("plaintext-approval-{}.json", TOKENS.fetch_add(1, Ordering::Relaxed)));
+    let token = token.to_str().unwrap().to_owned();
+    l.ok_as(Some("alice"), &["quorum", "request", "--operation", "plaintext-output", "--context", context, "--token-out", &token]);
+    for who in ["alice", "bob"] {
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&token).unwrap()).unwrap();
+        let sig = l.sign(who, json["token"].as_str().unwrap());
+        l.ok_as(Some(who), &["quorum", "approve", "--token", &token, "--signature", sig.to_str().unwrap()]);
+    }
+    token
 }
 
 fn ok(out: Output) -> String {
@@ -53,24 +74,24 @@ fn failed(out: Output) -> String {
     stderr
 }
 
-/// A keystore `<dir>/ks` (password in `<dir>/pw`) with the given handles,
-/// whose AES keys the test knows.
-fn keystore(dir: &Path, handles: &[(u32, &str, [u8; 32])]) -> Vec<String> {
-    std::fs::write(dir.join("pw"), "correct horse\n").unwrap();
-    let hsm = SoftHsm::create(&dir.join("ks"), &Password::new("correct horse").unwrap(), KdfParams::INSECURE_FOR_TESTS).unwrap();
+/// The laptop (officers alice and bob logged in) whose keystore holds the
+/// given handles, with AES keys the test knows; and an empty work
+/// directory for the test's files.
+fn laptop(handles: &[(u32, &str, [u8; 32])]) -> (Laptop, PathBuf) {
+    let l = Laptop::with_officers();
     let new: Vec<_> = handles
         .iter()
         .map(|(kh, flags, key)| (KeyHandle::new(*kh), flags.parse::<Flags>().unwrap(), HandleKey::new(key).unwrap()))
         .collect();
-    hsm.import_handles(&new).unwrap();
-    let s = |p: &str| dir.join(p).to_str().unwrap().to_owned();
-    vec!["--keystore".to_owned(), s("ks"), "--password-file".to_owned(), s("pw")]
+    open_keystore(&l).import_handles(&new).unwrap();
+    let work = l.path("work");
+    std::fs::create_dir(&work).unwrap();
+    (l, work)
 }
 
-fn open_keystore(dir: &Path) -> Arc<SoftHsm> {
-    let hsm = SoftHsm::open(&dir.join("ks")).unwrap();
-    hsm.unlock(&Password::new("correct horse").unwrap()).unwrap();
-    Arc::new(hsm)
+/// The laptop's keystore, unlocked.
+fn open_keystore(l: &Laptop) -> Arc<SoftHsm> {
+    Arc::new(SoftHsm::open_unlocked(&l.keystore(), &Password::new(KEYSTORE_PASSWORD).unwrap()).unwrap())
 }
 
 /// A YubiKey's public id, uid and AES key, all hex but the id (modhex).
@@ -157,10 +178,8 @@ const KEY_B: [u8; 32] = *b"another handle key, 32 bytes....";
 
 #[test]
 fn ykksm_import_then_decrypt_gives_back_the_secrets() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = |p: &str| dir.path().join(p).to_str().unwrap().to_owned();
-    let ks = keystore(dir.path(), &[(0x2000, "import,export", KEY_A), (8193, "import", KEY_B)]);
-    let ks: Vec<&str> = ks.iter().map(String::as_str).collect();
+    let (l, work) = laptop(&[(0x2000, "import,export", KEY_A), (8193, "import", KEY_B)]);
+    let d = |p: &str| work.join(p).to_str().unwrap().to_owned();
     let yks = yubikeys(4);
     let mut csv = vec!["# ykksm 1".to_owned(), "# exported for the migration test".to_owned()];
     csv.extend(yks.iter().enumerate().map(|(i, yk)| ykksm_row(i as u64, yk)));
@@ -168,30 +187,43 @@ fn ykksm_import_then_decrypt_gives_back_the_secrets() {
     std::fs::write(d("keys.csv"), csv.join("\n") + "\n").unwrap();
 
     let (csv_path, aeads) = (d("keys.csv"), d("aeads"));
-    let import = [&["import"][..], &ks, &["--ykksm-csv", &csv_path, "--key-handles", "0x2000,8193", "--out", &aeads]].concat();
-    let report = ok(personalizer(&import));
+    let import = ["import", "--ykksm-csv", &csv_path, "--key-handles", "0x2000,8193", "--out", &aeads];
+    // The gate: importing needs an officer's session; nothing is written.
+    let e = failed(l.run(None, &import));
+    assert!(e.contains("needs a session"), "{e}");
+    assert!(!work.join("aeads").exists());
+    let report = ok(alice(&l, &import));
     assert!(report.contains("added 8, already present 0, conflicts 0, errors 0"), "{report}");
     // pyhsm's layout under each handle as typed, the public id as nonce; the
     // independent oracle opens every file to the CSV's key‖uid.
     let mut files = Vec::new();
     for yk in &yks {
         for (typed, kh, key) in [("0x2000", 0x2000, KEY_A), ("8193", 8193, KEY_B)] {
-            let path = aead_path(&dir.path().join("aeads"), typed, &yk.id);
+            let path = aead_path(&work.join("aeads"), typed, &yk.id);
             assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
             let AeadFile::V1(rec) = AeadFile::parse(&std::fs::read(&path).unwrap()).unwrap() else { panic!("not v1") };
             assert_eq!(rec.nonce.as_bytes(), PublicId::from_modhex(&yk.id).unwrap().as_bytes());
             files.push((path, kh, key, format!("{}{}", yk.key, yk.uid)));
         }
     }
-    assert_eq!(files_below(&dir.path().join("aeads")).len(), 8, "public id 0 is skipped");
+    assert_eq!(files_below(&work.join("aeads")).len(), 8, "public id 0 is skipped");
     oracle_opens(&files);
     // Importing again changes nothing.
-    let again = ok(personalizer(&import));
+    let again = ok(alice(&l, &import));
     assert!(again.contains("added 0, already present 8, conflicts 0, errors 0"), "{again}");
 
     // decrypt-aead --format yubikey-csv: the original secrets, a new 0600 file.
-    let decrypt = |extra: &[&str]| personalizer(&[&["decrypt-aead"][..], &ks, &["--aead-dir", &d("aeads")], extra].concat());
-    let out = ok(decrypt(&["--key-handle", "0x2000", "--format", "yubikey-csv", "--output", &d("secrets.csv")]));
+    let decrypt = |extra: &[&str]| alice(&l, &[&["decrypt-aead", "--aead-dir", &aeads][..], extra].concat());
+    // A plaintext file: --output with its own plaintext-output approval.
+    let to_file = |extra: &[&str], output: &str| {
+        let token = approve(&l, output);
+        decrypt(&[extra, &["--output", output, "--approval", &token]].concat())
+    };
+    // The gate: without an approval no plaintext file is written.
+    let e = failed(decrypt(&["--key-handle", "0x2000", "--format", "yubikey-csv", "--output", &d("gated.csv")]));
+    assert!(e.contains("quorum approval is required for plaintext-output"), "{e}");
+    assert!(!work.join("gated.csv").exists());
+    let out = ok(to_file(&["--key-handle", "0x2000", "--format", "yubikey-csv"], &d("secrets.csv")));
     assert!(out.contains("4 YubiKey"), "{out}");
     for yk in &yks {
         assert!(!out.contains(&yk.key) && !out.contains(&yk.uid), "secrets on stdout: {out}");
@@ -214,61 +246,59 @@ fn ykksm_import_then_decrypt_gives_back_the_secrets() {
     assert_eq!(got, want);
 
     // --format raw with a public-id filter: `<id>,<key hex><uid hex>`.
-    ok(decrypt(&["--key-handle", "0x2000", "--format", "raw", "--public-id", &yks[2].id, "--output", &d("raw.txt")]));
+    ok(to_file(&["--key-handle", "0x2000", "--format", "raw", "--public-id", &yks[2].id], &d("raw.txt")));
     assert_eq!(std::fs::read_to_string(d("raw.txt")).unwrap(), format!("{},{}{}\n", yks[2].id, yks[2].key, yks[2].uid));
-    ok(decrypt(&["--key-handle", "0x2000", "--format", "raw", "--start-public-id", &yks[1].id, "--output", &d("range.txt")]));
+    ok(to_file(&["--key-handle", "0x2000", "--format", "raw", "--start-public-id", &yks[1].id], &d("range.txt")));
     assert_eq!(std::fs::read_to_string(d("range.txt")).unwrap().lines().count(), 3);
 
     // A handle without the export flag is refused, and nothing is written.
-    let e = failed(decrypt(&["--key-handle", "8193", "--format", "yubikey-csv", "--output", &d("no.csv")]));
+    let e = failed(to_file(&["--key-handle", "8193", "--format", "yubikey-csv"], &d("no.csv")));
     assert!(e.contains("not permitted to decrypt AEADs") && e.contains("export"), "{e}");
-    assert!(!dir.path().join("no.csv").exists());
+    assert!(!work.join("no.csv").exists());
 
     // Output rules: never an existing file, never through a symbolic link,
-    // never without --output; nothing left behind.
+    // never without --output (even approved); nothing left behind.
     std::fs::write(d("taken.csv"), "keep me").unwrap();
-    let e = failed(decrypt(&["--key-handle", "0x2000", "--format", "yubikey-csv", "--output", &d("taken.csv")]));
+    let e = failed(to_file(&["--key-handle", "0x2000", "--format", "yubikey-csv"], &d("taken.csv")));
     assert!(e.contains("exists already"), "{e}");
     assert_eq!(std::fs::read_to_string(d("taken.csv")).unwrap(), "keep me");
     std::os::unix::fs::symlink(d("elsewhere.csv"), d("link.csv")).unwrap();
-    let e = failed(decrypt(&["--key-handle", "0x2000", "--format", "raw", "--output", &d("link.csv")]));
+    let e = failed(to_file(&["--key-handle", "0x2000", "--format", "raw"], &d("link.csv")));
     assert!(e.contains("symbolic link"), "{e}");
-    assert!(!dir.path().join("elsewhere.csv").exists());
+    assert!(!work.join("elsewhere.csv").exists());
     let e = failed(decrypt(&["--key-handle", "0x2000", "--format", "yubikey-csv"]));
     assert!(e.contains("--output"), "{e}");
-    let out = decrypt(&["--key-handle", "0x2000", "--format", "yubikey-csv", "--output", "-"]);
+    let out = to_file(&["--key-handle", "0x2000", "--format", "yubikey-csv"], "-");
     assert!(out.stdout.is_empty());
     assert!(failed(out).contains("never written to stdout"));
-    let e = failed(decrypt(&["--key-handle", "0x2000", "--format", "raw", "--public-id", "cccccccccccv", "--output", &d("none.txt")]));
+    let e = failed(to_file(&["--key-handle", "0x2000", "--format", "raw", "--public-id", "cccccccccccv"], &d("none.txt")));
     assert!(e.contains("no AEAD of key handle"), "{e}");
-    assert!(!dir.path().join("none.txt").exists());
-    let mut names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert!(!work.join("none.txt").exists());
+    let mut names: Vec<String> = std::fs::read_dir(&work).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
-    assert_eq!(names, ["aeads", "keys.csv", "ks", "link.csv", "pw", "range.txt", "raw.txt", "secrets.csv", "taken.csv"]);
+    assert_eq!(names, ["aeads", "keys.csv", "link.csv", "range.txt", "raw.txt", "secrets.csv", "taken.csv"]);
 
     // A tampered AEAD is an error with its path; the others still come out.
-    let victim = aead_path(&dir.path().join("aeads"), "0x2000", &yks[0].id);
+    let victim = aead_path(&work.join("aeads"), "0x2000", &yks[0].id);
     let mut bytes = std::fs::read(&victim).unwrap();
     bytes[30] ^= 1;
     std::fs::write(&victim, bytes).unwrap();
-    let out = decrypt(&["--key-handle", "0x2000", "--format", "raw", "--output", &d("partial.txt")]);
+    let out = to_file(&["--key-handle", "0x2000", "--format", "raw"], &d("partial.txt"));
     let e = failed(out);
     assert!(e.contains(&victim.display().to_string()) && e.contains("AEAD invalid"), "{e}");
     assert_eq!(std::fs::read_to_string(d("partial.txt")).unwrap().lines().count(), 3);
-    let e = failed(decrypt(&["--key-handle", "0x2000", "--format", "raw", "--fail-fast", "--output", &d("ff.txt")]));
+    let e = failed(to_file(&["--key-handle", "0x2000", "--format", "raw", "--fail-fast"], &d("ff.txt")));
     assert!(e.contains("--fail-fast"), "{e}");
-    assert!(!dir.path().join("ff.txt").exists());
+    assert!(!work.join("ff.txt").exists());
 }
 
 #[test]
 fn malformed_ykksm_exports_are_reported_with_line_numbers() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = |p: &str| dir.path().join(p).to_str().unwrap().to_owned();
-    let ks = keystore(dir.path(), &[(0x2000, "import", KEY_A), (0x2001, "otp-decode", KEY_B)]);
-    let ks: Vec<&str> = ks.iter().map(String::as_str).collect();
+    let (l, work) = laptop(&[(0x2000, "import", KEY_A), (0x2001, "otp-decode", KEY_B)]);
+    let d = |p: &str| work.join(p).to_str().unwrap().to_owned();
     let import = |csv: &str, kh: &str| {
         std::fs::write(d("in.csv"), csv).unwrap();
-        personalizer(&[&["import"][..], &ks, &["--ykksm-csv", &d("in.csv"), "--key-handles", kh, "--out", &d("aeads")]].concat())
+        alice(&l, &["import", "--ykksm-csv", &d("in.csv"), "--key-handles", kh, "--out", &d("aeads")])
     };
     let yks = yubikeys(2);
     let good = ykksm_row(1, &yks[0]);
@@ -276,7 +306,7 @@ fn malformed_ykksm_exports_are_reported_with_line_numbers() {
     for header in ["# ykksm 2", "serial,publicname,uid,key", "", " # ykksm 1"] {
         let e = failed(import(&format!("{header}\n{good}\n"), "0x2000"));
         assert!(e.contains("first line must be exactly `# ykksm 1`") && e.contains("nothing imported"), "{e}");
-        assert!(!dir.path().join("aeads").exists());
+        assert!(!work.join("aeads").exists());
     }
 
     let secret = "ffeeddccbbaa99887766554433221100";
@@ -305,13 +335,13 @@ fn malformed_ykksm_exports_are_reported_with_line_numbers() {
         assert!(e.lines().any(|l| l.contains(&format!("line {line}:")) && l.contains(what)), "line {line} ({what}) missing in:\n{e}");
     }
     assert!(!e.contains("ffeedd") && !e.contains("0102030405"), "secrets echoed: {e}");
-    assert_eq!(files_below(&dir.path().join("aeads")), [aead_path(&dir.path().join("aeads"), "0x2000", &yks[0].id)]);
+    assert_eq!(files_below(&work.join("aeads")), [aead_path(&work.join("aeads"), "0x2000", &yks[0].id)]);
 
     // A handle that may not wrap imported secrets is refused up front.
-    std::fs::remove_dir_all(dir.path().join("aeads")).unwrap();
+    std::fs::remove_dir_all(work.join("aeads")).unwrap();
     let e = failed(import(&format!("# ykksm 1\n{good}\n"), "0x2001"));
     assert!(e.contains("not permitted to wrap imported secrets"), "{e}");
-    assert!(!dir.path().join("aeads").exists());
+    assert!(!work.join("aeads").exists());
     let e = failed(import(&format!("# ykksm 1\n{good}\n"), "0x2002"));
     assert!(e.contains("does not exist"), "{e}");
 }
@@ -321,41 +351,40 @@ fn malformed_ykksm_exports_are_reported_with_line_numbers() {
 #[test]
 fn rotation_rewraps_under_a_new_handle() {
     let ykgenerate = require("ykgenerate", "libyubikey-dev");
-    let dir = tempfile::tempdir().unwrap();
-    let d = |p: &str| dir.path().join(p).to_str().unwrap().to_owned();
-    let ks = keystore(dir.path(), &[(0x1001, "personalizer", KEY_A), (0x1002, "import,otp-decode", KEY_B), (0x1003, "otp-decode", KEY_B)]);
-    let ks: Vec<&str> = ks.iter().map(String::as_str).collect();
-    // The public-id ledger of generate lives apart, in state/.
-    std::fs::create_dir(dir.path().join("state")).unwrap();
-    ok(personalizer(
-        &[
-            &["generate"][..],
-            &ks,
-            &["--count", "3", "--start-public-id", "1", "--key-handles", "0x1001", "--out", &d("a"), "--ledger", &d("state/ledger.db")],
-        ]
-        .concat(),
-    ));
+    let (l, work) = laptop(&[(0x1001, "personalizer", KEY_A), (0x1002, "import,otp-decode", KEY_B), (0x1003, "otp-decode", KEY_B)]);
+    let d = |p: &str| work.join(p).to_str().unwrap().to_owned();
+    // The public-id ledger of generate lives apart, in the laptop's home.
+    ok(alice(&l, &["generate", "--count", "3", "--start-public-id", "1", "--key-handles", "0x1001", "--out", &d("a")]));
 
     let rewrap = |extra: &[&str]| {
-        personalizer(&[&["decrypt-aead"][..], &ks, &["--aead-dir", &d("a"), "--key-handle", "0x1001", "--format", "aead"], extra].concat())
+        alice(&l, &[&["decrypt-aead", "--aead-dir", &d("a"), "--key-handle", "0x1001", "--format", "aead"][..], extra].concat())
     };
     let out = ok(rewrap(&["--rewrap-to", "0x1002", "--out", &d("b")]));
     assert!(out.contains("added 3, already present 0, conflicts 0, errors 0"), "{out}");
-    // No plaintext anywhere: only the keystore, the two AEAD trees.
-    let mut names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    // No plaintext anywhere: only the two AEAD trees.
+    let mut names: Vec<String> = std::fs::read_dir(&work).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
-    assert_eq!(names, ["a", "b", "ks", "pw", "state"]);
+    assert_eq!(names, ["a", "b"]);
     let again = ok(rewrap(&["--rewrap-to", "0x1002", "--out", &d("b")]));
     assert!(again.contains("added 0, already present 3"), "{again}");
 
     // The secrets, for programming "YubiKeys" (A carries the export flag).
-    ok(personalizer(
+    let token = approve(&l, &d("s.csv"));
+    ok(alice(
+        &l,
         &[
-            &["decrypt-aead"][..],
-            &ks,
-            &["--aead-dir", &d("a"), "--key-handle", "0x1001", "--format", "yubikey-csv", "--output", &d("s.csv")],
-        ]
-        .concat(),
+            "decrypt-aead",
+            "--aead-dir",
+            &d("a"),
+            "--key-handle",
+            "0x1001",
+            "--format",
+            "yubikey-csv",
+            "--output",
+            &d("s.csv"),
+            "--approval",
+            &token,
+        ],
     ));
     let secrets: BTreeMap<String, (String, String)> = std::fs::read_to_string(d("s.csv"))
         .unwrap()
@@ -367,11 +396,11 @@ fn rotation_rewraps_under_a_new_handle() {
         .collect();
     assert_eq!(secrets.len(), 3);
 
-    let hsm = open_keystore(dir.path());
+    let hsm = open_keystore(&l);
     let ksm_b = Ksm::new(hsm.clone(), Box::new(AeadDir::new(d("b"))), vec!["0x1002".parse().unwrap()]);
     for (n, (id, (uid, key))) in secrets.iter().enumerate() {
-        let a = std::fs::read(aead_path(&dir.path().join("a"), "0x1001", id)).unwrap();
-        let b_path = aead_path(&dir.path().join("b"), "0x1002", id);
+        let a = std::fs::read(aead_path(&work.join("a"), "0x1001", id)).unwrap();
+        let b_path = aead_path(&work.join("b"), "0x1002", id);
         assert_eq!(std::fs::metadata(&b_path).unwrap().permissions().mode() & 0o777, 0o600);
         let b = std::fs::read(&b_path).unwrap();
         let (AeadFile::V1(ra), AeadFile::V1(rb)) = (AeadFile::parse(&a).unwrap(), AeadFile::parse(&b).unwrap()) else { panic!("not v1") };
@@ -394,16 +423,12 @@ fn rotation_rewraps_under_a_new_handle() {
     assert!(e.contains("not permitted to wrap imported secrets"), "{e}");
     let e = failed(rewrap(&["--rewrap-to", "0x1002", "--out", &d("c"), "--output", &d("plain.csv")]));
     assert!(e.contains("no plaintext file"), "{e}");
-    let e = failed(personalizer(
-        &[
-            &["decrypt-aead"][..],
-            &ks,
-            &["--aead-dir", &d("b"), "--key-handle", "0x1002", "--format", "aead", "--rewrap-to", "0x1001", "--out", &d("c")],
-        ]
-        .concat(),
+    let e = failed(alice(
+        &l,
+        &["decrypt-aead", "--aead-dir", &d("b"), "--key-handle", "0x1002", "--format", "aead", "--rewrap-to", "0x1001", "--out", &d("c")],
     ));
     assert!(e.contains("not permitted to decrypt AEADs"), "{e}");
-    assert!(!dir.path().join("c").exists() && !dir.path().join("plain.csv").exists());
+    assert!(!work.join("c").exists() && !work.join("plain.csv").exists());
 }
 
 /// `--random-nonce` from stdin: the module draws the nonces (stored in the
@@ -411,16 +436,14 @@ fn rotation_rewraps_under_a_new_handle() {
 /// those nonces; re-importing cannot compare and reports conflicts.
 #[test]
 fn random_nonce_import_from_stdin() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = |p: &str| dir.path().join(p).to_str().unwrap().to_owned();
-    let ks = keystore(dir.path(), &[(7, "buffer-load,buffer-aead-generate,export", KEY_B)]);
-    let ks: Vec<&str> = ks.iter().map(String::as_str).collect();
+    let (l, work) = laptop(&[(7, "buffer-load,buffer-aead-generate,export", KEY_B)]);
+    let d = |p: &str| work.join(p).to_str().unwrap().to_owned();
     let yks = yubikeys(2);
     let csv = format!("# ykksm 1\n{}\n{}\n", ykksm_row(1, &yks[0]), ykksm_row(2, &yks[1]));
     let import = |extra: &[&str]| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_personalizer"))
-            .args([&["import"][..], &ks, &["--ykksm-csv", "-", "--key-handles", "7", "--out", &d("aeads")], extra].concat())
-            .env_remove("RUST_LOG")
+        let mut child = l
+            .command(Some("alice"))
+            .args([&["import", "--ykksm-csv", "-", "--key-handles", "7", "--out", &d("aeads")][..], extra].concat())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -436,7 +459,7 @@ fn random_nonce_import_from_stdin() {
     assert!(out.contains("added 2, already present 0, conflicts 0, errors 0"), "{out}");
     let mut files = Vec::new();
     for yk in &yks {
-        let path = aead_path(&dir.path().join("aeads"), "7", &yk.id);
+        let path = aead_path(&work.join("aeads"), "7", &yk.id);
         let AeadFile::V1(rec) = AeadFile::parse(&std::fs::read(&path).unwrap()).unwrap() else { panic!("not v1") };
         assert_ne!(rec.nonce.as_bytes(), PublicId::from_modhex(&yk.id).unwrap().as_bytes());
         files.push((path, 7, KEY_B, format!("{}{}", yk.key, yk.uid)));
@@ -448,13 +471,22 @@ fn random_nonce_import_from_stdin() {
     assert!(stdout.contains("added 0, already present 0, conflicts 2, errors 0"), "{stdout}");
     assert!(failed(again).contains("cannot be compared"));
 
-    ok(personalizer(
+    let token = approve(&l, &d("s.csv"));
+    ok(alice(
+        &l,
         &[
-            &["decrypt-aead"][..],
-            &ks,
-            &["--aead-dir", &d("aeads"), "--key-handle", "7", "--format", "yubikey-csv", "--output", &d("s.csv")],
-        ]
-        .concat(),
+            "decrypt-aead",
+            "--aead-dir",
+            &d("aeads"),
+            "--key-handle",
+            "7",
+            "--format",
+            "yubikey-csv",
+            "--output",
+            &d("s.csv"),
+            "--approval",
+            &token,
+        ],
     ));
     let text = std::fs::read_to_string(d("s.csv")).unwrap();
     for yk in &yks {

@@ -64,17 +64,23 @@ impl Laptop {
         self.dir.join(name)
     }
 
-    pub fn run(&self, session: Option<&str>, args: &[&str]) -> Output {
+    /// The `personalizer` command with this laptop's environment, in the
+    /// session of `session` if given (for runs that need more than `run`,
+    /// such as a piped stdin).
+    pub fn command(&self, session: Option<&str>) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_personalizer"));
-        cmd.args(args)
-            .env("PERSONALIZER_HOME", &self.home)
+        cmd.env("PERSONALIZER_HOME", &self.home)
             .env("PERSONALIZER_KEYSTORE_PASSWORD_FILE", self.path("ks.pw"))
             .env_remove("PERSONALIZER_SESSION")
             .env_remove("RUST_LOG");
         if let Some(who) = session {
             cmd.env("PERSONALIZER_SESSION", self.path(&format!("{who}.session")));
         }
-        cmd.output().unwrap()
+        cmd
+    }
+
+    pub fn run(&self, session: Option<&str>, args: &[&str]) -> Output {
+        self.command(session).args(args).output().unwrap()
     }
 
     pub fn ok(&self, args: &[&str]) -> String {
