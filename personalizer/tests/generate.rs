@@ -11,7 +11,6 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,23 +75,6 @@ impl Fixture {
     /// `personalizer generate …` in alice's session.
     fn generate(&self, extra: &[&str]) -> Output {
         self.l.run(Some("alice"), &[&["generate"][..], extra].concat())
-    }
-
-    /// A plaintext-output approval for these output paths, requested by
-    /// alice, approved by alice and bob: the token file.
-    fn approve(&self, paths: &[&str]) -> String {
-        static TOKENS: AtomicUsize = AtomicUsize::new(0);
-        let token = self.l.path(&format!("approval-{}.json", TOKENS.fetch_add(1, Ordering::Relaxed)));
-        let token = token.to_str().unwrap().to_owned();
-        let context = paths.join(",");
-        self.l
-            .ok_as(Some("alice"), &["quorum", "request", "--operation", "plaintext-output", "--context", &context, "--token-out", &token]);
-        for who in ["alice", "bob"] {
-            let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&token).unwrap()).unwrap();
-            let sig = self.l.sign(who, json["token"].as_str().unwrap());
-            self.l.ok_as(Some(who), &["quorum", "approve", "--token", &token, "--signature", sig.to_str().unwrap()]);
-        }
-        token
     }
 
     fn trust(&self) -> VerifyingKey {
@@ -278,7 +260,7 @@ fn check_complete_run(aeads: &Path, first: u64, count: u64, csv: &Path) -> BTree
 fn aeads_open_with_an_independent_oracle_and_otps_validate() {
     let f = Fixture::new();
     let (aeads, csv, ykp, bundle) = (f.p("aeads"), f.p("secrets.csv"), f.p("ykpersonalize.sh"), f.p("run.bundle"));
-    let approval = f.approve(&[&csv, &ykp]);
+    let approval = f.l.plaintext_approval(&[&csv, &ykp]);
     let args = [
         "--count",
         "25",
@@ -367,7 +349,7 @@ fn a_killed_run_resumes_without_reusing_ids() {
     let f = Fixture::new();
     let count = 6_000u64;
     let (aeads, crashed, resumed, bundle) = (f.p("aeads"), f.p("crashed.csv"), f.p("resumed.csv"), f.p("run.bundle"));
-    let approval = f.approve(&[&crashed]);
+    let approval = f.l.plaintext_approval(&[&crashed]);
     let mut child = Command::new(env!("CARGO_BIN_EXE_personalizer"))
         .args(["generate", "--count", &count.to_string(), "--start-public-id", "1000", "--key-handles", "0x2000,KSM1"])
         .args(["--out", &aeads, "--yubikey-csv", &crashed, "--bundle", &bundle, "--approval", &approval, "--batch", "200"])
@@ -401,7 +383,7 @@ fn a_killed_run_resumes_without_reusing_ids() {
     // The killed run's range stays allocated.
     let err = refused(f.generate(&["--count", "1", "--start-public-id", "6999", "--key-handles", "0x2000", "--out", &aeads]));
     assert!(err.contains("already allocated by run 1"), "{err}");
-    let approval = f.approve(&[&resumed]);
+    let approval = f.l.plaintext_approval(&[&resumed]);
     let out = ok(f.generate(&["--resume", "--yubikey-csv", &resumed, "--bundle", &bundle, "--approval", &approval]));
     assert!(out.contains("run 1: generated 6000 YubiKey(s)"), "{out}");
     let run = Ledger::open(&f.ledger()).unwrap().runs().unwrap().remove(0);

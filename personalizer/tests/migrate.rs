@@ -11,7 +11,6 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::{Laptop, KEYSTORE_PASSWORD};
@@ -43,22 +42,6 @@ fn require_python_cryptography() -> PathBuf {
 /// `personalizer …` in officer alice's session.
 fn alice(l: &Laptop, args: &[&str]) -> Output {
     l.run(Some("alice"), args)
-}
-
-/// A plaintext-output approval for `context` (the output path as given on
-/// the command line), requested by alice, approved by alice and bob: the
-/// token file, kept outside the tests' work directories.
-fn approve(l: &Laptop, context: &str) -> String {
-    static TOKENS: AtomicUsize = AtomicUsize::new(0);
-    let token = l.path(&format!("plaintext-approval-{}.json", TOKENS.fetch_add(1, Ordering::Relaxed)));
-    let token = token.to_str().unwrap().to_owned();
-    l.ok_as(Some("alice"), &["quorum", "request", "--operation", "plaintext-output", "--context", context, "--token-out", &token]);
-    for who in ["alice", "bob"] {
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&token).unwrap()).unwrap();
-        let sig = l.sign(who, json["token"].as_str().unwrap());
-        l.ok_as(Some(who), &["quorum", "approve", "--token", &token, "--signature", sig.to_str().unwrap()]);
-    }
-    token
 }
 
 fn ok(out: Output) -> String {
@@ -216,7 +199,7 @@ fn ykksm_import_then_decrypt_gives_back_the_secrets() {
     let decrypt = |extra: &[&str]| alice(&l, &[&["decrypt-aead", "--aead-dir", &aeads][..], extra].concat());
     // A plaintext file: --output with its own plaintext-output approval.
     let to_file = |extra: &[&str], output: &str| {
-        let token = approve(&l, output);
+        let token = l.plaintext_approval(&[output]);
         decrypt(&[extra, &["--output", output, "--approval", &token]].concat())
     };
     // The gate: without an approval no plaintext file is written.
@@ -369,7 +352,7 @@ fn rotation_rewraps_under_a_new_handle() {
     assert!(again.contains("added 0, already present 3"), "{again}");
 
     // The secrets, for programming "YubiKeys" (A carries the export flag).
-    let token = approve(&l, &d("s.csv"));
+    let token = l.plaintext_approval(&[&d("s.csv")]);
     ok(alice(
         &l,
         &[
@@ -471,7 +454,7 @@ fn random_nonce_import_from_stdin() {
     assert!(stdout.contains("added 0, already present 0, conflicts 2, errors 0"), "{stdout}");
     assert!(failed(again).contains("cannot be compared"));
 
-    let token = approve(&l, &d("s.csv"));
+    let token = l.plaintext_approval(&[&d("s.csv")]);
     ok(alice(
         &l,
         &[

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -145,10 +146,11 @@ impl Laptop {
         assert!(out.contains(&format!("logged in as {who}")), "{out}");
     }
 
-    /// `who` requests `op` on `context`; `approvers` approve; the token file.
+    /// `who` requests `op` on `context`; `approvers` approve; the token
+    /// file (a new one each time, beside the laptop's other files).
     pub fn approval(&self, who: &str, op: &str, context: &str, approvers: &[&str]) -> PathBuf {
-        let token = self.path(&format!("{op}.{context}.token.json").replace(',', "_"));
-        let _ = std::fs::remove_file(&token);
+        static TOKENS: AtomicUsize = AtomicUsize::new(0);
+        let token = self.path(&format!("{op}-{}.token.json", TOKENS.fetch_add(1, Ordering::Relaxed)));
         self.ok_as(Some(who), &["quorum", "request", "--operation", op, "--context", context, "--token-out", s(&token)]);
         for a in approvers {
             let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&token).unwrap()).unwrap();
@@ -188,8 +190,9 @@ impl Laptop {
     }
 
     /// A plaintext-output approval for `paths` (as given on the command
-    /// line, comma-separated) requested by alice, approved by alice and bob.
-    pub fn plaintext_approval(&self, paths: &str) -> PathBuf {
-        self.approval("alice", "plaintext-output", paths, &["alice", "bob"])
+    /// line; the context joins them with commas) requested by alice,
+    /// approved by alice and bob: the token file.
+    pub fn plaintext_approval(&self, paths: &[&str]) -> String {
+        s(&self.approval("alice", "plaintext-output", &paths.join(","), &["alice", "bob"])).to_owned()
     }
 }
