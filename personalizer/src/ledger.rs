@@ -177,12 +177,6 @@ impl Ledger {
         move |e| LedgerError::Sqlite { path: self.path.clone(), source: e }
     }
 
-    /// Refuse `spec` if any of its ids was ever allocated (read only: the
-    /// reservation itself checks again).
-    pub fn check_free(&self, spec: &RunSpec) -> Result<(), LedgerError> {
-        Self::overlap(&self.conn, spec).map_err(self.sql())?.map_or(Ok(()), Err)
-    }
-
     fn overlap(conn: &Connection, spec: &RunSpec) -> Result<Option<LedgerError>, rusqlite::Error> {
         let (first, last) = match last_id(spec) {
             Ok(last) => (spec.first, last),
@@ -362,7 +356,6 @@ mod tests {
         for (first, count) in [(10, 1), (19, 5), (1, 10), (5, 100), (15, 1)] {
             let err = l.reserve(&spec(first, count)).unwrap_err().to_string();
             assert!(err.contains("already allocated by run 1"), "{first}+{count}: {err}");
-            assert!(l.check_free(&spec(first, count)).is_err());
         }
         let err = l.reserve(&spec(5, 100)).unwrap_err().to_string();
         assert!(err.contains("public ids cccccccccccl (10) to ccccccccccbe (19)"), "{err}");
