@@ -21,6 +21,7 @@ pub mod fsutil;
 pub mod password;
 pub mod signing;
 pub mod soft;
+pub mod yhsm1;
 
 use std::fmt;
 
