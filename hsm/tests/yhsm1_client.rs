@@ -17,6 +17,7 @@ use std::time::Duration;
 use hsm::soft::format::KdfParams;
 use hsm::soft::SoftHsm;
 use hsm::yhsm1::client::{Yhsm1, Yhsm1Options};
+use hsm::yhsm1::daemon::{self, Daemon};
 use hsm::{DataKey, Error, Flags, HandleInfo, NonceSource, Password, SecurityModule, Status};
 use otp::aead_file::AeadRecord;
 use otp::token::TokenFields;
@@ -528,4 +529,114 @@ fn threads_share_one_port() {
     let mut want: Vec<_> = (0..4u16).flat_map(|t| (0..10u8).map(move |i| (t * 100 + u16::from(i), i))).collect();
     want.sort_unstable();
     assert_eq!(seen, want);
+}
+
+// ---------------------------------------------------------------------------
+// Sharing the device through the daemon's socket.
+
+/// A daemon owning `fake`'s port, serving on a socket in a temporary
+/// directory.
+fn daemon(fake: &Fake) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("yhsm1.sock");
+    let listener = daemon::bind(&socket).unwrap();
+    let d = Arc::new(Daemon::open(&fake.path, Duration::from_millis(500)).unwrap());
+    std::thread::spawn(move || d.serve(&listener));
+    (dir, socket)
+}
+
+#[test]
+fn daemon_shares_one_device_between_clients() {
+    let fake = Fake::start(false);
+    let (_dir, socket) = daemon(&fake);
+    // The daemon owns the port: opening it directly is refused.
+    assert_backend(&Yhsm1::open(&fake.path, options()).unwrap_err());
+    let a = Arc::new(Yhsm1::connect(&socket, options()).unwrap());
+    let b = Yhsm1::connect(&socket, options()).unwrap();
+    assert_eq!(&a.info().system_uid, b"FAKEYHSM0001");
+
+    let (_sdir, soft) = soft();
+    for kh in [KH_FULL, KH_IMPORT] {
+        let ours = a.import_aead(kh, NonceSource::Given(nonce(8)), &[0x42; 22]).unwrap();
+        assert_eq!(ours, soft.import_aead(kh, NonceSource::Given(nonce(8)), &[0x42; 22]).unwrap());
+    }
+    let records = a.generate_yubikey_aeads(&[KH_FULL, KH_IMPORT], NonceSource::Given(nonce(1))).unwrap();
+    let otp = otp_for(&records[0], 77, 1);
+    assert_eq!(b.decode_otp(&records[0], &otp).unwrap().use_ctr, 77);
+    assert!(matches!(b.decode_otp(&records[0], &TokenCiphertext::new([1; 16])), Err(Error::OtpInvalid(_))));
+    let mut rnd = [0u8; 120];
+    b.random(&mut rnd).unwrap();
+    assert_eq!(b.status(), Status::Ready);
+
+    // Generations from one client interleave with the other's decodes; each
+    // buffer load stays with its AEADs.
+    let gen = {
+        let a = Arc::clone(&a);
+        std::thread::spawn(move || {
+            (0..15).map(|_| a.generate_yubikey_aeads(&[KH_FULL, KH_IMPORT], NonceSource::Random).unwrap()).collect::<Vec<_>>()
+        })
+    };
+    for i in 0..15u16 {
+        assert_eq!(b.decode_otp(&records[0], &otp_for(&records[0], i, 0)).unwrap().use_ctr, i);
+        b.import_aead(KH_IMPORT, NonceSource::Random, &[i as u8; 22]).unwrap();
+    }
+    for pair in gen.join().unwrap() {
+        let x = key_of(KH_FULL).open(KH_FULL, &pair[0].nonce, &pair[0].aead).unwrap();
+        let y = key_of(KH_IMPORT).open(KH_IMPORT, &pair[1].nonce, &pair[1].aead).unwrap();
+        assert_eq!(x, y);
+    }
+}
+
+#[test]
+fn daemon_faults_are_backend_errors() {
+    let mut fake = Fake::start(false);
+    let (_dir, socket) = daemon(&fake);
+    let hsm = Yhsm1::connect(&socket, options()).unwrap();
+    let record = hsm.import_aead(KH_FULL, NonceSource::Given(nonce(3)), &[1; 22]).unwrap();
+    let otp = otp_for(&record, 5, 0);
+
+    fake.faults.silent.store(true, Ordering::SeqCst);
+    assert_backend(&hsm.decode_otp(&record, &otp).unwrap_err());
+    fake.faults.silent.store(false, Ordering::SeqCst);
+    assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 5);
+
+    fake.faults.garbage_next.store(true, Ordering::SeqCst);
+    assert_backend(&hsm.decode_otp(&record, &otp).unwrap_err());
+    assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 5);
+
+    // The daemon passes the wrong echo on; the client refuses it and has
+    // the daemon resync.
+    fake.faults.wrong_handle_next.store(true, Ordering::SeqCst);
+    assert_backend(&hsm.decode_otp(&record, &otp).unwrap_err());
+    assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 5);
+
+    fake.kill();
+    for _ in 0..2 {
+        let e = hsm.decode_otp(&record, &otp).unwrap_err();
+        assert_backend(&e);
+        assert!(!matches!(e, Error::OtpInvalid(_) | Error::AeadInvalid(_)));
+    }
+    assert_eq!(hsm.status(), Status::NotReady);
+}
+
+#[test]
+fn daemon_socket_checks() {
+    let fake = Fake::start(false);
+    let (_dir, socket) = daemon(&fake);
+    // A live socket is not taken over.
+    assert!(daemon::bind(&socket).is_err());
+    // A malformed batch gets a fault reply, not a device command.
+    let mut raw = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    raw.write_all(&[0, 3, 0x02, 0x7e, 0x00]).unwrap();
+    let mut head = [0u8; 3];
+    raw.read_exact(&mut head).unwrap();
+    assert_eq!(head[0], 1, "fault tag");
+    let mut why = vec![0u8; usize::from(u16::from_be_bytes([head[1], head[2]]))];
+    raw.read_exact(&mut why).unwrap();
+    assert!(String::from_utf8(why).unwrap().contains("bad request"));
+    // The device is still fine for others.
+    Yhsm1::connect(&socket, options()).unwrap().echo(b"ok").unwrap();
+    // No daemon: a clear backend error.
+    let e = Yhsm1::connect(_dir.path().join("nobody.sock"), options()).unwrap_err();
+    assert_backend(&e);
 }

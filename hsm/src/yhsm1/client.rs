@@ -3,9 +3,14 @@
 //! [`Yhsm1`] opens the device (`/dev/ttyACM0` on Linux, or any tty such as
 //! the emulator's pty) raw at 115200 baud, resynchronises the line with 96
 //! zero bytes, asks `SYSTEM_INFO_QUERY` and refuses any protocol version
-//! other than 1. Each trait method is one or a few whole commands, serialized by one
-//! mutex around the port: a command is written and its response read before
-//! another thread may speak.
+//! other than 1. Each trait method is one or a few whole commands, serialized
+//! by one mutex around the port: a command is written and its response read
+//! before another thread may speak, and a multi-command sequence (load the
+//! buffer, then AEAD it) holds the port throughout.
+//!
+//! The port can also be shared between processes: one process owns it and
+//! serves it on a local socket ([`super::daemon`]), and [`Yhsm1::connect`]
+//! reaches the device through that socket with the same semantics.
 //!
 //! **Deadlines and faults.** Every command has a deadline
 //! ([`Yhsm1Options::timeout`], 2 s by default) covering the write and the
@@ -25,12 +30,13 @@
 //! [`Error::Locked`]; any other refusal is [`Error::NotReady`].
 //!
 //! **What a YubiHSM 1 does not offer.** It has no command that returns an
-//! AEAD's plaintext and no data keys, so [`SecurityModule::decrypt_aead`],
+//! AEAD's plaintext, so [`SecurityModule::decrypt_aead`] answers
+//! [`Error::NotPermitted`]; it has no data keys, so
 //! [`SecurityModule::encrypt_value`] and [`SecurityModule::decrypt_value`]
-//! answer [`Error::NotPermitted`]: exporting secrets and encrypting values
-//! at rest need another module (the soft keystore or PKCS#11). Nor can its
-//! key handles be listed: [`SecurityModule::key_handles`] returns the ones
-//! given in [`Yhsm1Options::handles`], as configured on the stick.
+//! answer [`Error::InvalidInput`]. Exporting secrets and encrypting values at
+//! rest need another module (the soft keystore or PKCS#11). Nor can its key
+//! handles be listed: [`SecurityModule::key_handles`] returns the ones given
+//! in [`Yhsm1Options::handles`], as configured on the stick.
 //!
 //! **Unlock.** [`SecurityModule::unlock`] sends `KEY_STORE_DECRYPT` with the
 //! master key as pyhsm's `yhsm-keystore-unlock` does: the password is the
@@ -49,6 +55,7 @@ use otp::{Aead, AeadNonce, KeyHandle, OtpDecode, TokenCiphertext};
 use serialport::SerialPort as _;
 use zeroize::Zeroizing;
 
+use super::daemon;
 use super::proto::{self, AeadResponse, Command, FrameReader, Request, Response, MAX_AEAD_DATA, MAX_ECHO, RESYNC, YUBIKEY_AEAD_LEN};
 use crate::{DataKey, Error, Flags, HandleInfo, NonceSource, OtpFault, Password, SecurityModule, Status};
 
@@ -61,7 +68,7 @@ const DRAIN_QUIET: Duration = Duration::from_millis(50);
 /// A drain gives up after this long, so a line full of noise cannot hold it.
 const DRAIN_LIMIT: Duration = Duration::from_secs(1);
 
-/// How to reach the device.
+/// How to use the device.
 #[derive(Clone, Debug, Default)]
 pub struct Yhsm1Options {
     /// Deadline of one command (write and whole response); zero means
@@ -74,24 +81,13 @@ pub struct Yhsm1Options {
 }
 
 impl Yhsm1Options {
-    fn deadline(&self) -> Duration {
+    pub(super) fn deadline(&self) -> Duration {
         if self.timeout.is_zero() {
             DEFAULT_TIMEOUT
         } else {
             self.timeout
         }
     }
-}
-
-/// A byte pipe to the device with deadlines: the serial port, or anything
-/// that behaves like one.
-trait Link: Send {
-    /// Write all of `bytes` before `deadline`.
-    fn send(&mut self, bytes: &[u8], deadline: Instant) -> io::Result<()>;
-    /// Read what is there (at least one byte) before `deadline`.
-    fn recv(&mut self, buf: &mut [u8], deadline: Instant) -> io::Result<usize>;
-    /// Throw away whatever arrives until the line is quiet.
-    fn drain(&mut self) -> io::Result<()>;
 }
 
 fn remaining(deadline: Instant) -> io::Result<Duration> {
@@ -103,27 +99,83 @@ fn remaining(deadline: Instant) -> io::Result<Duration> {
     }
 }
 
-/// The serial port.
-struct SerialLink {
-    port: serialport::TTYPort,
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "the serial line was closed")
 }
 
-impl SerialLink {
-    fn open(path: &Path, timeout: Duration) -> io::Result<Self> {
-        let port = serialport::new(path.to_string_lossy(), BAUD_RATE).timeout(timeout).open_native().map_err(io::Error::from)?;
-        Ok(Self { port })
+/// Why a command did not complete.
+pub(super) enum Fault {
+    /// The link failed (timeout, peer gone): close it.
+    Io(io::Error),
+    /// A frame that makes no sense: resynchronise.
+    Garbled(String),
+    /// The daemon reports a device fault (it resyncs or reopens by itself).
+    Remote(String),
+}
+
+impl From<io::Error> for Fault {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+impl From<proto::ProtoError> for Fault {
+    fn from(e: proto::ProtoError) -> Self {
+        Self::Garbled(e.to_string())
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "{e}"),
+            Self::Garbled(why) => write!(f, "garbled response: {why}"),
+            Self::Remote(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+/// Something that runs whole commands on the device.
+pub(super) trait Channel: Send {
+    /// Run `reqs` in order, without anything else in between, each within
+    /// `timeout`.
+    fn exchange(&mut self, reqs: &[Request], timeout: Duration) -> Result<Vec<Response>, Fault>;
+    /// Bring the line back to a frame boundary.
+    fn resync(&mut self, timeout: Duration) -> io::Result<()>;
+}
+
+/// The serial port and its frame reader.
+pub(super) struct SerialChannel {
+    port: serialport::TTYPort,
+    reader: FrameReader,
+}
+
+impl SerialChannel {
+    /// Open the port, resync, query the system info and require protocol 1.
+    pub(super) fn open(path: &Path, timeout: Duration) -> Result<(Self, proto::SystemInfo), Error> {
+        let io_err = |kind: io::ErrorKind, what: String| Error::io(path, io::Error::new(kind, what));
+        let port = serialport::new(path.to_string_lossy(), BAUD_RATE).timeout(timeout).open_native().map_err(|e| {
+            let e = io::Error::from(e);
+            io_err(e.kind(), format!("cannot open the YubiHSM serial port: {e}"))
+        })?;
+        let mut chan = Self { port, reader: FrameReader::new() };
+        chan.resync(timeout).map_err(|e| io_err(e.kind(), format!("resync: {e}")))?;
+        let info = match chan.exchange(&[Request::SystemInfoQuery], timeout) {
+            Ok(resps) => match resps.as_slice() {
+                [Response::SystemInfo(info)] => *info,
+                _ => return Err(io_err(io::ErrorKind::InvalidData, "SYSTEM_INFO_QUERY: unexpected response".to_owned())),
+            },
+            Err(Fault::Io(e)) => return Err(io_err(e.kind(), format!("SYSTEM_INFO_QUERY: {e}"))),
+            Err(other) => return Err(io_err(io::ErrorKind::InvalidData, format!("SYSTEM_INFO_QUERY: {other}"))),
+        };
+        check_protocol(path, &info)?;
+        Ok((chan, info))
     }
 
     fn set_timeout(&mut self, t: Duration) -> io::Result<()> {
         self.port.set_timeout(t).map_err(io::Error::from)
     }
-}
 
-fn closed() -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, "the serial line was closed")
-}
-
-impl Link for SerialLink {
     fn send(&mut self, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
         while !bytes.is_empty() {
             let t = remaining(deadline)?;
@@ -138,6 +190,7 @@ impl Link for SerialLink {
         Ok(())
     }
 
+    /// Read what is there (at least one byte) before `deadline`.
     fn recv(&mut self, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
         loop {
             let t = remaining(deadline)?;
@@ -151,6 +204,7 @@ impl Link for SerialLink {
         }
     }
 
+    /// Throw away whatever arrives until the line is quiet.
     fn drain(&mut self) -> io::Result<()> {
         let started = Instant::now();
         let mut sink = [0u8; 256];
@@ -166,40 +220,85 @@ impl Link for SerialLink {
         }
         Err(io::Error::new(io::ErrorKind::InvalidData, "the serial line did not fall quiet after a resync"))
     }
-}
 
-/// Why a command did not complete.
-enum Fault {
-    /// The link failed (timeout, peer gone): close it.
-    Io(io::Error),
-    /// A frame that makes no sense: resynchronise.
-    Garbled(String),
-}
-
-impl From<io::Error> for Fault {
-    fn from(e: io::Error) -> Self {
-        Self::Io(e)
+    /// Write one request and read its response.
+    fn transact(&mut self, req: &Request, deadline: Instant) -> Result<Response, Fault> {
+        let frame = req.encode()?;
+        // Anything left from before belongs to no one.
+        self.reader.clear();
+        self.send(&frame.encode(), deadline)?;
+        let mut buf = Zeroizing::new([0u8; 128]);
+        loop {
+            if let Some(frame) = self.reader.next_frame() {
+                return Ok(Response::decode(req.command(), &frame?)?);
+            }
+            let n = self.recv(&mut buf[..], deadline)?;
+            self.reader.push(&buf[..n]);
+        }
     }
 }
 
-impl From<proto::ProtoError> for Fault {
-    fn from(e: proto::ProtoError) -> Self {
-        Self::Garbled(e.to_string())
+impl Channel for SerialChannel {
+    fn exchange(&mut self, reqs: &[Request], timeout: Duration) -> Result<Vec<Response>, Fault> {
+        reqs.iter().map(|req| self.transact(req, Instant::now() + timeout)).collect()
+    }
+
+    /// 96 zero bytes (`YSM_NULL` without a length byte), then drain.
+    fn resync(&mut self, timeout: Duration) -> io::Result<()> {
+        self.send(&RESYNC, Instant::now() + timeout)?;
+        self.drain()?;
+        self.reader.clear();
+        Ok(())
     }
 }
 
-/// The port and what is known about the keystore lock.
+pub(super) fn check_protocol(path: &Path, info: &proto::SystemInfo) -> Result<(), Error> {
+    if info.protocol_version == 1 {
+        return Ok(());
+    }
+    Err(Error::NotReady(format!(
+        "{}: the device speaks YubiHSM protocol {}, only protocol 1 is supported",
+        path.display(),
+        info.protocol_version
+    )))
+}
+
+/// Where the device is.
+#[derive(Clone, Debug)]
+enum Target {
+    /// A serial port this process opens.
+    Serial(PathBuf),
+    /// A daemon's socket ([`super::daemon`]).
+    Daemon(PathBuf),
+}
+
+impl Target {
+    fn path(&self) -> &Path {
+        match self {
+            Self::Serial(p) | Self::Daemon(p) => p,
+        }
+    }
+
+    fn open(&self, timeout: Duration) -> Result<(Box<dyn Channel>, proto::SystemInfo), Error> {
+        match self {
+            Self::Serial(path) => SerialChannel::open(path, timeout).map(|(c, i)| (Box::new(c) as Box<dyn Channel>, i)),
+            Self::Daemon(path) => daemon::DaemonChannel::connect(path, timeout).map(|(c, i)| (Box::new(c) as Box<dyn Channel>, i)),
+        }
+    }
+}
+
+/// The channel and what is known about the keystore lock.
 struct Conn {
-    link: Option<Box<dyn Link>>,
-    reader: FrameReader,
+    channel: Option<Box<dyn Channel>>,
     /// `Some(true)` once the device said KEY_STORAGE_LOCKED, `Some(false)`
     /// once a key operation or an unlock succeeded.
     locked: Option<bool>,
 }
 
-/// A YubiHSM 1 on a serial line. See the [module docs](self).
+/// A YubiHSM 1 on a serial line, or shared through a daemon. See the
+/// [module docs](self).
 pub struct Yhsm1 {
-    path: PathBuf,
+    target: Target,
     options: Yhsm1Options,
     info: proto::SystemInfo,
     conn: Mutex<Conn>,
@@ -207,12 +306,12 @@ pub struct Yhsm1 {
 
 impl fmt::Debug for Yhsm1 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Yhsm1").field("path", &self.path).field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("Yhsm1").field("target", &self.target).field("info", &self.info).finish_non_exhaustive()
     }
 }
 
-/// `1.0.4, protocol 1, uid …` for logs.
-fn describe(info: &proto::SystemInfo) -> String {
+/// `firmware 1.0.4, protocol 1, uid …`, for logs.
+pub(super) fn describe(info: &proto::SystemInfo) -> String {
     format!(
         "firmware {}.{}.{}, protocol {}, uid {}",
         info.version_major,
@@ -231,19 +330,29 @@ struct Operation {
 }
 
 impl Yhsm1 {
-    /// Open the device at `path`: resync, `SYSTEM_INFO_QUERY`, protocol 1.
+    /// Open the serial device at `path`: resync, `SYSTEM_INFO_QUERY`,
+    /// protocol 1. The port is opened exclusively: while this module holds
+    /// it, other processes must go through a daemon.
     pub fn open(path: impl AsRef<Path>, options: Yhsm1Options) -> Result<Self, Error> {
-        let path = path.as_ref().to_path_buf();
-        let mut conn = Conn { link: None, reader: FrameReader::new(), locked: None };
-        let info = connect(&path, options.deadline(), &mut conn)?;
-        tracing::info!(path = %path.display(), device = describe(&info), "opened YubiHSM 1");
-        Ok(Self { path, options, info, conn: Mutex::new(conn) })
+        Self::with_target(Target::Serial(path.as_ref().to_path_buf()), options)
     }
 
-    /// The device path.
+    /// Use the device through the daemon listening on `socket`
+    /// ([`super::daemon`]).
+    pub fn connect(socket: impl AsRef<Path>, options: Yhsm1Options) -> Result<Self, Error> {
+        Self::with_target(Target::Daemon(socket.as_ref().to_path_buf()), options)
+    }
+
+    fn with_target(target: Target, options: Yhsm1Options) -> Result<Self, Error> {
+        let (channel, info) = target.open(options.deadline())?;
+        tracing::info!(path = %target.path().display(), device = describe(&info), "opened YubiHSM 1");
+        Ok(Self { target, options, info, conn: Mutex::new(Conn { channel: Some(channel), locked: None }) })
+    }
+
+    /// The device path (or the daemon's socket).
     #[must_use]
     pub fn path(&self) -> &Path {
-        &self.path
+        self.target.path()
     }
 
     /// What the device said about itself (`SYSTEM_INFO_QUERY`) when opened.
@@ -258,7 +367,7 @@ impl Yhsm1 {
             return Err(Error::InvalidInput(format!("ECHO carries at most {MAX_ECHO} bytes, not {}", data.len())));
         }
         let mut conn = self.lock();
-        self.run(&mut conn, &Request::Echo(data.to_vec()), |resp| match resp {
+        self.run(&mut conn, Request::Echo(data.to_vec()), |resp| match resp {
             Response::Echo(back) if back == data => Ok(()),
             _ => Err("the ECHO response differs from the request".to_owned()),
         })
@@ -271,46 +380,63 @@ impl Yhsm1 {
     }
 
     fn invalid_data(&self, why: String) -> Error {
-        Error::io(&self.path, io::Error::new(io::ErrorKind::InvalidData, why))
+        Error::io(self.path(), io::Error::new(io::ErrorKind::InvalidData, why))
     }
 
-    /// One command: (re)connect if needed, send, read, decode, `check`. A
+    /// Run `reqs` back to back: (re)connect if needed, exchange, `check`. A
     /// garbled frame or a failed check resyncs the line; an I/O fault closes
     /// it, to be reopened by the next command.
-    fn run<T>(&self, conn: &mut Conn, req: &Request, check: impl FnOnce(Response) -> Result<T, String>) -> Result<T, Error> {
+    fn run_all<T>(&self, conn: &mut Conn, reqs: &[Request], check: impl FnOnce(Vec<Response>) -> Result<T, String>) -> Result<T, Error> {
         let timeout = self.options.deadline();
-        let command = req.command();
-        if conn.link.is_none() {
-            let info = connect(&self.path, timeout, conn)?;
+        let command = reqs.last().map_or(Command::Echo, Request::command);
+        if conn.channel.is_none() {
+            conn.locked = None;
+            let (channel, info) = self.target.open(timeout)?;
             if info != self.info {
-                tracing::warn!(path = %self.path.display(), device = describe(&info), "a different YubiHSM answered after reconnecting");
+                tracing::warn!(path = %self.path().display(), device = describe(&info), "a different YubiHSM answered after reconnecting");
             }
+            conn.channel = Some(channel);
         }
-        let Conn { link: Some(link), reader, .. } = conn else {
-            return Err(Error::NotReady(format!("{}: the YubiHSM is not connected", self.path.display())));
+        let Some(channel) = conn.channel.as_mut() else {
+            return Err(Error::NotReady(format!("{}: the YubiHSM is not connected", self.path().display())));
         };
-        let result = transact(link.as_mut(), reader, req, Instant::now() + timeout).and_then(|resp| check(resp).map_err(Fault::Garbled));
+        let result = channel.exchange(reqs, timeout).and_then(|resps| {
+            if resps.len() == reqs.len() {
+                check(resps).map_err(Fault::Garbled)
+            } else {
+                Err(Fault::Garbled(format!("{} responses to {} requests", resps.len(), reqs.len())))
+            }
+        });
         match result {
             Ok(v) => Ok(v),
             Err(Fault::Io(e)) => {
-                tracing::warn!(path = %self.path.display(), %command, error = %e, "YubiHSM I/O fault; the port will be reopened");
-                conn.link = None;
+                tracing::warn!(path = %self.path().display(), %command, error = %e, "YubiHSM I/O fault; the port will be reopened");
+                conn.channel = None;
                 let e = if e.kind() == io::ErrorKind::TimedOut {
                     io::Error::new(io::ErrorKind::TimedOut, format!("the YubiHSM did not answer {command} within {timeout:?}"))
                 } else {
-                    io::Error::new(e.kind(), format!("{command} failed on the serial line: {e}"))
+                    io::Error::new(e.kind(), format!("{command} failed on the line to the YubiHSM: {e}"))
                 };
-                Err(Error::io(&self.path, e))
+                Err(Error::io(self.path(), e))
             }
+            Err(Fault::Remote(why)) => Err(Error::io(self.path(), io::Error::other(format!("{command}: {why}")))),
             Err(Fault::Garbled(why)) => {
-                tracing::warn!(path = %self.path.display(), %command, why, "garbled YubiHSM response; resyncing");
-                if let Err(e) = resync(link.as_mut(), reader, timeout) {
-                    tracing::warn!(path = %self.path.display(), error = %e, "resync failed; the port will be reopened");
-                    conn.link = None;
+                tracing::warn!(path = %self.path().display(), %command, why, "garbled YubiHSM response; resyncing");
+                if let Err(e) = channel.resync(timeout) {
+                    tracing::warn!(path = %self.path().display(), error = %e, "resync failed; the port will be reopened");
+                    conn.channel = None;
                 }
                 Err(self.invalid_data(format!("{command}: {why}")))
             }
         }
+    }
+
+    /// One command.
+    fn run<T>(&self, conn: &mut Conn, req: Request, check: impl FnOnce(Response) -> Result<T, String>) -> Result<T, Error> {
+        self.run_all(conn, std::slice::from_ref(&req), |resps| match resps.into_iter().next() {
+            Some(resp) => check(resp),
+            None => Err("no response".to_owned()),
+        })
     }
 
     /// The error a non-OK status of a key operation means.
@@ -324,27 +450,30 @@ impl Yhsm1 {
                 conn.locked = Some(true);
                 Error::Locked
             }
-            other => Error::NotReady(format!("{}: the YubiHSM refused {command} with status {other}", self.path.display())),
+            other => Error::NotReady(format!("{}: the YubiHSM refused {command} with status {other}", self.path().display())),
         }
     }
 
-    /// `AEAD_GENERATE` or `BUFFER_AEAD_GENERATE`, with the echo checks.
-    fn aead_command(&self, conn: &mut Conn, req: &Request, kh: KeyHandle, nonce: AeadNonce, op: Operation) -> Result<AeadRecord, Error> {
-        let command = req.command();
-        let resp = self.run(conn, req, |resp| match resp {
-            Response::AeadGenerate(a) | Response::BufferAeadGenerate(a) => check_aead_echo(a, nonce, kh),
-            _ => Err("unexpected response".to_owned()),
-        })?;
+    /// The record an `AEAD_GENERATE`/`BUFFER_AEAD_GENERATE` answer holds,
+    /// or the error its status means.
+    fn aead_record(
+        &self,
+        conn: &mut Conn,
+        command: Command,
+        resp: AeadResponse,
+        kh: KeyHandle,
+        op: Operation,
+    ) -> Result<AeadRecord, Error> {
         if resp.status != proto::Status::Ok {
             return Err(self.refused(conn, command, resp.status, kh, op));
         }
         conn.locked = Some(false);
-        let got_nonce = AeadNonce::new(resp.nonce);
-        if got_nonce.is_zero() {
+        let nonce = AeadNonce::new(resp.nonce);
+        if nonce.is_zero() {
             return Err(self.invalid_data(format!("{command}: the YubiHSM returned an AEAD with a zero nonce")));
         }
         let aead = Aead::from_slice(&resp.aead).map_err(|e| self.invalid_data(format!("{command}: {e}")))?;
-        Ok(AeadRecord { key_handle: kh, nonce: got_nonce, aead })
+        Ok(AeadRecord { key_handle: kh, nonce, aead })
     }
 
     fn flags_of(&self, kh: KeyHandle) -> Option<Flags> {
@@ -364,58 +493,14 @@ fn check_echo(nonce: &proto::Nonce, kh: u32, want_nonce: AeadNonce, want_kh: Key
     Ok(())
 }
 
-fn check_aead_echo(a: AeadResponse, nonce: AeadNonce, kh: KeyHandle) -> Result<AeadResponse, String> {
-    check_echo(&a.nonce, a.kh, nonce, kh)?;
-    Ok(a)
-}
-
-/// Open the port, resync, query the system info; the link is kept in `conn`
-/// only if all of that worked.
-fn connect(path: &Path, timeout: Duration, conn: &mut Conn) -> Result<proto::SystemInfo, Error> {
-    conn.link = None;
-    conn.locked = None;
-    let io_err = |kind: io::ErrorKind, what: String| Error::io(path, io::Error::new(kind, what));
-    let mut link: Box<dyn Link> =
-        Box::new(SerialLink::open(path, timeout).map_err(|e| io_err(e.kind(), format!("cannot open the YubiHSM serial port: {e}")))?);
-    resync(link.as_mut(), &mut conn.reader, timeout).map_err(|e| io_err(e.kind(), format!("resync: {e}")))?;
-    let info = match transact(link.as_mut(), &mut conn.reader, &Request::SystemInfoQuery, Instant::now() + timeout) {
-        Ok(Response::SystemInfo(info)) => info,
-        Ok(_) => return Err(io_err(io::ErrorKind::InvalidData, "SYSTEM_INFO_QUERY: unexpected response".to_owned())),
-        Err(Fault::Io(e)) => return Err(io_err(e.kind(), format!("SYSTEM_INFO_QUERY: {e}"))),
-        Err(Fault::Garbled(why)) => return Err(io_err(io::ErrorKind::InvalidData, format!("SYSTEM_INFO_QUERY: {why}"))),
-    };
-    if info.protocol_version != 1 {
-        return Err(Error::NotReady(format!(
-            "{}: the device speaks YubiHSM protocol {}, only protocol 1 is supported",
-            path.display(),
-            info.protocol_version
-        )));
-    }
-    conn.link = Some(link);
-    Ok(info)
-}
-
-/// Resync: 96 zero bytes (`YSM_NULL` without a length byte), then drain.
-fn resync(link: &mut dyn Link, reader: &mut FrameReader, timeout: Duration) -> io::Result<()> {
-    link.send(&RESYNC, Instant::now() + timeout)?;
-    link.drain()?;
-    reader.clear();
-    Ok(())
-}
-
-/// Write one request and read its response.
-fn transact(link: &mut dyn Link, reader: &mut FrameReader, req: &Request, deadline: Instant) -> Result<Response, Fault> {
-    let frame = req.encode()?;
-    // Anything left from before belongs to no one.
-    reader.clear();
-    link.send(&frame.encode(), deadline)?;
-    let mut buf = Zeroizing::new([0u8; 128]);
-    loop {
-        if let Some(frame) = reader.next_frame() {
-            return Ok(Response::decode(req.command(), &frame?)?);
+/// An AEAD answer, with its echo checked.
+fn aead_answer(resp: Response, nonce: AeadNonce, kh: KeyHandle) -> Result<AeadResponse, String> {
+    match resp {
+        Response::AeadGenerate(a) | Response::BufferAeadGenerate(a) => {
+            check_echo(&a.nonce, a.kh, nonce, kh)?;
+            Ok(a)
         }
-        let n = link.recv(&mut buf[..], deadline)?;
-        reader.push(&buf[..n]);
+        _ => Err("unexpected response".to_owned()),
     }
 }
 
@@ -436,7 +521,7 @@ impl SecurityModule for Yhsm1 {
         }
         let kh = self.options.handles.first().map_or(KeyHandle::new(1), |h| h.key_handle);
         let probe = Request::AeadYubikeyOtpDecode { public_id: [0; 6], kh: kh.get(), otp: [0; 16], aead: [0; YUBIKEY_AEAD_LEN] };
-        let status = self.run(&mut conn, &probe, |resp| match resp {
+        let status = self.run(&mut conn, probe, |resp| match resp {
             Response::AeadYubikeyOtpDecode { public_id, kh: got, status, .. } => {
                 check_echo(&public_id, got, AeadNonce::new([0; 6]), kh)?;
                 Ok(status)
@@ -466,21 +551,21 @@ impl SecurityModule for Yhsm1 {
         hex::decode_to_slice(text, &mut key[..text.len() / 2])
             .map_err(|_| Error::InvalidInput("the YubiHSM master key is not valid hex".to_owned()))?;
         let mut conn = self.lock();
-        let status = self.run(&mut conn, &Request::KeyStoreDecrypt(key), |resp| match resp {
+        let status = self.run(&mut conn, Request::KeyStoreDecrypt(key), |resp| match resp {
             Response::KeyStoreDecrypt(status) => Ok(status),
             _ => Err("unexpected response".to_owned()),
         })?;
         match status {
             proto::Status::Ok => {
                 conn.locked = Some(false);
-                tracing::info!(path = %self.path.display(), "YubiHSM keystore unlocked");
+                tracing::info!(path = %self.path().display(), "YubiHSM keystore unlocked");
                 Ok(())
             }
             proto::Status::Mismatch | proto::Status::KeyStorageLocked => {
                 conn.locked = Some(true);
                 Err(Error::WrongPassword)
             }
-            other => Err(Error::NotReady(format!("{}: the YubiHSM refused KEY_STORE_DECRYPT with status {other}", self.path.display()))),
+            other => Err(Error::NotReady(format!("{}: the YubiHSM refused KEY_STORE_DECRYPT with status {other}", self.path().display()))),
         }
     }
 
@@ -488,7 +573,7 @@ impl SecurityModule for Yhsm1 {
         let mut conn = self.lock();
         for chunk in out.chunks_mut(MAX_ECHO) {
             let n = u8::try_from(chunk.len()).unwrap_or(u8::MAX);
-            self.run(&mut conn, &Request::RandomGenerate(n), |resp| match resp {
+            self.run(&mut conn, Request::RandomGenerate(n), |resp| match resp {
                 Response::RandomGenerate(bytes) if bytes.len() == chunk.len() => {
                     chunk.copy_from_slice(&bytes);
                     Ok(())
@@ -509,21 +594,23 @@ impl SecurityModule for Yhsm1 {
         }
         let (nonce, needs) = request_nonce(nonce, Flags::BUFFER_AEAD_GENERATE);
         let op = Operation { what: "generate AEADs", needs };
-        // The whole sequence holds the port: another thread must not refill
-        // the buffer between the load and the AEADs.
-        let mut conn = self.lock();
+        // One sequence, nothing in between (not even another process's
+        // command through a daemon): load 22 random bytes into the device's
+        // buffer, then AEAD it under each handle. The secret never crosses
+        // the line.
         let len = u8::try_from(SECRETS_LEN).unwrap_or(u8::MAX);
-        self.run(&mut conn, &Request::BufferRandomLoad { offset: 0, len }, |resp| match resp {
-            Response::BufferRandomLoad(n) if n == len => Ok(()),
-            _ => Err(format!("BUFFER_RANDOM_LOAD of {len} bytes did not fill the buffer with {len}")),
+        let mut reqs = vec![Request::BufferRandomLoad { offset: 0, len }];
+        reqs.extend(handles.iter().map(|kh| Request::BufferAeadGenerate { nonce: *nonce.as_bytes(), kh: kh.get() }));
+        let mut conn = self.lock();
+        let answers = self.run_all(&mut conn, &reqs, |resps| {
+            let mut resps = resps.into_iter();
+            match resps.next() {
+                Some(Response::BufferRandomLoad(n)) if n == len => {}
+                _ => return Err(format!("BUFFER_RANDOM_LOAD did not fill the buffer with {len} bytes")),
+            }
+            resps.zip(handles).map(|(resp, kh)| aead_answer(resp, nonce, *kh)).collect::<Result<Vec<_>, _>>()
         })?;
-        handles
-            .iter()
-            .map(|kh| {
-                let req = Request::BufferAeadGenerate { nonce: *nonce.as_bytes(), kh: kh.get() };
-                self.aead_command(&mut conn, &req, *kh, nonce, op)
-            })
-            .collect()
+        answers.into_iter().zip(handles).map(|(a, kh)| self.aead_record(&mut conn, Command::BufferAeadGenerate, a, *kh, op)).collect()
     }
 
     fn import_aead(&self, kh: KeyHandle, nonce: NonceSource, plaintext: &[u8]) -> Result<AeadRecord, Error> {
@@ -540,19 +627,25 @@ impl SecurityModule for Yhsm1 {
         let mut conn = self.lock();
         if !use_buffer {
             let req = Request::AeadGenerate { nonce: *nonce.as_bytes(), kh: kh.get(), data: Zeroizing::new(plaintext.to_vec()) };
-            match self.aead_command(&mut conn, &req, kh, nonce, op) {
+            let answer = self.run(&mut conn, req, |resp| aead_answer(resp, nonce, kh))?;
+            match self.aead_record(&mut conn, Command::AeadGenerate, answer, kh, op) {
                 Err(Error::NotPermitted { .. }) if configured.is_none() => {}
                 other => return other,
             }
         }
-        let data = Zeroizing::new(plaintext.to_vec());
-        self.run(&mut conn, &Request::BufferLoad { offset: 0, data }, |resp| match resp {
-            Response::BufferLoad(n) if usize::from(n) == plaintext.len() => Ok(()),
-            Response::BufferLoad(n) => Err(format!("the buffer holds {n} bytes after loading {}", plaintext.len())),
-            _ => Err("unexpected response".to_owned()),
+        let reqs = [
+            Request::BufferLoad { offset: 0, data: Zeroizing::new(plaintext.to_vec()) },
+            Request::BufferAeadGenerate { nonce: *nonce.as_bytes(), kh: kh.get() },
+        ];
+        let answer = self.run_all(&mut conn, &reqs, |resps| {
+            let mut resps = resps.into_iter();
+            match resps.next() {
+                Some(Response::BufferLoad(n)) if usize::from(n) == plaintext.len() => {}
+                _ => return Err(format!("BUFFER_LOAD did not leave the {} bytes sent in the buffer", plaintext.len())),
+            }
+            aead_answer(resps.next().ok_or("no BUFFER_AEAD_GENERATE response")?, nonce, kh)
         })?;
-        let req = Request::BufferAeadGenerate { nonce: *nonce.as_bytes(), kh: kh.get() };
-        self.aead_command(&mut conn, &req, kh, nonce, op)
+        self.aead_record(&mut conn, Command::BufferAeadGenerate, answer, kh, op)
     }
 
     fn decode_otp(&self, record: &AeadRecord, otp: &TokenCiphertext) -> Result<OtpDecode, Error> {
@@ -564,7 +657,7 @@ impl SecurityModule for Yhsm1 {
         let kh = record.key_handle;
         let req = Request::AeadYubikeyOtpDecode { public_id: *record.nonce.as_bytes(), kh: kh.get(), otp: *otp.as_bytes(), aead };
         let mut conn = self.lock();
-        let (status, decoded) = self.run(&mut conn, &req, |resp| match resp {
+        let (status, decoded) = self.run(&mut conn, req, |resp| match resp {
             Response::AeadYubikeyOtpDecode { public_id, kh: got, use_ctr, session_ctr, timestamp_high, timestamp_low, status } => {
                 check_echo(&public_id, got, record.nonce, kh)?;
                 Ok((status, OtpDecode { use_ctr, session_ctr, timestamp_high, timestamp_low }))
@@ -610,4 +703,9 @@ fn request_nonce(nonce: NonceSource, base: Flags) -> (AeadNonce, Flags) {
         NonceSource::Given(n) if !n.is_zero() => (n, base | Flags::USER_NONCE),
         _ => (AeadNonce::new([0; 6]), base),
     }
+}
+
+/// A daemon's connection to the device: used by [`super::daemon`].
+pub(super) fn open_serial(path: &Path, timeout: Duration) -> Result<(Box<dyn Channel>, proto::SystemInfo), Error> {
+    Target::Serial(path.to_path_buf()).open(timeout)
 }
