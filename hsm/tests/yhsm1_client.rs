@@ -640,3 +640,127 @@ fn daemon_socket_checks() {
     let e = Yhsm1::connect(_dir.path().join("nobody.sock"), options()).unwrap_err();
     assert_backend(&e);
 }
+
+// ---------------------------------------------------------------------------
+// The `yhsm1-emulator` binary: a separate process serving a pty.
+
+/// A running `yhsm1-emulator`, killed on drop.
+struct Emulator {
+    child: std::process::Child,
+    path: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Emulator {
+    /// Start it with [`handles`] and their flags; `--locked` with the master
+    /// key when `locked`.
+    fn start(locked: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys.json");
+        let json: serde_json::Map<String, serde_json::Value> =
+            handles().into_iter().map(|(kh, _, k)| (kh.get().to_string(), hex::encode(k).into())).collect();
+        std::fs::write(&keys, serde_json::Value::Object(json).to_string()).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_yhsm1-emulator"));
+        cmd.arg("--keys").arg(&keys).arg("--exit-on-stdin-eof");
+        for (kh, flags, _) in handles() {
+            cmd.arg("--flags").arg(format!("{:#x}={:#010x}", kh.get(), flags.bits()));
+        }
+        if locked {
+            cmd.args(["--locked", "--master-key", MASTER_KEY_HEX]);
+        }
+        let mut child = cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        assert!(line.starts_with("/dev/"), "emulator printed {line:?}");
+        Self { child, path: line.trim().to_owned(), _dir: dir }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[test]
+fn emulator_agrees_with_the_soft_module() {
+    let emu = Emulator::start(false);
+    let hsm = Yhsm1::open(&emu.path, options()).unwrap();
+    assert_eq!(hsm.info().protocol_version, 1);
+    let (_dir, soft) = soft();
+    for (kh, pt) in [(KH_FULL, b"foo".to_vec()), (KH_FULL, vec![0x41; 22]), (KH_FULL, vec![0x41; 64]), (KH_IMPORT, vec![0x42; 22])] {
+        let ours = hsm.import_aead(kh, NonceSource::Given(nonce(9)), &pt).unwrap();
+        assert_eq!(ours, soft.import_aead(kh, NonceSource::Given(nonce(9)), &pt).unwrap(), "{kh} with {} bytes", pt.len());
+    }
+    let records = hsm.generate_yubikey_aeads(&[KH_FULL, KH_IMPORT], NonceSource::Given(nonce(1))).unwrap();
+    let otp = otp_for(&records[0], 0x0102, 7);
+    let d = hsm.decode_otp(&records[0], &otp).unwrap();
+    assert_eq!((d.use_ctr, d.session_ctr), (0x0102, 7));
+    assert_eq!(soft.decode_otp(&records[0], &otp).unwrap(), d);
+    // Random nonces come from the device, never zero.
+    let r = hsm.generate_yubikey_aeads(&[KH_NO_USER_NONCE], NonceSource::Random).unwrap();
+    assert!(!r[0].nonce.is_zero());
+
+    let mut tampered = records[0].aead.as_bytes().to_vec();
+    tampered[29] ^= 1;
+    let bad = AeadRecord { aead: otp::Aead::from_slice(&tampered).unwrap(), ..records[0] };
+    assert!(matches!(hsm.decode_otp(&bad, &otp), Err(Error::AeadInvalid(_))));
+    assert!(matches!(hsm.decode_otp(&records[0], &TokenCiphertext::new([9; 16])), Err(Error::OtpInvalid(_))));
+    let on_import = AeadRecord { key_handle: KH_IMPORT, ..records[1] };
+    assert!(matches!(hsm.decode_otp(&on_import, &otp), Err(Error::NotPermitted { .. })));
+    assert!(matches!(hsm.generate_yubikey_aeads(&[KH_NO_USER_NONCE], NonceSource::Given(nonce(2))), Err(Error::NotPermitted { .. })));
+    assert!(matches!(hsm.import_aead(KH_UNKNOWN, NonceSource::Random, b"x"), Err(Error::UnknownKeyHandle(KH_UNKNOWN))));
+}
+
+#[test]
+fn emulator_locked_until_unlocked() {
+    let emu = Emulator::start(true);
+    let hsm = Yhsm1::open(&emu.path, options()).unwrap();
+    assert_eq!(hsm.status(), Status::Locked);
+    assert!(matches!(hsm.generate_yubikey_aeads(&[KH_FULL], NonceSource::Random), Err(Error::Locked)));
+    assert!(matches!(hsm.unlock(&Password::new("0badc0de").unwrap()), Err(Error::WrongPassword)));
+    hsm.unlock(&Password::new(MASTER_KEY_HEX).unwrap()).unwrap();
+    assert_eq!(hsm.status(), Status::Ready);
+    hsm.generate_yubikey_aeads(&[KH_FULL], NonceSource::Random).unwrap();
+}
+
+#[test]
+fn emulator_killed_mid_session_then_restarted() {
+    let mut emu = Emulator::start(false);
+    let hsm = Yhsm1::open(&emu.path, options()).unwrap();
+    let record = hsm.import_aead(KH_FULL, NonceSource::Given(nonce(4)), &[5; 22]).unwrap();
+    let otp = otp_for(&record, 12, 3);
+    assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 12);
+    emu.kill();
+    for _ in 0..2 {
+        let e = hsm.decode_otp(&record, &otp).unwrap_err();
+        assert_backend(&e);
+        assert!(matches!(e, Error::Io { .. }), "{e:?}");
+    }
+    assert_eq!(hsm.status(), Status::NotReady);
+    // A new emulator with the same keys: a new client works, and the AEAD
+    // made before the fault still decodes.
+    let emu = Emulator::start(false);
+    let hsm = Yhsm1::open(&emu.path, options()).unwrap();
+    assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 12);
+}
+
+#[test]
+fn emulator_through_the_daemon() {
+    let emu = Emulator::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("yhsm1.sock");
+    let listener = daemon::bind(&socket).unwrap();
+    let d = Arc::new(Daemon::open(&emu.path, Duration::from_secs(2)).unwrap());
+    std::thread::spawn(move || d.serve(&listener));
+    let a = Yhsm1::connect(&socket, options()).unwrap();
+    let b = Yhsm1::connect(&socket, options()).unwrap();
+    let records = a.generate_yubikey_aeads(&[KH_FULL], NonceSource::Given(nonce(6))).unwrap();
+    let otp = otp_for(&records[0], 99, 1);
+    assert_eq!(b.decode_otp(&records[0], &otp).unwrap().use_ctr, 99);
+}
