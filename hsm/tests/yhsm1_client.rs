@@ -764,3 +764,21 @@ fn emulator_through_the_daemon() {
     let otp = otp_for(&records[0], 99, 1);
     assert_eq!(b.decode_otp(&records[0], &otp).unwrap().use_ctr, 99);
 }
+
+/// OTP decodes per second through the client on the emulator's pty (a
+/// measurement for BENCHMARKS.md, not a check):
+/// `cargo test --release -p hsm --test yhsm1_client -- --ignored --nocapture`.
+#[test]
+#[ignore = "measurement"]
+fn emulator_decode_throughput() {
+    let emu = Emulator::start(false);
+    let hsm = Yhsm1::open(&emu.path, options()).unwrap();
+    let record = hsm.import_aead(KH_FULL, NonceSource::Given(nonce(1)), &[6; 22]).unwrap();
+    let otps: Vec<_> = (0..2000u16).map(|i| otp_for(&record, i, 0)).collect();
+    let started = std::time::Instant::now();
+    for (i, otp) in otps.iter().enumerate() {
+        assert_eq!(usize::from(hsm.decode_otp(&record, otp).unwrap().use_ctr), i);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!("yhsm1 emulator over a pty: {:.0} decodes/s ({} in {secs:.2} s)", otps.len() as f64 / secs, otps.len());
+}

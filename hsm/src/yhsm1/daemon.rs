@@ -79,6 +79,15 @@ pub fn bind(path: &Path) -> Result<UnixListener, Error> {
     Ok(listener)
 }
 
+/// The whole daemon: open the device at `device`, bind `socket` and serve
+/// until the listener fails (a `yhsm1-daemon` command is this call).
+pub fn run(device: &Path, socket: &Path, timeout: Duration) -> Result<(), Error> {
+    let daemon = Arc::new(Daemon::open(device, timeout)?);
+    let listener = bind(socket)?;
+    tracing::info!(device = %device.display(), socket = %socket.display(), "YubiHSM daemon serving");
+    daemon.serve(&listener).map_err(|e| Error::io(socket, e))
+}
+
 impl Daemon {
     /// Open the device at `path` (resync, `SYSTEM_INFO_QUERY`, protocol 1);
     /// `timeout` is the per-command deadline.
