@@ -37,6 +37,25 @@ if ! python3 -c 'import yubico_client' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check yubico-client
 fi
 
+# pyhsm 1.2.1 (published on PyPI as 1.2.1.post1) under Python 2.7 (pyenv's 2.7.18): the
+# independent YubiHSM 1 client that hsm/tests/yhsm1_emulator.rs points at the emulator's pty,
+# with python-daemon and sqlalchemy, which its yhsm-yubikey-ksm tool imports. pycrypto is
+# built from source: it needs gcc (and the 2.7 headers, which pyenv's build carries).
+py27="${PYHSM_PYTHON:-$HOME/.pyenv/versions/2.7.18/bin/python}"
+if ! "$py27" -c 'import pyhsm, serial, Crypto, daemon, sqlalchemy' 2>/dev/null; then
+  if [ ! -x "$py27" ]; then
+    echo "Python 2.7 not found at $py27: install it with 'pyenv install 2.7.18' or set PYHSM_PYTHON" >&2
+    exit 1
+  fi
+  if ! command -v gcc >/dev/null; then
+    sudo_cmd=(); [ "$(id -u)" = 0 ] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends gcc libc6-dev
+  fi
+  echo "installing Python 2.7 packages: pyhsm 1.2.1, python-daemon, sqlalchemy"
+  "$py27" -m pip install --quiet --disable-pip-version-check 'pyhsm==1.2.1.post1' 'python-daemon==2.3.0' 'sqlalchemy==1.4.54'
+fi
+
 echo "== cargo fmt"
 cargo fmt --all --check
 echo "== cargo clippy"
