@@ -782,3 +782,44 @@ fn emulator_decode_throughput() {
     let secs = started.elapsed().as_secs_f64();
     println!("yhsm1 emulator over a pty: {:.0} decodes/s ({} in {secs:.2} s)", otps.len() as f64 / secs, otps.len());
 }
+
+/// A real YubiHSM 1 (hardware-notes/yubihsm1.md, "Hardware tests"):
+/// `APPLIANCE_HW_YHSM1=/dev/ttyACM0 cargo test -p hsm -- --ignored yhsm1_hardware`,
+/// with `APPLIANCE_HW_YHSM1_MASTER_KEY=<hex>` if its keystore is locked.
+/// The stick is configured as pyhsm's test set-up does: key handle 0x2000
+/// holds `2000`×16 and may AEAD host data with a given nonce, so its AEAD of
+/// reference vector 1 (otp-and-aead.md §2.2) is known.
+#[test]
+#[ignore = "needs a YubiHSM 1: set APPLIANCE_HW_YHSM1"]
+fn yhsm1_hardware() {
+    let Ok(device) = std::env::var("APPLIANCE_HW_YHSM1") else {
+        eprintln!("APPLIANCE_HW_YHSM1 is not set: no YubiHSM 1 to test");
+        return;
+    };
+    let hsm = Yhsm1::open(&device, Yhsm1Options::default()).unwrap();
+    assert_eq!(hsm.info().protocol_version, 1);
+    hsm.echo(&(0u8..95).collect::<Vec<_>>()).unwrap();
+    let mut rnd = [0u8; 200];
+    hsm.random(&mut rnd).unwrap();
+    assert!(rnd.iter().any(|b| *b != 0));
+    if let Ok(key) = std::env::var("APPLIANCE_HW_YHSM1_MASTER_KEY") {
+        hsm.unlock(&Password::new(key).unwrap()).unwrap();
+    }
+    assert_eq!(hsm.status(), Status::Ready);
+    let kh = KeyHandle::new(0x2000);
+    let mut pt = b"foo".to_vec();
+    pt.resize(16, 0);
+    let r = hsm.import_aead(kh, NonceSource::Given(AeadNonce::new([0x4d; 6])), &pt).unwrap();
+    assert_eq!(hex::encode(r.aead.as_bytes()), "6657738b1501b25e455387c9a4e05ad94f84d3975ef2f942");
+    let soft_key = HandleKey::new(&[0x20, 0x00].repeat(16)).unwrap();
+    assert_eq!(r.aead, soft_key.seal(kh, &AeadNonce::new([0x4d; 6]), &pt).unwrap());
+    // A tampered YubiKey AEAD is a verdict, not a fault.
+    let yk = hsm.import_aead(kh, NonceSource::Given(AeadNonce::new([0x4d; 6])), &[0x41; 22]).unwrap();
+    let mut bad = yk.aead.as_bytes().to_vec();
+    bad[0] ^= 1;
+    let bad = AeadRecord { aead: otp::Aead::from_slice(&bad).unwrap(), ..yk };
+    match hsm.decode_otp(&bad, &TokenCiphertext::new([0; 16])) {
+        Err(Error::AeadInvalid(_) | Error::NotPermitted { .. }) => {}
+        other => panic!("expected AEAD_INVALID or FUNCTION_DISABLED, got {other:?}"),
+    }
+}
