@@ -564,6 +564,37 @@ mod tests {
         assert_eq!(ask(&mut em, Request::Echo(vec![1])), Response::Echo(vec![1]));
     }
 
+    proptest::proptest! {
+        /// Any bytes, and frames of every known command with any payload,
+        /// are answered with well-formed frames or not at all; never a panic.
+        #[test]
+        fn no_input_panics_the_emulator(
+            frames in proptest::collection::vec(
+                (proptest::sample::select(super::super::proto::Command::ALL.to_vec()), proptest::collection::vec(proptest::prelude::any::<u8>(), 0..=96)),
+                0..12,
+            ),
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            cut in 1usize..40,
+        ) {
+            let mut em = emulator(Flags::from_bits(0x7fff_ffff));
+            let mut wire = noise;
+            wire.extend_from_slice(&super::super::proto::RESYNC);
+            for (cmd, payload) in frames {
+                wire.extend_from_slice(&Frame::new(cmd.code(), payload).unwrap().encode());
+            }
+            for chunk in wire.chunks(cut) {
+                let (out, _) = em.handle(chunk);
+                let mut reader = FrameReader::new();
+                reader.push(&out);
+                while let Some(f) = reader.next_frame() {
+                    let f = f.unwrap();
+                    let cmd = super::super::proto::Command::from_code(f.cmd).unwrap();
+                    Response::decode(cmd, &f).unwrap();
+                }
+            }
+        }
+    }
+
     #[test]
     fn pyhsm_json() {
         let em =
