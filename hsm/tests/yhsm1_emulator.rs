@@ -1,6 +1,6 @@
 //! The YubiHSM 1 emulator binary on a real pty: raw frames from Rust, and
 //! python pyhsm 1.2.1 (Python 2.7) as an independent client — its API and
-//! its tools `yhsm-generate-keys` and `yhsm-yubikey-ksm` — with every AEAD
+//! its tools `yhsm-generate-keys`, `yhsm-decrypt-aead` and `yhsm-yubikey-ksm` — with every AEAD
 //! and decode compared against the soft backend.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -448,6 +448,22 @@ fn pyhsm_tools_generate_keys_and_ksm() {
         secrets.push((public_id, record, plain));
     }
     assert!(secrets[0].2 != secrets[1].2 && secrets[1].2 != secrets[2].2, "each YubiKey gets fresh secrets");
+
+    // pyhsm's own software decryption (yhsm-decrypt-aead, given the handle
+    // key) reads the same secrets out of the emulator's AEADs.
+    let out = Command::new(&python)
+        .arg(pyhsm_tool(&python, "yhsm-decrypt-aead"))
+        .args(["--aes-key", KEY1, "--format", "yubikey-csv"])
+        .arg(&aeads)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "yhsm-decrypt-aead failed: {}", String::from_utf8_lossy(&out.stderr));
+    let csv = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    for (public_id, _, plain) in &secrets {
+        let row = format!(",{},{},{},000000000000,", public_id.to_modhex(), hex::encode(&plain[16..]), hex::encode(&plain[..16]));
+        assert!(csv.lines().any(|l| l.contains(&row)), "no row {row} in yhsm-decrypt-aead's output:\n{csv}");
+    }
 
     // The KSM on a free local port, reading the same AEAD directory.
     let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port();
