@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -64,6 +64,10 @@ struct Faults {
     silent: AtomicBool,
     /// Send garbage before the next response.
     garbage_next: AtomicBool,
+    /// Send garbage before every response.
+    garbage_always: AtomicBool,
+    /// Request frames received.
+    requests: AtomicUsize,
     /// Echo a wrong key handle in the next AEAD response.
     wrong_handle_next: AtomicBool,
     /// Close the pty and stop.
@@ -242,6 +246,7 @@ impl Fake {
             if read.is_err() {
                 return;
             }
+            f.requests.fetch_add(1, Ordering::SeqCst);
             if f.silent.load(Ordering::SeqCst) {
                 continue;
             }
@@ -250,7 +255,7 @@ impl Fake {
                 resp[6] ^= 0x01;
             }
             let mut frame = Vec::new();
-            if f.garbage_next.swap(false, Ordering::SeqCst) {
+            if f.garbage_next.swap(false, Ordering::SeqCst) || f.garbage_always.load(Ordering::SeqCst) {
                 frame.extend_from_slice(&[0x05, 0xe3, 0x17, 0x00, 0xff, 0x42, 0x99]);
             }
             frame.push(resp.len() as u8 + 1);
@@ -467,7 +472,7 @@ fn peer_gone_is_a_backend_error_then_a_new_device_works() {
 #[test]
 fn silent_device_times_out_then_recovers() {
     let fake = Fake::start(false);
-    let hsm = Yhsm1::open(&fake.path, Yhsm1Options { timeout: Duration::from_millis(300), ..options() }).unwrap();
+    let hsm = Yhsm1::open(&fake.path, Yhsm1Options { timeout: Duration::from_secs(1), ..options() }).unwrap();
     let record = hsm.import_aead(KH_FULL, NonceSource::Given(nonce(4)), &[2; 22]).unwrap();
     let otp = otp_for(&record, 9, 9);
     fake.faults.silent.store(true, Ordering::SeqCst);
@@ -485,21 +490,32 @@ fn garbage_and_wrong_echo_resync() {
     let hsm = fake.open();
     let record = hsm.import_aead(KH_FULL, NonceSource::Given(nonce(6)), &[3; 22]).unwrap();
     let otp = otp_for(&record, 2, 2);
+    let requests = || fake.faults.requests.load(Ordering::SeqCst);
 
+    // Noise before one answer: resync and one more try, within the call.
+    let before = requests();
     fake.faults.garbage_next.store(true, Ordering::SeqCst);
+    assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 2);
+    assert_eq!(requests() - before, 2, "the command was sent again after the resync");
+
+    // An answer for another key handle is refused the same way.
+    let before = requests();
+    fake.faults.wrong_handle_next.store(true, Ordering::SeqCst);
+    assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 2);
+    assert_eq!(requests() - before, 2);
+    fake.faults.wrong_handle_next.store(true, Ordering::SeqCst);
+    assert_eq!(hsm.import_aead(KH_FULL, NonceSource::Given(nonce(6)), &[3; 22]).unwrap(), record);
+
+    // A line that stays garbled: a backend error after one retry, never a
+    // verdict; then it works again.
+    let before = requests();
+    fake.faults.garbage_always.store(true, Ordering::SeqCst);
     let e = hsm.decode_otp(&record, &otp).unwrap_err();
     assert_backend(&e);
     assert!(!matches!(e, Error::OtpInvalid(_) | Error::AeadInvalid(_)));
+    assert_eq!(requests() - before, 2);
+    fake.faults.garbage_always.store(false, Ordering::SeqCst);
     assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 2);
-
-    fake.faults.wrong_handle_next.store(true, Ordering::SeqCst);
-    let e = hsm.decode_otp(&record, &otp).unwrap_err();
-    assert_backend(&e);
-    assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 2);
-
-    fake.faults.wrong_handle_next.store(true, Ordering::SeqCst);
-    assert_backend(&hsm.import_aead(KH_FULL, NonceSource::Given(nonce(6)), &[3; 22]).unwrap_err());
-    assert_eq!(hsm.import_aead(KH_FULL, NonceSource::Given(nonce(6)), &[3; 22]).unwrap(), record);
 }
 
 #[test]
@@ -540,7 +556,7 @@ fn daemon(fake: &Fake) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("yhsm1.sock");
     let listener = daemon::bind(&socket).unwrap();
-    let d = Arc::new(Daemon::open(&fake.path, Duration::from_millis(500)).unwrap());
+    let d = Arc::new(Daemon::open(&fake.path, Duration::from_secs(1)).unwrap());
     std::thread::spawn(move || d.serve(&listener));
     (dir, socket)
 }
@@ -600,14 +616,15 @@ fn daemon_faults_are_backend_errors() {
     fake.faults.silent.store(false, Ordering::SeqCst);
     assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 5);
 
+    // Noise is resynced and retried by the daemon; a wrong echo by the
+    // client (through the daemon); both within the call.
     fake.faults.garbage_next.store(true, Ordering::SeqCst);
-    assert_backend(&hsm.decode_otp(&record, &otp).unwrap_err());
     assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 5);
-
-    // The daemon passes the wrong echo on; the client refuses it and has
-    // the daemon resync.
     fake.faults.wrong_handle_next.store(true, Ordering::SeqCst);
+    assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 5);
+    fake.faults.garbage_always.store(true, Ordering::SeqCst);
     assert_backend(&hsm.decode_otp(&record, &otp).unwrap_err());
+    fake.faults.garbage_always.store(false, Ordering::SeqCst);
     assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 5);
 
     fake.kill();

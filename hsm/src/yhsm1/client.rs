@@ -18,9 +18,10 @@
 //! is gone, a response to another command, a nonce or key handle that does
 //! not echo the request, or a frame of the wrong size is a *backend failure*
 //! ([`Error::is_backend_failure`]), never an OTP verdict. After a garbled
-//! frame the line is resynchronised (96 zeros, then the input is drained);
-//! after an I/O fault the port is closed and reopened, resynchronised and
-//! checked on the next call, so a device that comes back is used again.
+//! frame the line is resynchronised (96 zeros, then the input is drained)
+//! and the command tried once more; after an I/O fault the port is closed
+//! and reopened, resynchronised and checked on the next call, so a device
+//! that comes back is used again.
 //!
 //! **Status codes.** `FUNCTION_DISABLED` (a flag missing) is
 //! [`Error::NotPermitted`], `KEY_HANDLE_INVALID` [`Error::UnknownKeyHandle`],
@@ -383,56 +384,68 @@ impl Yhsm1 {
         Error::io(self.path(), io::Error::new(io::ErrorKind::InvalidData, why))
     }
 
-    /// Run `reqs` back to back: (re)connect if needed, exchange, `check`. A
-    /// garbled frame or a failed check resyncs the line; an I/O fault closes
-    /// it, to be reopened by the next command.
-    fn run_all<T>(&self, conn: &mut Conn, reqs: &[Request], check: impl FnOnce(Vec<Response>) -> Result<T, String>) -> Result<T, Error> {
+    /// Run `reqs` back to back: (re)connect if needed, exchange, `check`.
+    ///
+    /// A garbled frame or a failed check resyncs the line and runs the batch
+    /// once more (every command used here may be repeated: decodes are
+    /// stateless, and a repeated generation only replaces a secret nobody
+    /// has seen); a second failure is returned. An I/O fault (timeout, peer
+    /// gone) closes the port, to be reopened by the next call, and is
+    /// returned at once, so a call never waits much past its deadline.
+    fn run_all<T>(&self, conn: &mut Conn, reqs: &[Request], mut check: impl FnMut(Vec<Response>) -> Result<T, String>) -> Result<T, Error> {
         let timeout = self.options.deadline();
         let command = reqs.last().map_or(Command::Echo, Request::command);
-        if conn.channel.is_none() {
-            conn.locked = None;
-            let (channel, info) = self.target.open(timeout)?;
-            if info != self.info {
-                tracing::warn!(path = %self.path().display(), device = describe(&info), "a different YubiHSM answered after reconnecting");
-            }
-            conn.channel = Some(channel);
-        }
-        let Some(channel) = conn.channel.as_mut() else {
-            return Err(Error::NotReady(format!("{}: the YubiHSM is not connected", self.path().display())));
-        };
-        let result = channel.exchange(reqs, timeout).and_then(|resps| {
-            if resps.len() == reqs.len() {
-                check(resps).map_err(Fault::Garbled)
-            } else {
-                Err(Fault::Garbled(format!("{} responses to {} requests", resps.len(), reqs.len())))
-            }
-        });
-        match result {
-            Ok(v) => Ok(v),
-            Err(Fault::Io(e)) => {
-                tracing::warn!(path = %self.path().display(), %command, error = %e, "YubiHSM I/O fault; the port will be reopened");
-                conn.channel = None;
-                let e = if e.kind() == io::ErrorKind::TimedOut {
-                    io::Error::new(io::ErrorKind::TimedOut, format!("the YubiHSM did not answer {command} within {timeout:?}"))
-                } else {
-                    io::Error::new(e.kind(), format!("{command} failed on the line to the YubiHSM: {e}"))
-                };
-                Err(Error::io(self.path(), e))
-            }
-            Err(Fault::Remote(why)) => Err(Error::io(self.path(), io::Error::other(format!("{command}: {why}")))),
-            Err(Fault::Garbled(why)) => {
-                tracing::warn!(path = %self.path().display(), %command, why, "garbled YubiHSM response; resyncing");
-                if let Err(e) = channel.resync(timeout) {
-                    tracing::warn!(path = %self.path().display(), error = %e, "resync failed; the port will be reopened");
-                    conn.channel = None;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if conn.channel.is_none() {
+                conn.locked = None;
+                let (channel, info) = self.target.open(timeout)?;
+                if info != self.info {
+                    tracing::warn!(path = %self.path().display(), device = describe(&info), "a different YubiHSM answered after reconnecting");
                 }
-                Err(self.invalid_data(format!("{command}: {why}")))
+                conn.channel = Some(channel);
+            }
+            let Some(channel) = conn.channel.as_mut() else {
+                return Err(Error::NotReady(format!("{}: the YubiHSM is not connected", self.path().display())));
+            };
+            let result = channel.exchange(reqs, timeout).and_then(|resps| {
+                if resps.len() == reqs.len() {
+                    check(resps).map_err(Fault::Garbled)
+                } else {
+                    Err(Fault::Garbled(format!("{} responses to {} requests", resps.len(), reqs.len())))
+                }
+            });
+            match result {
+                Ok(v) => return Ok(v),
+                Err(Fault::Io(e)) => {
+                    tracing::warn!(path = %self.path().display(), %command, error = %e, "YubiHSM I/O fault; the port will be reopened");
+                    conn.channel = None;
+                    let e = if e.kind() == io::ErrorKind::TimedOut {
+                        io::Error::new(io::ErrorKind::TimedOut, format!("the YubiHSM did not answer {command} within {timeout:?}"))
+                    } else {
+                        io::Error::new(e.kind(), format!("{command} failed on the line to the YubiHSM: {e}"))
+                    };
+                    return Err(Error::io(self.path(), e));
+                }
+                Err(Fault::Remote(why)) => return Err(Error::io(self.path(), io::Error::other(format!("{command}: {why}")))),
+                Err(Fault::Garbled(why)) => {
+                    tracing::warn!(path = %self.path().display(), %command, why, attempt, "garbled YubiHSM response; resyncing");
+                    if let Err(e) = channel.resync(timeout) {
+                        tracing::warn!(path = %self.path().display(), error = %e, "resync failed; the port will be reopened");
+                        conn.channel = None;
+                        return Err(self.invalid_data(format!("{command}: {why}")));
+                    }
+                    if attempt >= 2 {
+                        return Err(self.invalid_data(format!("{command}: {why} (again after a resync)")));
+                    }
+                }
             }
         }
     }
 
     /// One command.
-    fn run<T>(&self, conn: &mut Conn, req: Request, check: impl FnOnce(Response) -> Result<T, String>) -> Result<T, Error> {
+    fn run<T>(&self, conn: &mut Conn, req: Request, mut check: impl FnMut(Response) -> Result<T, String>) -> Result<T, Error> {
         self.run_all(conn, std::slice::from_ref(&req), |resps| match resps.into_iter().next() {
             Some(resp) => check(resp),
             None => Err("no response".to_owned()),

@@ -158,27 +158,34 @@ impl Daemon {
                 }
             };
         }
-        match channel.exchange(&reqs, self.timeout) {
-            Ok(resps) => {
-                let mut out = Zeroizing::new(Vec::new());
-                for resp in resps {
-                    let frame = resp.encode().map_err(|e| e.to_string())?;
-                    out.extend_from_slice(&frame.encode());
-                }
-                Ok(out)
-            }
-            Err(fault) => {
-                tracing::warn!(path = %self.path.display(), %fault, "YubiHSM fault in the daemon");
-                match &fault {
-                    Fault::Io(_) => *device = None,
-                    Fault::Garbled(_) | Fault::Remote(_) => {
-                        if channel.resync(self.timeout).is_err() {
-                            *device = None;
-                        }
+        // As the client does: a garbled answer is resynced and the batch run
+        // once more; an I/O fault closes the port, reopened by the next batch.
+        let mut retried = false;
+        loop {
+            let fault = match channel.exchange(&reqs, self.timeout) {
+                Ok(resps) => {
+                    let mut out = Zeroizing::new(Vec::new());
+                    for resp in resps {
+                        let frame = resp.encode().map_err(|e| e.to_string())?;
+                        out.extend_from_slice(&frame.encode());
                     }
+                    return Ok(out);
                 }
-                Err(format!("{}: {fault}", self.path.display()))
+                Err(fault) => fault,
+            };
+            tracing::warn!(path = %self.path.display(), %fault, "YubiHSM fault in the daemon");
+            if let Fault::Io(_) = fault {
+                *device = None;
+                return Err(format!("{}: {fault}", self.path.display()));
             }
+            if channel.resync(self.timeout).is_err() {
+                *device = None;
+                return Err(format!("{}: {fault}", self.path.display()));
+            }
+            if retried {
+                return Err(format!("{}: {fault} (again after a resync)", self.path.display()));
+            }
+            retried = true;
         }
     }
 }
