@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 #                    the replication tests (run as root; skipped otherwise)
 #   sqlite3          the shell the personalizer audit tests tamper with the log through
 #   openssl          the crypto officers' RSA keys and signatures (2FA, quorum) in the tests
-apt_packages=(libyubikey-dev libpam-yubico pamtester libykclient-dev iproute2 nftables iptables sqlite3 openssl)
+#   softhsm2         the PKCS#11 token (libsofthsm2.so, softhsm2-util) of the hsm::pkcs11 tests
+apt_packages=(libyubikey-dev libpam-yubico pamtester libykclient-dev iproute2 nftables iptables sqlite3 openssl softhsm2)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

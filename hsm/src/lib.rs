@@ -19,6 +19,7 @@ mod error;
 mod flags;
 pub mod fsutil;
 pub mod password;
+pub mod pkcs11;
 pub mod signing;
 pub mod soft;
 pub mod yhsm1;
