@@ -68,6 +68,8 @@ struct Faults {
     garbage_always: AtomicBool,
     /// Request frames received.
     requests: AtomicUsize,
+    /// Behave like a stick in configuration mode: a text console.
+    config_mode: AtomicBool,
     /// Echo a wrong key handle in the next AEAD response.
     wrong_handle_next: AtomicBool,
     /// Close the pty and stop.
@@ -235,6 +237,12 @@ impl Fake {
                 Ok(_) => return,
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
                 Err(_) => return,
+            }
+            if f.config_mode.load(Ordering::SeqCst) {
+                if b[0] == b'\r' && master.write_all(b"\r\nHSM (keys changed)> ").is_err() {
+                    return;
+                }
+                continue;
             }
             if b[0] == 0 {
                 continue; // YSM_NULL: resync bytes
@@ -482,6 +490,17 @@ fn silent_device_times_out_then_recovers() {
     fake.faults.silent.store(false, Ordering::SeqCst);
     // The port is reopened, resynced and checked: the next call works.
     assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 9);
+}
+
+#[test]
+fn configuration_mode_is_reported() {
+    let fake = Fake::start(false);
+    fake.faults.config_mode.store(true, Ordering::SeqCst);
+    let e = Yhsm1::open(&fake.path, Yhsm1Options { timeout: Duration::from_secs(1), ..options() }).unwrap_err();
+    assert!(matches!(&e, Error::NotReady(m) if m.contains("configuration mode") && m.contains("HSM (keys changed)>")), "{e:?}");
+    assert_backend(&e);
+    fake.faults.config_mode.store(false, Ordering::SeqCst);
+    fake.open().echo(b"HSM mode").unwrap();
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! [`Yhsm1`] opens the device (`/dev/ttyACM0` on Linux, or any tty such as
 //! the emulator's pty) raw at 115200 baud, resynchronises the line with 96
 //! zero bytes, asks `SYSTEM_INFO_QUERY` and refuses any protocol version
-//! other than 1. Each trait method is one or a few whole commands, serialized
+//! other than 1 (a stick that does not answer is probed as pyhsm does, and
+//! one left in configuration mode is reported as such). Each trait method is one or a few whole commands, serialized
 //! by one mutex around the port: a command is written and its response read
 //! before another thread may speak, and a multi-command sequence (load the
 //! buffer, then AEAD it) holds the port throughout.
@@ -166,11 +167,51 @@ impl SerialChannel {
                 [Response::SystemInfo(info)] => *info,
                 _ => return Err(io_err(io::ErrorKind::InvalidData, "SYSTEM_INFO_QUERY: unexpected response".to_owned())),
             },
-            Err(Fault::Io(e)) => return Err(io_err(e.kind(), format!("SYSTEM_INFO_QUERY: {e}"))),
-            Err(other) => return Err(io_err(io::ErrorKind::InvalidData, format!("SYSTEM_INFO_QUERY: {other}"))),
+            Err(fault) => {
+                // No frame came back: maybe the stick is in configuration
+                // mode, where it speaks a text console instead.
+                let silent_or_garbled =
+                    matches!(&fault, Fault::Io(e) if e.kind() == io::ErrorKind::TimedOut) || matches!(fault, Fault::Garbled(_));
+                if silent_or_garbled {
+                    if let Some(prompt) = chan.config_prompt(timeout) {
+                        return Err(Error::NotReady(format!(
+                            "{}: the YubiHSM is in configuration mode (its console answers {prompt:?}), not HSM mode; \
+                             unplug it and plug it in again without touching it",
+                            path.display()
+                        )));
+                    }
+                }
+                let kind = match &fault {
+                    Fault::Io(e) => e.kind(),
+                    _ => io::ErrorKind::InvalidData,
+                };
+                return Err(io_err(kind, format!("SYSTEM_INFO_QUERY: {fault}")));
+            }
         };
         check_protocol(path, &info)?;
         Ok((chan, info))
+    }
+
+    /// pyhsm's check for configuration mode: the console answers carriage
+    /// returns with a prompt such as `HSM> ` (also `NO_CFG`, `WSAPI`).
+    fn config_prompt(&mut self, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        self.send(b"\r\r\r", deadline).ok()?;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 64];
+        while seen.len() < 1024 {
+            let n = self.recv(&mut buf, deadline).ok()?;
+            seen.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&seen);
+            let prompt = text
+                .split(['\r', '\n'])
+                .map(str::trim)
+                .find(|line| ["NO_CFG", "WSAPI", "HSM"].iter().any(|p| line.starts_with(p)) && line.ends_with('>'));
+            if let Some(prompt) = prompt {
+                return Some(prompt.to_owned());
+            }
+        }
+        None
     }
 
     fn set_timeout(&mut self, t: Duration) -> io::Result<()> {
