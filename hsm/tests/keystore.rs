@@ -671,12 +671,19 @@ fn logs_never_contain_secrets() {
 
     let mut exported = Vec::new();
     tracing::subscriber::with_default(subscriber, || {
+        // Other tests of this binary hit the same callsites on threads with
+        // no subscriber; a callsite whose interest was cached as "never"
+        // there would skip this subscriber. Recompute it with this one in
+        // place, and again before the warning that only a loosened file
+        // gives (another test opens such a file too).
+        tracing::callsite::rebuild_interest_cache();
         let hsm = SoftHsm::create(&path, &password(), KDF).unwrap();
         hsm.import_handles(&known_handles(Flags::PERSONALIZER | Flags::OTP_DECODE)).unwrap();
         hsm.add_handle(KeyHandle::new(0x20), Flags::PERSONALIZER | Flags::OTP_DECODE, 256).unwrap();
         let _ = hsm.add_handle(KeyHandle::new(0x20), Flags::OTP_DECODE, 256);
         drop(hsm);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        tracing::callsite::rebuild_interest_cache();
         let hsm = SoftHsm::open(&path).unwrap();
         let _ = hsm.unlock(&Password::new("wrong").unwrap());
         hsm.unlock(&password()).unwrap();
