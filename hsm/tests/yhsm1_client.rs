@@ -859,3 +859,34 @@ fn yhsm1_hardware() {
         other => panic!("expected AEAD_INVALID or FUNCTION_DISABLED, got {other:?}"),
     }
 }
+
+#[test]
+fn daemon_connection_lost_then_reconnected() {
+    let fake = Fake::start(false);
+    let d = Arc::new(Daemon::open(&fake.path, Duration::from_secs(1)).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("yhsm1.sock");
+    let listener = daemon::bind(&socket).unwrap();
+    // Serve each connection by hand, keeping a handle to cut it.
+    let (cut_tx, cut_rx) = std::sync::mpsc::channel::<std::os::unix::net::UnixStream>();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let stream = stream.unwrap();
+            cut_tx.send(stream.try_clone().unwrap()).unwrap();
+            let d = Arc::clone(&d);
+            std::thread::spawn(move || d.serve_client(stream));
+        }
+    });
+    let hsm = Yhsm1::connect(&socket, options()).unwrap();
+    let record = hsm.import_aead(KH_FULL, NonceSource::Given(nonce(2)), &[8; 22]).unwrap();
+    let otp = otp_for(&record, 3, 3);
+    assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 3);
+    // The daemon's side of the connection goes away.
+    cut_rx.recv().unwrap().shutdown(std::net::Shutdown::Both).unwrap();
+    let e = hsm.decode_otp(&record, &otp).unwrap_err();
+    assert_backend(&e);
+    assert!(matches!(e, Error::Io { .. }), "{e:?}");
+    // The next call connects again.
+    assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 3);
+    assert!(cut_rx.recv().is_ok(), "a second connection was made");
+}
