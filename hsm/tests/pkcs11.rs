@@ -523,3 +523,69 @@ fn decode_throughput() {
         (threads * per_thread) as f64 / secs
     );
 }
+
+/// Set in the child process that runs [`a_deleted_token_is_not_ready_never_a_verdict`].
+const CHILD_VAR: &str = "OTP_APPLIANCE_PKCS11_TOKEN_DELETION_CHILD";
+
+/// Deleting a token breaks SoftHSM2's slot list for the whole process, so
+/// this scenario runs in a child process of this test binary, with its own
+/// token directory.
+#[test]
+fn a_deleted_token_is_not_ready_never_a_verdict() {
+    if std::env::var_os(CHILD_VAR).is_some() {
+        return deleted_token_scenario();
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["a_deleted_token_is_not_ready_never_a_verdict", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_VAR, "1")
+        .output()
+        .unwrap();
+    let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("1 passed"), "child process failed:\n{text}");
+}
+
+fn deleted_token_scenario() {
+    assert!(Path::new(DEFAULT_MODULE).exists(), "{DEFAULT_MODULE} is missing: install the Debian package softhsm2");
+    let dir = tempfile::Builder::new().prefix("softhsm2-gone-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    std::fs::create_dir(dir.path().join("tokens")).unwrap();
+    let conf = dir.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", dir.path().join("tokens").display()),
+    )
+    .unwrap();
+    let util = |args: &[&str]| {
+        let out = Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", &conf)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run softhsm2-util ({e}): install the Debian package softhsm2"));
+        assert!(out.status.success(), "softhsm2-util {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    util(&["--init-token", "--free", "--label", "gone", "--pin", PIN, "--so-pin", SO_PIN]);
+    // Only this test runs in this process.
+    std::env::set_var("SOFTHSM2_CONF", &conf);
+    let hsm = Pkcs11Hsm::new(Pkcs11Config::for_token("gone")).unwrap();
+    hsm.unlock(&pin()).unwrap();
+    let kh = KeyHandle::new(0x90);
+    hsm.add_handle(kh, FULL, 256).unwrap();
+    let rec = hsm.generate_yubikey_aeads(&[kh], NonceSource::Random).unwrap()[0];
+    let secrets = yubikey_secrets(&hsm, &rec);
+    let otp = TokenFields { uid: *secrets.uid.expose(), counter: 4, ..Default::default() }.build().encrypt(&secrets.key);
+    assert_eq!(hsm.decode_otp(&rec, &otp).unwrap().use_ctr, 4);
+
+    util(&["--delete-token", "--token", "gone"]);
+    assert_eq!(hsm.status(), Status::NotReady);
+    let mut tampered = rec;
+    tampered.aead = Aead::from_slice(&[0u8; 30]).unwrap();
+    let bad_otp = TokenFields { uid: [0; 6], counter: 4, ..Default::default() }.build().encrypt(&secrets.key);
+    for (what, e) in [
+        ("decode", hsm.decode_otp(&rec, &otp).unwrap_err()),
+        ("decode a tampered AEAD", hsm.decode_otp(&tampered, &otp).unwrap_err()),
+        ("decode a bad OTP", hsm.decode_otp(&rec, &bad_otp).unwrap_err()),
+        ("list handles", hsm.key_handles().unwrap_err()),
+    ] {
+        assert!(matches!(e, Error::NotReady(_)) && e.is_backend_failure(), "{what}: {e:?}");
+    }
+    assert_eq!(hsm.status(), Status::NotReady);
+}

@@ -872,8 +872,20 @@ fn value_aad(key: DataKey) -> Vec<u8> {
 
 impl SecurityModule for Pkcs11Hsm {
     fn status(&self) -> Status {
-        if self.connect().is_err() {
-            return Status::NotReady;
+        // The token must still answer: a cached slot whose token is gone
+        // (removed, deleted) drops every session and key copy, and the
+        // token is looked for afresh.
+        let present = self.connect().map(|c| c.ctx.get_token_info(c.slot).is_ok());
+        match present {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(module = %self.config.module.display(), token = %self.selector, "PKCS#11 token no longer answers");
+                self.reset();
+                if self.connect().is_err() {
+                    return Status::NotReady;
+                }
+            }
+            Err(_) => return Status::NotReady,
         }
         if !self.unlocked() {
             return Status::Locked;
