@@ -786,19 +786,32 @@ fn emulator_killed_mid_session_then_restarted() {
     assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 12);
 }
 
+/// The `yhsm1-daemon` binary owns the emulated device; two clients share it.
 #[test]
 fn emulator_through_the_daemon() {
     let emu = Emulator::start(false);
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("yhsm1.sock");
-    let listener = daemon::bind(&socket).unwrap();
-    let d = Arc::new(Daemon::open(&emu.path, Duration::from_secs(2)).unwrap());
-    std::thread::spawn(move || d.serve(&listener));
-    let a = Yhsm1::connect(&socket, options()).unwrap();
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_yhsm1-daemon"))
+        .args(["--device", &emu.path, "--socket", socket.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let connected = (0..200).find_map(|_| {
+        std::thread::sleep(Duration::from_millis(25));
+        Yhsm1::connect(&socket, options()).ok()
+    });
+    let Some(a) = connected else {
+        let _ = daemon.kill();
+        panic!("yhsm1-daemon did not serve {}", socket.display());
+    };
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o660, "the socket is for the owner and its group");
     let b = Yhsm1::connect(&socket, options()).unwrap();
     let records = a.generate_yubikey_aeads(&[KH_FULL], NonceSource::Given(nonce(6))).unwrap();
     let otp = otp_for(&records[0], 99, 1);
     assert_eq!(b.decode_otp(&records[0], &otp).unwrap().use_ctr, 99);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
 }
 
 /// OTP decodes per second through the client on the emulator's pty (a
