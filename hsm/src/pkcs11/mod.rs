@@ -14,8 +14,8 @@
 //!   backend does. Like the soft keystore's flags under its password, they
 //!   bind this software, not a PIN holder: anyone with the user PIN can use
 //!   the keys directly. (`CKA_MODIFIABLE` false would freeze them, but
-//!   SoftHSM2 then refuses to copy the key into a session object, which
-//!   costs three quarters of the throughput.)
+//!   SoftHSM2 then refuses to copy the key into a session object, and its
+//!   token objects run at about a third of the speed.)
 //!   [`Pkcs11Hsm::add_handle`] generates the key in the token;
 //!   [`Pkcs11Hsm::import_handle_key`] loads a known key (migration from
 //!   pyhsm), which is the one moment a handle key is outside a token and
@@ -61,7 +61,11 @@
 //!   [`Pkcs11Config::retries`] times. What still fails is
 //!   [`Error::NotReady`]: a backend failure, never a verdict on an OTP.
 //! - [`SecurityModule::status`]: `NotReady` when the module, the token or a
-//!   session cannot be had, `Locked` before a PIN was given, else `Ready`.
+//!   session cannot be had or the token no longer answers `C_GetTokenInfo`
+//!   (this also drops the pool and its key copies), `Locked` before a PIN
+//!   was given, else `Ready`. Between a token's disappearance and the next
+//!   status check or fault, sessions may go on working with their key copies
+//!   (SoftHSM2 keeps them in memory when its token files are deleted).
 //! - Key-handle flags and object handles are cached per instance; a handle
 //!   changed by another process is seen after a reconnect or a new
 //!   instance.
