@@ -490,6 +490,52 @@ fn a_logout_elsewhere_is_recovered_from() {
     assert_eq!(hsm.key_handles().unwrap().len(), 1);
 }
 
+#[test]
+fn key_in_token_mode_gives_the_same_verdicts() {
+    let hsm = open("in-token");
+    let (kh, perso) = (KeyHandle::new(0xa0), KeyHandle::new(0xa1));
+    hsm.add_handle(kh, FULL, 256).unwrap();
+    hsm.add_handle(perso, Flags::PERSONALIZER, 256).unwrap();
+    let id = PublicId::from_modhex("vvccccbbdd").unwrap();
+    let rec = hsm.generate_yubikey_aeads(&[kh], NonceSource::Given(id.aead_nonce().unwrap())).unwrap()[0];
+    let secrets = yubikey_secrets(&hsm, &rec);
+    let wrapped = hsm.wrap_for_token(&rec).unwrap();
+    assert_eq!(wrapped.key_handle, kh);
+    assert_eq!(wrapped.uid, *secrets.uid.expose());
+    assert!(!wrapped.wrapped_key.windows(16).any(|w| w == secrets.key.expose()), "the key is wrapped, not copied");
+    let stored = hsm::pkcs11::TokenWrappedSecret::from_bytes(&wrapped.to_bytes()).unwrap();
+
+    let fields = TokenFields { uid: *secrets.uid.expose(), counter: 0x21, timestamp_low: 7, timestamp_high: 8, session_use: 9, rnd: 1 };
+    let otp = fields.build().encrypt(&secrets.key);
+    assert_eq!(hsm.decode_otp_in_token(&stored, &otp).unwrap(), hsm.decode_otp(&rec, &otp).unwrap());
+    // A second instance (its own sessions) finds the same wrapping key.
+    assert_eq!(open("in-token").decode_otp_in_token(&stored, &otp).unwrap().use_ctr, 0x21);
+
+    let e = hsm.decode_otp_in_token(&stored, &TokenFields { uid: [3; 6], ..fields.clone() }.build().encrypt(&secrets.key)).unwrap_err();
+    assert!(matches!(e, Error::OtpInvalid(OtpFault::UidMismatch)), "{e:?}");
+    let e = hsm.decode_otp_in_token(&stored, &fields.build().encrypt(&otp::YubiKeyKey::new([1; 16]))).unwrap_err();
+    assert!(matches!(e, Error::OtpInvalid(OtpFault::Crc)), "{e:?}");
+    for i in 0..stored.wrapped_key.len() {
+        let mut bad = stored.clone();
+        bad.wrapped_key[i] ^= 0x04;
+        let e = hsm.decode_otp_in_token(&bad, &otp).unwrap_err();
+        assert!(matches!(e, Error::AeadInvalid(_)) && !e.is_backend_failure(), "byte {i}: {e:?}");
+    }
+    // Under another handle (another wrapping key) it does not unwrap.
+    hsm.add_handle(KeyHandle::new(0xa2), Flags::OTP_DECODE, 256).unwrap();
+    let moved = hsm::pkcs11::TokenWrappedSecret { key_handle: KeyHandle::new(0xa2), ..stored.clone() };
+    assert!(matches!(hsm.decode_otp_in_token(&moved, &otp), Err(Error::AeadInvalid(_))));
+    // Flags: both steps need OTP_DECODE.
+    let perso_rec = hsm.generate_yubikey_aeads(&[perso], NonceSource::Random).unwrap()[0];
+    assert!(matches!(hsm.wrap_for_token(&perso_rec), Err(Error::NotPermitted { .. })));
+    let as_perso = hsm::pkcs11::TokenWrappedSecret { key_handle: perso, ..stored.clone() };
+    assert!(matches!(hsm.decode_otp_in_token(&as_perso, &otp), Err(Error::NotPermitted { .. })));
+    let mut tampered = rec;
+    tampered.aead = Aead::from_slice(&[0; 30]).unwrap();
+    assert!(matches!(hsm.wrap_for_token(&tampered), Err(Error::AeadInvalid(_))));
+    assert!(matches!(Pkcs11Hsm::new(config("in-token")).unwrap().decode_otp_in_token(&stored, &otp), Err(Error::Locked)));
+}
+
 /// Decodes per second on SoftHSM2 (CCM from ECB + CBC, session-object key
 /// copies). Not asserted; run with `--release --ignored --nocapture`.
 #[test]
@@ -518,7 +564,25 @@ fn decode_throughput() {
     });
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "PKCS#11/SoftHSM2 decode_otp: {} decodes in {secs:.2} s on {threads} threads = {:.0} decodes/s",
+        "PKCS#11/SoftHSM2 decode_otp (CCM from ECB + CBC): {} decodes in {secs:.2} s on {threads} threads = {:.0} decodes/s",
+        threads * per_thread,
+        (threads * per_thread) as f64 / secs
+    );
+
+    let wrapped = hsm.wrap_for_token(&rec).unwrap();
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                for _ in 0..per_thread {
+                    hsm.decode_otp_in_token(&wrapped, &otp).unwrap();
+                }
+            });
+        }
+    });
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "PKCS#11/SoftHSM2 decode_otp_in_token (key-in-token): {} decodes in {secs:.2} s on {threads} threads = {:.0} decodes/s",
         threads * per_thread,
         (threads * per_thread) as f64 / secs
     );

@@ -42,6 +42,11 @@
 //! and constant-time uid checks). It is held in `Zeroizing` buffers and
 //! wiped after each call. A YubiHSM 1 does this inside the device.
 //!
+//! The stricter option, [key-in-token mode](wrapped), converts a YubiKey's
+//! AEAD once into an AES-KW blob under a wrapping key in the token; its OTPs
+//! are then decrypted by the token and the key is never in host memory
+//! again.
+//!
 //! # Robustness
 //! - One `Pkcs11` context per module path per process (`C_Initialize` once;
 //!   `CKR_CRYPTOKI_ALREADY_INITIALIZED` is accepted).
@@ -72,6 +77,7 @@
 
 mod ccm;
 mod config;
+pub mod wrapped;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -94,6 +100,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use self::config::SlotSelector;
 pub use self::config::{Pkcs11Config, DEFAULT_DATA_KEY_PREFIX, DEFAULT_HANDLE_PREFIX, DEFAULT_MODULE, DEFAULT_RETRIES};
+pub use self::wrapped::TokenWrappedSecret;
 use crate::{DataKey, Error, Flags, HandleInfo, NonceSource, OtpFault, Password, SecurityModule, Status};
 
 /// Version byte of [`SecurityModule::encrypt_value`] output (as the soft
@@ -310,6 +317,9 @@ struct PooledSession {
     /// Session-object copies of handle keys (or the token object itself
     /// where the token cannot copy).
     copies: HashMap<KeyHandle, ObjectHandle>,
+    /// Session-object copies of the handles' wrapping keys
+    /// ([key-in-token mode](wrapped)).
+    kek_copies: HashMap<KeyHandle, ObjectHandle>,
 }
 
 /// A key handle as read from the token.
@@ -353,6 +363,8 @@ pub struct Pkcs11Hsm {
     handles: RwLock<HashMap<KeyHandle, HandleEntry>>,
     /// Token objects of the data keys, found or created on first use.
     data_keys: Mutex<[Option<ObjectHandle>; 3]>,
+    /// Held while looking for or creating a wrapping key.
+    kek_creation: Mutex<()>,
 }
 
 impl std::fmt::Debug for Pkcs11Hsm {
@@ -381,6 +393,7 @@ impl Pkcs11Hsm {
             pool: Mutex::new(Vec::new()),
             handles: RwLock::new(HashMap::new()),
             data_keys: Mutex::new([None; 3]),
+            kek_creation: Mutex::new(()),
         })
     }
 
@@ -455,7 +468,7 @@ impl Pkcs11Hsm {
             Some(s) => s,
             None => {
                 let session = conn.ctx.open_rw_session(conn.slot).map_err(token("open a session"))?;
-                PooledSession { session, generation: conn.generation, copies: HashMap::new() }
+                PooledSession { session, generation: conn.generation, copies: HashMap::new(), kek_copies: HashMap::new() }
             }
         };
         // Log the session in if the application is not (another instance
