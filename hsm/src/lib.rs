@@ -15,6 +15,7 @@
 #![deny(missing_docs)]
 
 pub mod cli;
+pub mod config;
 mod error;
 mod flags;
 pub mod fsutil;
