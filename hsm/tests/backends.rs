@@ -393,6 +393,7 @@ fn pkcs11(handles: &[HandleSpec]) -> Fixture {
     let away = dir.path().join("token-pulled");
     let (pull, put_back) = ((token_dir.clone(), away.clone()), (away, token_dir));
     let recover_config = config.clone();
+    let recover_conf = conf;
     Fixture {
         hsm: Box::new(hsm),
         password: Password::new(PKCS11_PIN).unwrap(),
@@ -401,6 +402,9 @@ fn pkcs11(handles: &[HandleSpec]) -> Fixture {
         fault: Box::new(move || std::fs::rename(&pull.0, &pull.1).unwrap()),
         recover: Box::new(move || {
             std::fs::rename(&put_back.0, &put_back.1).unwrap();
+            // The token is back for a new process (a restarted service)...
+            pkcs11_check_in_new_process(&recover_conf);
+            // ...not for this one.
             let hsm = Pkcs11Hsm::new(recover_config.clone())?;
             hsm.unlock(&Password::new(PKCS11_PIN).unwrap())?;
             Ok(Box::new(hsm) as Box<dyn SecurityModule>)
@@ -408,6 +412,43 @@ fn pkcs11(handles: &[HandleSpec]) -> Fixture {
         caps: Caps { recovers_in_process: false, ..ALL_CAPS },
         _keep: Box::new(dir),
     }
+}
+
+/// Set, to a `SOFTHSM2_CONF`, in the child process that runs
+/// [`pkcs11_token_back_in_a_new_process`].
+const RECOVER_CONF_VAR: &str = "OTP_APPLIANCE_BACKEND_SUITE_RECOVER_CONF";
+const RECOVER_TEST: &str = "pkcs11_token_back_in_a_new_process";
+
+/// Run [`pkcs11_token_back_in_a_new_process`] on the token of `conf` in a
+/// child process; it must pass.
+fn pkcs11_check_in_new_process(conf: &Path) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([RECOVER_TEST, "--exact", "--nocapture", "--test-threads=1", "--ignored"])
+        .env(CHILD_VAR, RECOVER_TEST)
+        .env(RECOVER_CONF_VAR, conf)
+        .output()
+        .unwrap();
+    let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("1 passed"), "the token put back does not work in a new process:\n{text}");
+}
+
+/// After a fault and the token's return: a new process opens it with the
+/// same keys and gets the right verdicts on the fault check's inputs.
+#[test]
+#[ignore = "run by pkcs11::fault_is_a_backend_error_then_recovers in a child process"]
+fn pkcs11_token_back_in_a_new_process() {
+    let conf = std::env::var_os(RECOVER_CONF_VAR).expect("run by pkcs11::fault_is_a_backend_error_then_recovers");
+    std::env::set_var("SOFTHSM2_CONF", conf);
+    let hsm = Pkcs11Hsm::new(Pkcs11Config::for_token("suite")).unwrap();
+    assert_eq!(hsm.status(), Status::Locked);
+    hsm.unlock(&Password::new(PKCS11_PIN).unwrap()).unwrap();
+    assert_eq!(hsm.status(), Status::Ready);
+    let listed = hsm.key_handles().unwrap();
+    assert_eq!(listed.len(), HANDLES.len());
+    let (rec, good, tampered, bad_otp) = fault_inputs();
+    assert_eq!(hsm.decode_otp(&rec, &good).unwrap().use_ctr, 21);
+    assert!(matches!(hsm.decode_otp(&tampered, &good), Err(Error::AeadInvalid(_))));
+    assert!(matches!(hsm.decode_otp(&rec, &bad_otp), Err(Error::OtpInvalid(_))));
 }
 
 // ---------------------------------------------------------------------------
@@ -1160,16 +1201,28 @@ fn aeads_identical_to_the_soft_backend(setup: Setup) {
 /// The device goes away under a running module: every call is a backend
 /// failure (never a verdict on the OTP or AEAD, right or wrong), the status
 /// says not ready, and a new instance on a device that is back works.
-fn fault_is_a_backend_error_then_recovers(setup: Setup) {
-    let f = setup(HANDLES);
-    let secrets = YubiKeySecrets::from_plaintext(&hex::decode("0f1e2d3c4b5a69788796a5b4c3d2e1f0a1b2c3d4e5f6").unwrap()).unwrap();
-    let rec = f.hsm.import_aead(KH_VECTOR, NonceSource::Given(public_nonce()), &*secrets.to_plaintext()).unwrap();
-    let good = token(&secrets, 21, 4, 99);
-    assert_eq!(f.hsm.decode_otp(&rec, &good).unwrap().use_ctr, 21);
+/// The fault check's fixed inputs, made in software: a YubiKey AEAD under
+/// [`KH_VECTOR`], a good OTP (counter 21), the AEAD tampered, an OTP of
+/// another YubiKey.
+fn fault_inputs() -> (AeadRecord, TokenCiphertext, AeadRecord, TokenCiphertext) {
+    let secrets = YubiKeySecrets::from_plaintext(&hex::decode(FAULT_SECRETS).unwrap()).unwrap();
+    let aead = handle_key(KH_VECTOR).seal(KH_VECTOR, &public_nonce(), &*secrets.to_plaintext()).unwrap();
+    let rec = AeadRecord { key_handle: KH_VECTOR, nonce: public_nonce(), aead };
     let mut tampered_bytes = rec.aead.as_bytes().to_vec();
     tampered_bytes[3] ^= 0x10;
     let tampered = AeadRecord { aead: Aead::from_slice(&tampered_bytes).unwrap(), ..rec };
     let bad_otp = token(&YubiKeySecrets::from_plaintext(&[0x99; 22]).unwrap(), 21, 4, 99);
+    (rec, token(&secrets, 21, 4, 99), tampered, bad_otp)
+}
+
+const FAULT_SECRETS: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f0a1b2c3d4e5f6";
+
+fn fault_is_a_backend_error_then_recovers(setup: Setup) {
+    let f = setup(HANDLES);
+    let (rec, good, tampered, bad_otp) = fault_inputs();
+    let secrets = YubiKeySecrets::from_plaintext(&hex::decode(FAULT_SECRETS).unwrap()).unwrap();
+    assert_eq!(f.hsm.import_aead(KH_VECTOR, NonceSource::Given(public_nonce()), &*secrets.to_plaintext()).unwrap(), rec);
+    assert_eq!(f.hsm.decode_otp(&rec, &good).unwrap().use_ctr, 21);
     assert!(matches!(f.hsm.decode_otp(&tampered, &good), Err(Error::AeadInvalid(_))));
     assert!(matches!(f.hsm.decode_otp(&rec, &bad_otp), Err(Error::OtpInvalid(_))));
 
