@@ -1,20 +1,33 @@
 //! The `SecurityModule` conformance suite, written once and instantiated per
 //! backend (STYLE.md §11.7).
 //!
+//! Backends:
+//! - `soft`: the software keystore in a temporary directory;
+//! - `yhsm1`: the serial backend on the `yhsm1-emulator` binary's pty (a
+//!   separate process, killed to pull the device);
+//! - `pkcs11`: the PKCS#11 backend on a throwaway SoftHSM2 token (Debian
+//!   package `softhsm2`, installed by `scripts/test.sh`), each check in a
+//!   child process of this binary with its own `SOFTHSM2_CONF`.
+//!
 //! Layout:
 //! - [`HANDLES`]: the key handles every backend is provisioned with (known
 //!   keys, so results can be cross-checked against `otp` directly);
-//! - **backend setups** (`soft`, …): the only backend-specific code. Each is
-//!   a `fn(&[HandleSpec]) -> Fixture` that provisions the handles with the
-//!   backend's own admin API and says how to get a fresh, still locked
-//!   instance of the same module;
-//! - the checks: plain functions over a [`Setup`];
+//! - **backend setups** (`soft`, `yhsm1`, `pkcs11`): the only
+//!   backend-specific code. Each is a `fn(&[HandleSpec]) -> Fixture` that
+//!   provisions the handles with the backend's own admin API and says how to
+//!   get a fresh, still locked instance of the same module, how to take the
+//!   device away and bring it back, and what the backend can do ([`Caps`]);
+//! - the checks: plain functions over a [`Setup`]. Where a backend
+//!   legitimately lacks a capability (a YubiHSM 1 cannot export AEADs, has
+//!   no data keys, cannot list its handles), a check asserts the documented
+//!   refusal there and the full behaviour elsewhere;
 //! - [`backend_suite!`]: turns the checks into one `#[test]` each for a
-//!   setup, in a module named after the backend.
+//!   setup, in a module named after the backend, run by [`in_process`] or
+//!   [`own_process`].
 //!
-//! To add a backend: write `fn pkcs11(handles: &[HandleSpec]) -> Fixture`
-//! and add `backend_suite!(pkcs11, pkcs11, #[ignore = "needs SoftHSM2"]);`
-//! at the bottom (the attributes are optional and apply to every test).
+//! To add a backend: write `fn name(handles: &[HandleSpec]) -> Fixture` and
+//! add `backend_suite!(name, name, in_process);` after the others (optional
+//! `#[attributes]` at the end apply to every test).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::any::Any;
