@@ -77,6 +77,7 @@
 
 mod ccm;
 mod config;
+pub mod unlock;
 pub mod wrapped;
 
 use std::collections::HashMap;
