@@ -284,7 +284,7 @@ impl Drop for Emulator {
 /// The handles as configured for the client (a YubiHSM 1 cannot list them).
 fn yhsm1_options(handles: &[HandleSpec]) -> Yhsm1Options {
     Yhsm1Options {
-        timeout: Duration::from_secs(2),
+        timeout: Duration::from_secs(5),
         handles: handles.iter().map(|s| HandleInfo { key_handle: s.kh, flags: s.flags, key_bits: s.key.len() * 8 }).collect(),
     }
 }
