@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hsm::config::HsmConfig;
 use serde::Deserialize;
 
 use crate::aead_dir::KeyHandleDir;
@@ -18,10 +19,13 @@ use crate::serve::{default_options, HttpOptions};
 pub struct ConfigFile {
     /// Listen address.
     pub listen: Option<SocketAddr>,
-    /// The keystore file.
+    /// The keystore file (the same as an `[hsm]` table of `type = "soft"`;
+    /// not together with one).
     pub keystore: Option<PathBuf>,
     /// File holding the keystore password.
     pub password_file: Option<PathBuf>,
+    /// `[hsm]`: the security module, by `type` (`soft`, `pkcs11`, `yhsm1`).
+    pub hsm: Option<HsmConfig>,
     /// The SQLite AEAD store.
     pub store: Option<PathBuf>,
     /// A pyhsm-layout AEAD directory (instead of `store`).
@@ -51,10 +55,17 @@ impl ConfigFile {
         // Naming one AEAD source on the command line replaces the file's.
         let (store, aead_dir) =
             if over.store.is_some() || over.aead_dir.is_some() { (over.store, over.aead_dir) } else { (self.store, self.aead_dir) };
+        // A keystore named by a flag replaces the file's security module.
+        let (keystore, password_file, hsm) = if over.keystore.is_some() || over.hsm.is_some() {
+            (over.keystore, over.password_file.or(self.password_file), over.hsm)
+        } else {
+            (self.keystore, over.password_file.or(self.password_file), self.hsm)
+        };
         Self {
             listen: over.listen.or(self.listen),
-            keystore: over.keystore.or(self.keystore),
-            password_file: over.password_file.or(self.password_file),
+            keystore,
+            password_file,
+            hsm,
             store,
             aead_dir,
             key_handles: over.key_handles.or(self.key_handles),
@@ -67,7 +78,7 @@ impl ConfigFile {
 
     /// Check completeness and turn into a [`ServeConfig`].
     pub fn resolve(self) -> Result<ServeConfig, String> {
-        let keystore = self.keystore.ok_or("no keystore: give --keystore or `keystore` in the config")?;
+        let hsm = resolve_hsm(self.hsm, self.keystore, self.password_file)?;
         let aeads = match (self.store, self.aead_dir) {
             (Some(s), None) => AeadSource::Store(s),
             (None, Some(d)) => AeadSource::Dir(d),
@@ -93,7 +104,26 @@ impl ConfigFile {
             max_blocking_threads: self.max_blocking_threads.unwrap_or(d.max_blocking_threads).max(1),
             max_connections: self.max_connections.unwrap_or(d.max_connections).max(1),
         };
-        Ok(ServeConfig { keystore, password_file: self.password_file, aeads, key_handles, http })
+        Ok(ServeConfig { hsm, aeads, key_handles, http })
+    }
+}
+
+/// The security module of a configuration: an `[hsm]` table, or the older
+/// top-level `keystore` and `password_file` keys (a soft keystore), never
+/// both.
+pub fn resolve_hsm(hsm: Option<HsmConfig>, keystore: Option<PathBuf>, password_file: Option<PathBuf>) -> Result<HsmConfig, String> {
+    match (hsm, keystore, password_file) {
+        (Some(_), Some(_), _) | (Some(_), None, Some(_)) => {
+            Err("the security module is given twice: use either an [hsm] table or the top-level `keystore`/`password_file` keys \
+             (and their flags), not both"
+                .to_owned())
+        }
+        (Some(hsm), None, None) => {
+            hsm.check().map_err(|e| format!("[hsm] {}: {e}", hsm.kind()))?;
+            Ok(hsm)
+        }
+        (None, Some(keystore), password_file) => Ok(HsmConfig::Soft { keystore, password_file }),
+        (None, None, _) => Err("no security module: give --keystore, `keystore` or an [hsm] table in the config".to_owned()),
     }
 }
 
@@ -109,10 +139,8 @@ pub enum AeadSource {
 /// A complete service configuration.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
-    /// The keystore file.
-    pub keystore: PathBuf,
-    /// Its password file (prompted for when absent).
-    pub password_file: Option<PathBuf>,
+    /// The security module.
+    pub hsm: HsmConfig,
     /// The AEADs.
     pub aeads: AeadSource,
     /// Key handles to try, in order.
@@ -156,6 +184,76 @@ mod tests {
             c.request_timeout_ms = Some(0);
         });
         assert!(zero.resolve().is_err());
+    }
+
+    /// The example's commented `[hsm]` tables, uncommented, one per type.
+    fn example_hsm_tables() -> Vec<String> {
+        let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("ksm.toml.example")).unwrap();
+        let start = example.find("# ---- The security module").unwrap();
+        let mut tables: Vec<String> = Vec::new();
+        for line in example[start..].lines().filter_map(|l| l.strip_prefix("# ")) {
+            if line == "[hsm]" {
+                tables.push(String::new());
+            } else if let (Some(t), Some((key, _))) = (tables.last_mut(), line.split_once(" = ")) {
+                if key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                    t.push_str(line);
+                    t.push('\n');
+                }
+            }
+        }
+        tables
+    }
+
+    #[test]
+    fn hsm_tables_and_the_older_keys() {
+        let tables = example_hsm_tables();
+        let kinds: Vec<&str> = tables
+            .iter()
+            .map(|t| {
+                let text = format!("store = \"s\"\nkey_handles = [\"1\"]\n[hsm]\n{t}");
+                let c = toml::from_str::<ConfigFile>(&text).unwrap_or_else(|e| panic!("{t}: {e}")).resolve().unwrap();
+                c.hsm.kind()
+            })
+            .collect();
+        assert_eq!(kinds, ["soft", "pkcs11", "yhsm1"]);
+
+        let old = ConfigFile {
+            keystore: Some("ks".into()),
+            password_file: Some("pw".into()),
+            store: Some("s".into()),
+            key_handles: Some(vec!["1".into()]),
+            ..ConfigFile::default()
+        };
+        assert_eq!(old.clone().resolve().unwrap().hsm, HsmConfig::soft(Path::new("ks"), Some(Path::new("pw"))));
+        let table = HsmConfig::soft(Path::new("other"), None);
+        let both = old.clone_with(|c| c.hsm = Some(table.clone()));
+        assert!(both.resolve().unwrap_err().contains("not both"));
+        let pw_and_table = old.clone_with(|c| {
+            c.keystore = None;
+            c.hsm = Some(table.clone());
+        });
+        assert!(pw_and_table.resolve().unwrap_err().contains("not both"));
+        let none = old.clone_with(|c| {
+            c.keystore = None;
+            c.password_file = None;
+        });
+        assert!(none.resolve().unwrap_err().contains("no security module"));
+        // A keystore flag replaces the file's [hsm] table.
+        let file = old.clone_with(|c| {
+            c.keystore = None;
+            c.password_file = None;
+            c.hsm = Some(table.clone());
+        });
+        let flag = ConfigFile { keystore: Some("flag.ks".into()), ..ConfigFile::default() };
+        assert_eq!(file.overridden_by(flag).resolve().unwrap().hsm, HsmConfig::soft(Path::new("flag.ks"), None));
+        let e = toml::from_str::<ConfigFile>("[hsm]\ntype = \"yhsm1\"\ndevice = \"/dev/x\"\nsocket = \"/s\"\n").unwrap();
+        let e = e.clone_with(|c| {
+            c.store = Some("s".into());
+            c.key_handles = Some(vec!["1".into()]);
+        });
+        assert!(e.resolve().unwrap_err().contains("not both"));
+        let typo = toml::from_str::<ConfigFile>("[hsm]\ntype = \"pkcs11\"\npin_fil = \"p\"\n").unwrap_err();
+        assert!(typo.to_string().contains("pin_fil"), "{typo}");
     }
 
     #[test]

@@ -103,13 +103,12 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         ..ksm::config::ConfigFile::default()
     };
     let config = file.overridden_by(flags).resolve()?;
-    let keystore = KeystoreArgs { keystore: config.keystore.clone(), password_file: config.password_file.clone() };
-    let hsm = keystore.open().map_err(|e| format!("security module: {e}"))?;
+    let hsm = config.hsm.open().map_err(|e| format!("security module ({}): {e}", config.hsm))?;
     let store: Box<dyn ksm::AeadLookup> = match &config.aeads {
         AeadSource::Store(path) => Box::new(AeadStore::open_existing(path).map_err(|e| e.to_string())?),
         AeadSource::Dir(dir) => Box::new(AeadDir::new(dir)),
     };
-    let ksm = Arc::new(Ksm::new(Arc::new(hsm), store, config.key_handles.clone()));
+    let ksm = Arc::new(Ksm::new(hsm, store, config.key_handles.clone()));
     ksm.health().map_err(|e| format!("not ready: {e}"))?;
     let running = ksm::serve::start(ksm, config.http.clone()).map_err(|e| format!("cannot listen on {}: {e}", config.http.listen))?;
     let handles: Vec<String> = config.key_handles.iter().map(ToString::to_string).collect();

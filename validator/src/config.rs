@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hsm::config::HsmConfig;
 use httpd::HttpOptions;
 use ksm::aead_dir::KeyHandleDir;
 use serde::Deserialize;
@@ -31,6 +32,10 @@ pub struct ConfigFile {
     pub keystore: Option<PathBuf>,
     /// File holding the keystore password.
     pub password_file: Option<PathBuf>,
+    /// `[hsm]`: the security module by `type` (`soft`, `pkcs11`; a
+    /// `yhsm1` is refused: it has no data keys), instead of `keystore` and
+    /// `password_file`.
+    pub hsm: Option<HsmConfig>,
     /// Ceiling on the answer time of every request, in milliseconds; a
     /// request's own `timeout` can only shorten it.
     pub request_timeout_ms: Option<u64>,
@@ -344,10 +349,9 @@ pub struct ServeConfig {
     pub db: PathBuf,
     /// Its durability.
     pub synchronous: Synchronous,
-    /// The keystore.
-    pub keystore: PathBuf,
-    /// Its password file (prompted for when absent).
-    pub password_file: Option<PathBuf>,
+    /// The security module: data keys for API client keys, key handles
+    /// for an in-process KSM.
+    pub hsm: HsmConfig,
     /// The KSM.
     pub ksm: KsmSource,
     /// HTTP settings; `request_timeout` is the answer-time ceiling.
@@ -382,6 +386,8 @@ pub struct WitnessConfig {
 
 /// What `validator serve` runs, by `[replication] role`.
 #[derive(Clone, Debug)]
+// Built once at start-up: the size of a site's variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum NodeConfig {
     /// A full site (with or without replication).
     Site(SiteConfig),
@@ -434,12 +440,16 @@ impl ConfigFile {
         } else {
             (file_ksm.store, file_ksm.aead_dir, file_ksm.urls)
         };
+        // A keystore named by a flag replaces the file's security module.
+        let (keystore, hsm) =
+            if over.keystore.is_some() || over.hsm.is_some() { (over.keystore, over.hsm) } else { (self.keystore, self.hsm) };
         Self {
             listen: over.listen.or(self.listen),
             db: over.db.or(self.db),
             synchronous: over.synchronous.or(self.synchronous),
-            keystore: over.keystore.or(self.keystore),
+            keystore,
             password_file: over.password_file.or(self.password_file),
+            hsm,
             request_timeout_ms: over.request_timeout_ms.or(self.request_timeout_ms),
             workers: over.workers.or(self.workers),
             max_blocking_threads: over.max_blocking_threads.or(self.max_blocking_threads),
@@ -486,6 +496,7 @@ impl ConfigFile {
                 ("ksm.timeout_ms", ksm.timeout_ms.is_some()),
                 ("keystore", self.keystore.is_some()),
                 ("password_file", self.password_file.is_some()),
+                ("[hsm]", self.hsm.is_some()),
             ];
             let given: Vec<&str> = ksm_keys.iter().filter(|(_, set)| *set).map(|(k, _)| *k).collect();
             if !given.is_empty() {
@@ -498,7 +509,15 @@ impl ConfigFile {
             return Ok(NodeConfig::Witness(WitnessConfig { db, synchronous, http, replication: config }));
         }
         let db = self.db.ok_or("no database: give --db or `db` in the config")?;
-        let keystore = self.keystore.ok_or("no keystore: give --keystore or `keystore` in the config")?;
+        let hsm = ksm::config::resolve_hsm(self.hsm, self.keystore, self.password_file)?;
+        if !hsm.has_data_keys() {
+            return Err(format!(
+                "a YubiHSM 1 has no data keys: the validator keeps its API client keys encrypted under the module's config \
+                 data key, so [hsm] type = \"{}\" cannot serve it; use type = \"soft\" or \"pkcs11\" (a YubiHSM 1 can still \
+                 decode OTPs behind a remote KSM: `ksm serve` with it, and [ksm] urls here)",
+                hsm.kind()
+            ));
+        }
         let k = self.ksm.unwrap_or_default();
         let key_handles = k
             .key_handles
@@ -524,7 +543,7 @@ impl ConfigFile {
             Some(s) => (Some(s.config), s.accept_at_risk_until),
             None => (None, None),
         };
-        let serve = ServeConfig { db, synchronous, keystore, password_file: self.password_file, ksm, http, replication };
+        let serve = ServeConfig { db, synchronous, hsm, ksm, http, replication };
         Ok(NodeConfig::Site(SiteConfig { serve, accept_at_risk_until }))
     }
 
@@ -585,6 +604,41 @@ mod tests {
         assert!(remote_kh.resolve().is_err());
         let zero = ConfigFile { request_timeout_ms: Some(0), ..with_ksm(KsmSection { store: Some("s".into()), ..KsmSection::default() }) };
         assert!(zero.resolve().is_err());
+    }
+
+    #[test]
+    fn hsm_tables_replace_the_keystore_keys() {
+        let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("validator.toml.example")).unwrap();
+        let start = example.find("# The security module as an [hsm] table").unwrap();
+        let end = start + example[start..].find("\n[ksm]").unwrap();
+        let mut tables: Vec<String> = Vec::new();
+        for line in example[start..end].lines().filter_map(|l| l.strip_prefix("# ")) {
+            if line == "[hsm]" {
+                tables.push(String::new());
+            } else if let (Some(t), Some((key, _))) = (tables.last_mut(), line.split_once(" = ")) {
+                if key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                    t.push_str(line);
+                    t.push('\n');
+                }
+            }
+        }
+        let keys = "db = \"v.db\"\n[ksm]\nstore = \"s\"\n";
+        let kinds: Vec<&str> = tables
+            .iter()
+            .map(|t| toml::from_str::<ConfigFile>(&format!("{keys}[hsm]\n{t}")).unwrap().resolve().unwrap().hsm.kind())
+            .collect();
+        assert_eq!(kinds, ["soft", "pkcs11"]);
+
+        let yhsm1 = format!("{keys}[hsm]\ntype = \"yhsm1\"\ndevice = \"/dev/ttyACM0\"\n");
+        let e = toml::from_str::<ConfigFile>(&yhsm1).unwrap().resolve().unwrap_err();
+        assert!(e.starts_with("a YubiHSM 1 has no data keys: "), "{e}");
+        let both = format!("keystore = \"ks\"\n{keys}[hsm]\ntype = \"soft\"\nkeystore = \"ks\"\n");
+        assert!(toml::from_str::<ConfigFile>(&both).unwrap().resolve().unwrap_err().contains("not both"));
+        let none = toml::from_str::<ConfigFile>(keys).unwrap().resolve().unwrap_err();
+        assert!(none.contains("no security module"), "{none}");
+        let file = toml::from_str::<ConfigFile>(&format!("{keys}[hsm]\ntype = \"pkcs11\"\ntoken_label = \"T\"\n")).unwrap();
+        let flag = ConfigFile { keystore: Some("flag.ks".into()), ..ConfigFile::default() };
+        assert_eq!(file.overridden_by(flag).resolve().unwrap().hsm, HsmConfig::soft(Path::new("flag.ks"), None));
     }
 
     #[test]

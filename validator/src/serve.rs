@@ -361,8 +361,7 @@ fn assemble_site(
     use crate::config::KsmSource;
     use crate::counters::{CounterOptions, SqliteCounters};
 
-    let keystore = hsm::cli::KeystoreArgs { keystore: config.keystore.clone(), password_file: config.password_file.clone() };
-    let hsm: Arc<hsm::soft::SoftHsm> = Arc::new(keystore.open().map_err(|e| format!("security module: {e}"))?);
+    let hsm: Arc<dyn SecurityModule> = config.hsm.open().map_err(|e| format!("security module ({}): {e}", config.hsm))?;
     let clients = crate::clients::SqliteClients::open(&config.db, hsm.clone()).map_err(|e| format!("API clients: {e}"))?;
     let counters = Arc::new(
         SqliteCounters::open_with(&config.db, CounterOptions { synchronous: config.synchronous, ..CounterOptions::default() })
@@ -375,7 +374,7 @@ fn assemble_site(
         let all = hsm.key_handles().map_err(|e| format!("security module: {e}"))?;
         let usable: Vec<_> = all.iter().filter(|h| h.flags.contains(hsm::Flags::OTP_DECODE)).map(|h| h.key_handle.into()).collect();
         if usable.is_empty() {
-            return Err(format!("no key handle in {} may decode OTPs", config.keystore.display()));
+            return Err(format!("no key handle in {} may decode OTPs", config.hsm));
         }
         Ok(usable)
     };
@@ -391,8 +390,10 @@ fn assemble_site(
         }
         datasets.push((Dataset::CLIENTS, Arc::new(sync)));
     }
-    // The in-process KSM over the soft keystore never blocks for long.
-    let inline_decode = matches!(config.ksm, KsmSource::Store { .. } | KsmSource::Dir { .. });
+    // The in-process KSM over the soft keystore never blocks for long; a
+    // token or a serial device may, so their decodes go to the blocking pool.
+    let inline_decode =
+        matches!(config.hsm, hsm::config::HsmConfig::Soft { .. }) && matches!(config.ksm, KsmSource::Store { .. } | KsmSource::Dir { .. });
     let decoder: Arc<dyn crate::OtpDecoder> = match &config.ksm {
         KsmSource::Store { path, key_handles } => {
             let store = Arc::new(ksm::store::AeadStore::open_existing(path).map_err(|e| e.to_string())?);

@@ -472,8 +472,7 @@ fn throughput(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<()> 
         let config = ServeConfig {
             db: db.clone(),
             synchronous: mode,
-            keystore: hsm.path().to_path_buf(),
-            password_file: Some(password_file.clone()),
+            hsm: hsm::config::HsmConfig::soft(hsm.path(), Some(&password_file)),
             ksm: KsmSource::Store { path: store_path.clone(), key_handles: Vec::new() },
             http: http.clone(),
             replication: None,

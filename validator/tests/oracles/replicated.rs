@@ -153,8 +153,7 @@ impl Fixture {
         ServeConfig {
             db,
             synchronous: validator::counters::Synchronous::default(),
-            keystore: ks,
-            password_file: Some(root.join("password")),
+            hsm: hsm::config::HsmConfig::soft(&ks, Some(&root.join("password"))),
             ksm: KsmSource::Store { path: store, key_handles: Vec::new() },
             http: http_options(),
             replication,
