@@ -11,6 +11,20 @@
 //! password_file = "/etc/otp-appliance/ksm.password"
 //! ```
 //!
+//! The soft keystore may instead boot without a typed password, its
+//! password sealed to an RSA key in a PKCS#11 token (encrypt-key unlock,
+//! see [`crate::pkcs11::unlock`]):
+//!
+//! ```toml
+//! [hsm]
+//! type = "soft"
+//! keystore = "/var/lib/otp-appliance/ksm.keystore"
+//! sealed_password = "/etc/otp-appliance/ksm.password.sealed"
+//! [hsm.unlock_token]
+//! token_label = "otp-appliance-unlock"
+//! pin_file = "/etc/otp-appliance/token.pin"
+//! ```
+//!
 //! ```toml
 //! [hsm]
 //! type = "pkcs11"
@@ -62,9 +76,18 @@ pub enum HsmConfig {
         /// The keystore file.
         keystore: PathBuf,
         /// File holding its password (one line); prompted for on the
-        /// terminal when absent.
+        /// terminal when neither it nor `sealed_password` is given.
         #[serde(default)]
         password_file: Option<PathBuf>,
+        /// Encrypt-key unlock: the file written by `keystore
+        /// seal-password`, the password sealed to an RSA key in the token
+        /// of `unlock_token`. Not together with `password_file`.
+        #[serde(default)]
+        sealed_password: Option<PathBuf>,
+        /// `[hsm.unlock_token]`: the PKCS#11 token that unseals
+        /// `sealed_password` (its PIN from `pin_file` or `pin_env`).
+        #[serde(default)]
+        unlock_token: Option<Pkcs11Config>,
     },
     /// A PKCS#11 token (SoftHSM2, YubiHSM 2, CloudHSM, Nitrokey HSM).
     Pkcs11(Pkcs11Config),
@@ -165,7 +188,12 @@ impl HsmConfig {
     /// top-level `keystore` and `password_file` keys.
     #[must_use]
     pub fn soft(keystore: &Path, password_file: Option<&Path>) -> Self {
-        Self::Soft { keystore: keystore.to_path_buf(), password_file: password_file.map(Path::to_path_buf) }
+        Self::Soft {
+            keystore: keystore.to_path_buf(),
+            password_file: password_file.map(Path::to_path_buf),
+            sealed_password: None,
+            unlock_token: None,
+        }
     }
 
     /// The backend's name as written in `type`.
@@ -188,7 +216,19 @@ impl HsmConfig {
     /// Refuse contradictory settings without touching any device or file.
     pub fn check(&self) -> Result<(), Error> {
         match self {
-            Self::Soft { .. } => Ok(()),
+            Self::Soft { password_file, sealed_password, unlock_token, .. } => match (password_file, sealed_password, unlock_token) {
+                (Some(_), Some(_), _) => Err(Error::InvalidInput(
+                    "give the keystore password either in `password_file` or sealed in `sealed_password`, not both".to_owned(),
+                )),
+                (_, Some(_), None) => Err(Error::InvalidInput(
+                    "`sealed_password` needs an [hsm.unlock_token] table: the PKCS#11 token holding the unlock key".to_owned(),
+                )),
+                (_, None, Some(_)) => Err(Error::InvalidInput(
+                    "[hsm.unlock_token] is used only with `sealed_password` (the file written by `keystore seal-password`)".to_owned(),
+                )),
+                (_, Some(_), Some(token)) => Pkcs11Hsm::new(token.clone()).map(drop),
+                (_, None, None) => Ok(()),
+            },
             Self::Pkcs11(c) => Pkcs11Hsm::new(c.clone()).map(drop),
             Self::Yhsm1(c) => {
                 c.target()?;
@@ -205,7 +245,10 @@ impl HsmConfig {
     pub fn open(&self) -> Result<Arc<dyn SecurityModule>, Error> {
         self.check()?;
         match self {
-            Self::Soft { keystore, password_file } => {
+            Self::Soft { keystore, sealed_password: Some(sealed), unlock_token: Some(token), .. } => {
+                Ok(Arc::new(crate::pkcs11::unlock::unlock_with_token(keystore, sealed, token)?))
+            }
+            Self::Soft { keystore, password_file, .. } => {
                 let hsm = SoftHsm::open(keystore)?;
                 let pw = password::obtain(password_file.as_deref(), "Keystore password: ", false)?;
                 hsm.unlock(&pw)?;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use hsm::config::{HsmConfig, Yhsm1Config, Yhsm1Handle};
-use hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm, DEFAULT_MODULE};
+use hsm::pkcs11::{unlock, Pkcs11Config, Pkcs11Hsm, DEFAULT_MODULE};
 use hsm::soft::format::KdfParams;
 use hsm::soft::SoftHsm;
 use hsm::{Flags, NonceSource, Password, SecurityModule, Status};
@@ -79,6 +79,17 @@ fn mistakes_are_refused_clearly() {
     assert!(both.open().unwrap_err().to_string().contains("not both"));
     let neither = parse("type = \"yhsm1\"\n").unwrap();
     assert!(neither.check().unwrap_err().to_string().contains("no YubiHSM 1"));
+    for (text, says) in [
+        ("password_file = \"p\"\nsealed_password = \"s\"\n[unlock_token]\ntoken_label = \"U\"\n", "not both"),
+        ("sealed_password = \"s\"\n", "needs an [hsm.unlock_token]"),
+        ("[unlock_token]\ntoken_label = \"U\"\n", "only with `sealed_password`"),
+    ] {
+        let c = parse(&format!("type = \"soft\"\nkeystore = \"ks\"\n{text}")).unwrap();
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.contains(says), "{text}: {e}");
+    }
+    let e = parse("type = \"soft\"\nkeystore = \"ks\"\nsealed_password = \"s\"\n[unlock_token]\ntoken_lable = \"U\"\n").unwrap_err();
+    assert!(e.contains("token_lable"), "{e}");
     let slot_and_label = parse("type = \"pkcs11\"\ntoken_label = \"T\"\nslot = 1\n").unwrap();
     assert!(slot_and_label.check().unwrap_err().to_string().contains("not both"));
 }
@@ -140,6 +151,23 @@ fn pkcs11_opens_a_throwaway_softhsm2_token() {
     let n = NonceSource::Given(AeadNonce::new([1, 2, 3, 4, 5, 6]));
     let pt = [7u8; 22];
     assert_eq!(hsm.import_aead(KeyHandle::new(1), n, &pt).unwrap(), soft.import_aead(KeyHandle::new(1), n, &pt).unwrap());
+
+    // Encrypt-key unlock: a soft keystore whose password is sealed to an
+    // RSA key in the token.
+    let ks = dir.path().join("sealed.keystore");
+    let password = Password::new("sealed secret").unwrap();
+    SoftHsm::create(&ks, &password, KdfParams::INSECURE_FOR_TESTS).unwrap();
+    unlock::open_token(p).unwrap().generate_unlock_key("config-unlock", 2048).unwrap();
+    let sealed = dir.path().join("password.sealed");
+    unlock::seal_password(p, "config-unlock", &password, &sealed).unwrap();
+    let text = format!(
+        "type = \"soft\"\nkeystore = {:?}\nsealed_password = {:?}\n[unlock_token]\ntoken_label = \"config-test\"\npin_file = {:?}\n",
+        ks.display().to_string(),
+        sealed.display().to_string(),
+        pin.display().to_string()
+    );
+    let soft = parse(&text).unwrap().open().unwrap();
+    assert_eq!(soft.status(), Status::Ready);
 
     std::fs::write(&pin, "9999\n").unwrap();
     assert!(matches!(config.open().unwrap_err(), hsm::Error::WrongPassword));

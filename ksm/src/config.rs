@@ -122,7 +122,7 @@ pub fn resolve_hsm(hsm: Option<HsmConfig>, keystore: Option<PathBuf>, password_f
             hsm.check().map_err(|e| format!("[hsm] {}: {e}", hsm.kind()))?;
             Ok(hsm)
         }
-        (None, Some(keystore), password_file) => Ok(HsmConfig::Soft { keystore, password_file }),
+        (None, Some(keystore), password_file) => Ok(HsmConfig::soft(&keystore, password_file.as_deref())),
         (None, None, _) => Err("no security module: give --keystore, `keystore` or an [hsm] table in the config".to_owned()),
     }
 }
