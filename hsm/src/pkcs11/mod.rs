@@ -727,49 +727,7 @@ impl Pkcs11Hsm {
         self.require_unlocked()?;
         self.run("read a key's protection", |this, _, s| {
             let e = this.lookup_handle(&s.session, kh)?;
-            let attrs = s
-                .session
-                .get_attributes(
-                    e.object,
-                    &[
-                        AttributeType::Sensitive,
-                        AttributeType::Extractable,
-                        AttributeType::AlwaysSensitive,
-                        AttributeType::NeverExtractable,
-                        AttributeType::Local,
-                        AttributeType::Token,
-                        AttributeType::Modifiable,
-                        AttributeType::Value,
-                    ],
-                )
-                .map_err(token("read the key's attributes"))?;
-            let mut p = KeyProtection {
-                sensitive: false,
-                extractable: true,
-                always_sensitive: false,
-                never_extractable: false,
-                local: false,
-                on_token: false,
-                modifiable: true,
-                value_readable: false,
-            };
-            for a in attrs {
-                match a {
-                    Attribute::Sensitive(v) => p.sensitive = v,
-                    Attribute::Extractable(v) => p.extractable = v,
-                    Attribute::AlwaysSensitive(v) => p.always_sensitive = v,
-                    Attribute::NeverExtractable(v) => p.never_extractable = v,
-                    Attribute::Local(v) => p.local = v,
-                    Attribute::Token(v) => p.on_token = v,
-                    Attribute::Modifiable(v) => p.modifiable = v,
-                    Attribute::Value(mut v) => {
-                        p.value_readable = !v.is_empty();
-                        v.zeroize();
-                    }
-                    _ => {}
-                }
-            }
-            Ok(p)
+            protection_of(&s.session, e.object, AttributeType::Value, "read the key's attributes")
         })
     }
 
@@ -1078,6 +1036,54 @@ impl SecurityModule for Pkcs11Hsm {
             }
         })
     }
+}
+
+/// How the token protects `object`: its protection attributes read back,
+/// and whether `secret` (the key value, or an RSA private exponent) came
+/// out readable (its bytes, if any, are wiped at once).
+fn protection_of(session: &Session, object: ObjectHandle, secret: AttributeType, what: &'static str) -> Result<KeyProtection, Fault> {
+    let attrs = session
+        .get_attributes(
+            object,
+            &[
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::AlwaysSensitive,
+                AttributeType::NeverExtractable,
+                AttributeType::Local,
+                AttributeType::Token,
+                AttributeType::Modifiable,
+                secret,
+            ],
+        )
+        .map_err(token(what))?;
+    let mut p = KeyProtection {
+        sensitive: false,
+        extractable: true,
+        always_sensitive: false,
+        never_extractable: false,
+        local: false,
+        on_token: false,
+        modifiable: true,
+        value_readable: false,
+    };
+    for a in attrs {
+        match a {
+            Attribute::Sensitive(v) => p.sensitive = v,
+            Attribute::Extractable(v) => p.extractable = v,
+            Attribute::AlwaysSensitive(v) => p.always_sensitive = v,
+            Attribute::NeverExtractable(v) => p.never_extractable = v,
+            Attribute::Local(v) => p.local = v,
+            Attribute::Token(v) => p.on_token = v,
+            Attribute::Modifiable(v) => p.modifiable = v,
+            Attribute::Value(mut v) | Attribute::PrivateExponent(mut v) => {
+                p.value_readable = !v.is_empty();
+                v.zeroize();
+            }
+            _ => {}
+        }
+    }
+    Ok(p)
 }
 
 #[cfg(test)]

@@ -303,49 +303,7 @@ impl Pkcs11Hsm {
         self.require_unlocked()?;
         self.run("read the unlock key's protection", |_, _, s| {
             let key = find_key(&s.session, ObjectClass::PRIVATE_KEY, label, "private key")?;
-            let attrs = s
-                .session
-                .get_attributes(
-                    key,
-                    &[
-                        AttributeType::Sensitive,
-                        AttributeType::Extractable,
-                        AttributeType::AlwaysSensitive,
-                        AttributeType::NeverExtractable,
-                        AttributeType::Local,
-                        AttributeType::Token,
-                        AttributeType::Modifiable,
-                        AttributeType::PrivateExponent,
-                    ],
-                )
-                .map_err(token("read the unlock key's attributes"))?;
-            let mut p = KeyProtection {
-                sensitive: false,
-                extractable: true,
-                always_sensitive: false,
-                never_extractable: false,
-                local: false,
-                on_token: false,
-                modifiable: true,
-                value_readable: false,
-            };
-            for a in attrs {
-                match a {
-                    Attribute::Sensitive(v) => p.sensitive = v,
-                    Attribute::Extractable(v) => p.extractable = v,
-                    Attribute::AlwaysSensitive(v) => p.always_sensitive = v,
-                    Attribute::NeverExtractable(v) => p.never_extractable = v,
-                    Attribute::Local(v) => p.local = v,
-                    Attribute::Token(v) => p.on_token = v,
-                    Attribute::Modifiable(v) => p.modifiable = v,
-                    Attribute::PrivateExponent(mut v) => {
-                        p.value_readable = !v.is_empty();
-                        v.zeroize();
-                    }
-                    _ => {}
-                }
-            }
-            Ok(p)
+            super::protection_of(&s.session, key, AttributeType::PrivateExponent, "read the unlock key's attributes")
         })
     }
 
