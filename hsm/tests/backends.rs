@@ -36,6 +36,8 @@ use std::path::Path;
 use std::rc::Rc;
 use std::time::Duration;
 
+use appliance_tests::softhsm2::TokenDir;
+use appliance_tests::yhsm1::{keys_json, Emulator};
 use hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm, DEFAULT_MODULE};
 use hsm::yhsm1::client::{Yhsm1, Yhsm1Options};
 use hsm::{DataKey, Error, Flags, HandleInfo, NonceSource, OtpFault, Password, SecurityModule, Status};
@@ -242,43 +244,15 @@ fn soft(handles: &[HandleSpec]) -> Fixture {
 /// The YubiHSM 1 emulator's master key (the keystore password in hex).
 const MASTER_KEY_HEX: &str = "2b7e151628aed2a6abf7158809cf4f3c762e7160f38b4da56a784d9045190cfe";
 
-/// A running `yhsm1-emulator` process serving a pty, keystore locked under
-/// [`MASTER_KEY_HEX`]; killed on drop.
-struct Emulator {
-    child: std::process::Child,
-    path: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Emulator {
-    fn start(handles: &[HandleSpec]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let keys = dir.path().join("keys.json");
-        let json: serde_json::Map<String, serde_json::Value> =
-            handles.iter().map(|s| (s.kh.get().to_string(), serde_json::Value::from(hex::encode(s.key)))).collect();
-        std::fs::write(&keys, serde_json::Value::Object(json).to_string()).unwrap();
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_yhsm1-emulator"));
-        cmd.arg("--keys").arg(&keys).arg("--exit-on-stdin-eof").args(["--locked", "--master-key", MASTER_KEY_HEX]);
-        for s in handles {
-            cmd.arg("--flags").arg(format!("{:#x}={:#010x}", s.kh.get(), s.flags.bits()));
-        }
-        let mut child = cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-        assert!(line.starts_with("/dev/"), "yhsm1-emulator printed {line:?} instead of its pty");
-        Self { child, path: line.trim().to_owned(), _dir: dir }
+/// A `yhsm1-emulator` with `handles` and their flags, its keystore locked
+/// under [`MASTER_KEY_HEX`].
+fn emulator(handles: &[HandleSpec]) -> Emulator {
+    let keys = keys_json(handles.iter().map(|s| (s.kh.get(), s.key)));
+    let mut args = vec!["--locked".to_owned(), "--master-key".to_owned(), MASTER_KEY_HEX.to_owned()];
+    for s in handles {
+        args.extend(["--flags".to_owned(), format!("{:#x}={:#010x}", s.kh.get(), s.flags.bits())]);
     }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        self.kill();
-    }
+    Emulator::start(Path::new(env!("CARGO_BIN_EXE_yhsm1-emulator")), &keys, &args)
 }
 
 /// The handles as configured for the client (a YubiHSM 1 cannot list them).
@@ -291,7 +265,7 @@ fn yhsm1_options(handles: &[HandleSpec]) -> Yhsm1Options {
 
 /// A client on `emu`, its keystore unlocked with the master key.
 fn yhsm1_unlocked(emu: &Emulator, handles: &[HandleSpec]) -> Yhsm1 {
-    let hsm = Yhsm1::open(&emu.path, yhsm1_options(handles)).unwrap();
+    let hsm = Yhsm1::open(emu.path(), yhsm1_options(handles)).unwrap();
     assert_eq!(hsm.status(), Status::Locked, "the emulator starts locked");
     hsm.unlock(&Password::new(MASTER_KEY_HEX).unwrap()).unwrap();
     hsm
@@ -303,13 +277,13 @@ fn yhsm1_unlocked(emu: &Emulator, handles: &[HandleSpec]) -> Yhsm1 {
 /// locked; a fault kills the emulator process; recovery starts another.
 fn yhsm1(handles: &[HandleSpec]) -> Fixture {
     let handles = handles.to_vec();
-    let emulators = Rc::new(RefCell::new(vec![Emulator::start(&handles)]));
+    let emulators = Rc::new(RefCell::new(vec![emulator(&handles)]));
     let hsm = yhsm1_unlocked(&emulators.borrow()[0], &handles);
     let reopen_locked = {
         let (emulators, handles) = (Rc::clone(&emulators), handles.clone());
         move || {
-            let emu = Emulator::start(&handles);
-            let hsm = Yhsm1::open(&emu.path, yhsm1_options(&handles)).unwrap();
+            let emu = emulator(&handles);
+            let hsm = Yhsm1::open(emu.path(), yhsm1_options(&handles)).unwrap();
             emulators.borrow_mut().push(emu);
             Box::new(hsm) as Box<dyn SecurityModule>
         }
@@ -321,8 +295,8 @@ fn yhsm1(handles: &[HandleSpec]) -> Fixture {
     let recover = {
         let (emulators, handles) = (Rc::clone(&emulators), handles);
         move || {
-            let emu = Emulator::start(&handles);
-            let hsm = Yhsm1::open(&emu.path, yhsm1_options(&handles))?;
+            let emu = emulator(&handles);
+            let hsm = Yhsm1::open(emu.path(), yhsm1_options(&handles))?;
             emulators.borrow_mut().push(emu);
             hsm.unlock(&Password::new(MASTER_KEY_HEX).unwrap())?;
             Ok(Box::new(hsm) as Box<dyn SecurityModule>)
@@ -350,25 +324,10 @@ fn yhsm1(handles: &[HandleSpec]) -> Fixture {
 const PKCS11_PIN: &str = "246810";
 const PKCS11_SO_PIN: &str = "13579";
 
-/// Run `softhsm2-util` on the token directory of `conf`.
-fn softhsm2_util(conf: &Path, args: &[&str]) {
-    let out = std::process::Command::new("softhsm2-util")
-        .env("SOFTHSM2_CONF", conf)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run softhsm2-util ({e}): install the Debian package softhsm2 (scripts/test.sh does)"));
-    assert!(
-        out.status.success(),
-        "softhsm2-util {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A new SoftHSM2 token labelled `label`, a module on it unlocked with the
 /// PIN, the handle keys loaded with the explicit import.
-fn pkcs11_token(conf: &Path, label: &str, handles: &[HandleSpec]) -> (Pkcs11Config, Pkcs11Hsm) {
-    softhsm2_util(conf, &["--init-token", "--free", "--label", label, "--pin", PKCS11_PIN, "--so-pin", PKCS11_SO_PIN]);
+fn pkcs11_token(tokens: &TokenDir, label: &str, handles: &[HandleSpec]) -> (Pkcs11Config, Pkcs11Hsm) {
+    let _slot = tokens.init_token(label, PKCS11_PIN, PKCS11_SO_PIN);
     let config = Pkcs11Config::for_token(label);
     let hsm = Pkcs11Hsm::new(config.clone()).unwrap();
     assert_eq!(hsm.status(), Status::Locked);
@@ -387,26 +346,17 @@ fn pkcs11_token(conf: &Path, label: &str, handles: &[HandleSpec]) -> (Pkcs11Conf
 /// token; recovery initialises another one with the same keys.
 fn pkcs11(handles: &[HandleSpec]) -> Fixture {
     assert!(std::env::var_os(CHILD_VAR).is_some(), "the pkcs11 setup runs only in a process of its own");
-    assert!(Path::new(DEFAULT_MODULE).exists(), "{DEFAULT_MODULE} is missing: install the Debian package softhsm2 (scripts/test.sh does)");
-    let dir = tempfile::Builder::new().prefix("softhsm2-suite-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    std::fs::create_dir(dir.path().join("tokens")).unwrap();
-    let conf = dir.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", dir.path().join("tokens").display()),
-    )
-    .unwrap();
+    let tokens = TokenDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")), Path::new(DEFAULT_MODULE));
     // Before the module is first loaded; this process runs one test only.
-    std::env::set_var("SOFTHSM2_CONF", &conf);
-    let (config, hsm) = pkcs11_token(&conf, "suite", handles);
+    tokens.use_in_this_process();
+    let (config, hsm) = pkcs11_token(&tokens, "suite", handles);
     // The token's directory (SoftHSM2 names it by a UUID), and where a fault
     // moves it.
-    let tokens = dir.path().join("tokens");
-    let token_dir = std::fs::read_dir(&tokens).unwrap().next().unwrap().unwrap().path();
-    let away = dir.path().join("token-pulled");
+    let token_dir = std::fs::read_dir(tokens.tokens()).unwrap().next().unwrap().unwrap().path();
+    let away = tokens.root().join("token-pulled");
     let (pull, put_back) = ((token_dir.clone(), away.clone()), (away, token_dir));
     let recover_config = config.clone();
-    let recover_conf = conf;
+    let recover_conf = tokens.conf().to_owned();
     Fixture {
         hsm: Box::new(hsm),
         password: Password::new(PKCS11_PIN).unwrap(),
@@ -423,7 +373,7 @@ fn pkcs11(handles: &[HandleSpec]) -> Fixture {
             Ok(Box::new(hsm) as Box<dyn SecurityModule>)
         }),
         caps: Caps { recovers_in_process: false, ..ALL_CAPS },
-        _keep: Box::new(dir),
+        _keep: Box::new(tokens),
     }
 }
 

@@ -4,10 +4,10 @@
 //! `yhsm1-emulator` binary's pty.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 
+use appliance_tests::softhsm2::TokenDir;
+use appliance_tests::yhsm1::{keys_json, Emulator};
 use hsm::config::{HsmConfig, Yhsm1Config, Yhsm1Handle};
 use hsm::pkcs11::{unlock, Pkcs11Config, Pkcs11Hsm, DEFAULT_MODULE};
 use hsm::soft::format::KdfParams;
@@ -118,24 +118,12 @@ fn soft_with_key() -> (tempfile::TempDir, SoftHsm) {
 
 #[test]
 fn pkcs11_opens_a_throwaway_softhsm2_token() {
-    assert!(Path::new(DEFAULT_MODULE).exists(), "{DEFAULT_MODULE} is missing: install the Debian package softhsm2");
-    let dir = tempfile::Builder::new().prefix("softhsm2-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    std::fs::create_dir(dir.path().join("tokens")).unwrap();
-    let conf = dir.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", dir.path().join("tokens").display()),
-    )
-    .unwrap();
-    let out = Command::new("softhsm2-util")
-        .env("SOFTHSM2_CONF", &conf)
-        .args(["--init-token", "--free", "--label", "config-test", "--pin", "1234", "--so-pin", "4321"])
-        .output()
-        .expect("cannot run softhsm2-util: install the Debian package softhsm2");
-    assert!(out.status.success(), "softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));
+    let tokens = TokenDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")), Path::new(DEFAULT_MODULE));
+    let _slot = tokens.init_token("config-test", "1234", "4321");
     // The only test of this binary that loads the module.
-    std::env::set_var("SOFTHSM2_CONF", &conf);
-    let pin = dir.path().join("pin");
+    tokens.use_in_this_process();
+    let dir = tokens.root();
+    let pin = dir.join("pin");
     std::fs::write(&pin, "1234\n").unwrap();
     let text = format!("type = \"pkcs11\"\ntoken_label = \"config-test\"\npin_file = {:?}\n", pin.display().to_string());
     let config = parse(&text).unwrap();
@@ -154,11 +142,11 @@ fn pkcs11_opens_a_throwaway_softhsm2_token() {
 
     // Encrypt-key unlock: a soft keystore whose password is sealed to an
     // RSA key in the token.
-    let ks = dir.path().join("sealed.keystore");
+    let ks = dir.join("sealed.keystore");
     let password = Password::new("sealed secret").unwrap();
     SoftHsm::create(&ks, &password, KdfParams::INSECURE_FOR_TESTS).unwrap();
     unlock::open_token(p).unwrap().generate_unlock_key("config-unlock", 2048).unwrap();
-    let sealed = dir.path().join("password.sealed");
+    let sealed = dir.join("password.sealed");
     unlock::seal_password(p, "config-unlock", &password, &sealed).unwrap();
     let text = format!(
         "type = \"soft\"\nkeystore = {:?}\nsealed_password = {:?}\n[unlock_token]\ntoken_label = \"config-test\"\npin_file = {:?}\n",
@@ -176,51 +164,22 @@ fn pkcs11_opens_a_throwaway_softhsm2_token() {
     assert!(e.contains("no-such-token"), "{e}");
 }
 
-/// A running `yhsm1-emulator`, locked under [`MASTER_KEY`], holding handle
-/// 1 with [`KEY`]; killed and reaped on drop.
-struct Emulator {
-    child: Child,
-    path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Emulator {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let keys = dir.path().join("keys.json");
-        std::fs::write(&keys, format!("{{\"1\": \"{}\"}}", hex::encode(KEY))).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_yhsm1-emulator"))
-            .arg("--keys")
-            .arg(&keys)
-            .args(["--locked", "--master-key", MASTER_KEY, "--exit-on-stdin-eof"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let path = PathBuf::from(line.trim());
-        assert!(path.starts_with("/dev/pts/"), "the emulator printed {line:?}, not a pty path");
-        Self { child, path, _dir: dir }
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `yhsm1-emulator`, locked under [`MASTER_KEY`], holding handle 1 with
+/// [`KEY`] and every flag.
+fn emulator() -> Emulator {
+    let keys = keys_json([(1, KEY.as_slice())]);
+    Emulator::start(Path::new(env!("CARGO_BIN_EXE_yhsm1-emulator")), &keys, &["--locked", "--master-key", MASTER_KEY])
 }
 
 #[test]
 fn yhsm1_opens_the_emulator_and_unlocks_it() {
-    let emulator = Emulator::start();
+    let emu = emulator();
     let dir = tempfile::tempdir().unwrap();
     let mk = dir.path().join("master-key");
     std::fs::write(&mk, format!("{MASTER_KEY}\n")).unwrap();
     let text = format!(
         "type = \"yhsm1\"\ndevice = {:?}\nmaster_key_file = {:?}\ntimeout_ms = 3000\nkey_handles = [{{ id = 1, flags = \"0x7fffffff\", key_bits = 128 }}]\n",
-        emulator.path.display().to_string(),
+        emu.path().display().to_string(),
         mk.display().to_string()
     );
     let config = parse(&text).unwrap();
@@ -235,13 +194,13 @@ fn yhsm1_opens_the_emulator_and_unlocks_it() {
 
     // A fresh emulator starts locked: without the master key file it is
     // opened but stays locked.
-    drop(emulator);
-    let fresh = Emulator::start();
+    drop(emu);
+    let fresh = emulator();
     let HsmConfig::Yhsm1(y) = config else { panic!("not yhsm1") };
-    let locked = HsmConfig::Yhsm1(Yhsm1Config { device: Some(fresh.path.clone()), master_key_file: None, ..y.clone() });
+    let locked = HsmConfig::Yhsm1(Yhsm1Config { device: Some(fresh.path().to_owned()), master_key_file: None, ..y.clone() });
     assert_eq!(locked.open().unwrap().status(), Status::Locked);
     let wrong = dir.path().join("wrong");
     std::fs::write(&wrong, "00").unwrap();
-    let wrong = HsmConfig::Yhsm1(Yhsm1Config { device: Some(fresh.path.clone()), master_key_file: Some(wrong), ..y });
+    let wrong = HsmConfig::Yhsm1(Yhsm1Config { device: Some(fresh.path().to_owned()), master_key_file: Some(wrong), ..y });
     assert!(matches!(wrong.open().unwrap_err(), hsm::Error::WrongPassword));
 }

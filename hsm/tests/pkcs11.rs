@@ -12,11 +12,12 @@
 //! --ignored --nocapture decode_throughput`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Instant;
 
+use appliance_tests::softhsm2::TokenDir;
 use hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm, DEFAULT_MODULE};
 use hsm::soft::format::KdfParams;
 use hsm::soft::SoftHsm;
@@ -34,7 +35,7 @@ const PIN_VAR: &str = "OTP_APPLIANCE_TEST_TOKEN_PIN";
 const WRONG_PIN_VAR: &str = "OTP_APPLIANCE_TEST_WRONG_PIN";
 
 struct Fixture {
-    dir: PathBuf,
+    tokens: TokenDir,
     /// Slot number SoftHSM2 gave the main token.
     slot: u64,
 }
@@ -44,41 +45,15 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        assert!(
-            Path::new(DEFAULT_MODULE).exists(),
-            "{DEFAULT_MODULE} is missing: install the Debian package softhsm2 (scripts/test.sh does)"
-        );
-        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        let dir = tempfile::Builder::new().prefix("softhsm2-").tempdir_in(base).unwrap().keep();
-        std::fs::create_dir(dir.join("tokens")).unwrap();
-        let conf = dir.join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\nslots.mechanisms = ALL\n",
-                dir.join("tokens").display()
-            ),
-        )
-        .unwrap();
-        let mut slot = 0;
-        for label in [LABEL, FAULT_LABEL] {
-            let out = Command::new("softhsm2-util")
-                .env("SOFTHSM2_CONF", &conf)
-                .args(["--init-token", "--free", "--label", label, "--pin", PIN, "--so-pin", SO_PIN])
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run softhsm2-util ({e}): install the Debian package softhsm2 (scripts/test.sh does)"));
-            let text = String::from_utf8_lossy(&out.stdout);
-            assert!(out.status.success(), "softhsm2-util failed: {text} {}", String::from_utf8_lossy(&out.stderr));
-            if label == LABEL {
-                slot = text.trim().rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no slot number in {text:?}"));
-            }
-        }
+        let tokens = TokenDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")), Path::new(DEFAULT_MODULE));
+        let slot = tokens.init_token(LABEL, PIN, SO_PIN);
+        let _ = tokens.init_token(FAULT_LABEL, PIN, SO_PIN);
         // Before the module is first loaded, and before other threads of
         // this binary read the environment (they all start with fixture()).
-        std::env::set_var("SOFTHSM2_CONF", &conf);
+        tokens.use_in_this_process();
         std::env::set_var(PIN_VAR, PIN);
         std::env::set_var(WRONG_PIN_VAR, "9999");
-        Fixture { dir, slot }
+        Fixture { tokens, slot }
     })
 }
 
@@ -330,7 +305,7 @@ fn pin_unlocks_and_status_follows() {
 
     // PIN sources.
     let f = fixture();
-    let pin_file = f.dir.join("pin");
+    let pin_file = f.tokens.root().join("pin");
     std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
     let from_file = Pkcs11Hsm::open(Pkcs11Config { pin_file: Some(pin_file), ..config("pin") }).unwrap();
     assert_eq!(from_file.status(), Status::Ready);
@@ -338,7 +313,7 @@ fn pin_unlocks_and_status_follows() {
     assert!(matches!(wrong, Error::WrongPassword), "{wrong:?}");
     let unset = Pkcs11Hsm::open(Pkcs11Config { pin_env: Some("OTP_APPLIANCE_NO_SUCH_VARIABLE".to_owned()), ..config("pin") }).unwrap_err();
     assert!(unset.to_string().contains("OTP_APPLIANCE_NO_SUCH_VARIABLE"), "{unset}");
-    let missing = Pkcs11Hsm::open(Pkcs11Config { pin_file: Some(f.dir.join("no-such-pin")), ..config("pin") }).unwrap_err();
+    let missing = Pkcs11Hsm::open(Pkcs11Config { pin_file: Some(f.tokens.root().join("no-such-pin")), ..config("pin") }).unwrap_err();
     assert!(matches!(missing, Error::Io { .. }), "{missing:?}");
 }
 
@@ -609,26 +584,10 @@ fn a_deleted_token_is_not_ready_never_a_verdict() {
 }
 
 fn deleted_token_scenario() {
-    assert!(Path::new(DEFAULT_MODULE).exists(), "{DEFAULT_MODULE} is missing: install the Debian package softhsm2");
-    let dir = tempfile::Builder::new().prefix("softhsm2-gone-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    std::fs::create_dir(dir.path().join("tokens")).unwrap();
-    let conf = dir.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", dir.path().join("tokens").display()),
-    )
-    .unwrap();
-    let util = |args: &[&str]| {
-        let out = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", &conf)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run softhsm2-util ({e}): install the Debian package softhsm2"));
-        assert!(out.status.success(), "softhsm2-util {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    util(&["--init-token", "--free", "--label", "gone", "--pin", PIN, "--so-pin", SO_PIN]);
+    let tokens = TokenDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")), Path::new(DEFAULT_MODULE));
+    let _slot = tokens.init_token("gone", PIN, SO_PIN);
     // Only this test runs in this process.
-    std::env::set_var("SOFTHSM2_CONF", &conf);
+    tokens.use_in_this_process();
     let hsm = Pkcs11Hsm::new(Pkcs11Config::for_token("gone")).unwrap();
     hsm.unlock(&pin()).unwrap();
     let kh = KeyHandle::new(0x90);
@@ -638,7 +597,7 @@ fn deleted_token_scenario() {
     let otp = TokenFields { uid: *secrets.uid.expose(), counter: 4, ..Default::default() }.build().encrypt(&secrets.key);
     assert_eq!(hsm.decode_otp(&rec, &otp).unwrap().use_ctr, 4);
 
-    util(&["--delete-token", "--token", "gone"]);
+    let _ = tokens.util(&["--delete-token", "--token", "gone"]);
     assert_eq!(hsm.status(), Status::NotReady);
     let mut tampered = rec;
     tampered.aead = Aead::from_slice(&[0u8; 30]).unwrap();

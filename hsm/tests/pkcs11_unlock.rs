@@ -8,9 +8,9 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
+use appliance_tests::softhsm2::TokenDir;
 use clap::{CommandFactory, Parser};
 use hsm::cli::{run, KeystoreCommand};
 use hsm::pkcs11::unlock::{self, OaepHash, SealedPassword};
@@ -31,42 +31,21 @@ const WRONG_PIN_VAR: &str = "OTP_APPLIANCE_UNLOCK_TEST_WRONG_PIN";
 const PASSWORD: &str = "correct horse battery staple / unlock-test";
 
 struct Fixture {
-    dir: PathBuf,
+    tokens: TokenDir,
 }
 
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        assert!(
-            Path::new(DEFAULT_MODULE).exists(),
-            "{DEFAULT_MODULE} is missing: install the Debian package softhsm2 (scripts/test.sh does)"
-        );
-        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        let dir = tempfile::Builder::new().prefix("softhsm2-unlock-").tempdir_in(base).unwrap().keep();
-        std::fs::create_dir(dir.join("tokens")).unwrap();
-        let conf = dir.join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\nslots.mechanisms = ALL\n",
-                dir.join("tokens").display()
-            ),
-        )
-        .unwrap();
+        let tokens = TokenDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")), Path::new(DEFAULT_MODULE));
         for label in [LABEL, OTHER] {
-            let out = Command::new("softhsm2-util")
-                .env("SOFTHSM2_CONF", &conf)
-                .args(["--init-token", "--free", "--label", label, "--pin", PIN, "--so-pin", SO_PIN])
-                .output()
-                .unwrap_or_else(|e| panic!("cannot run softhsm2-util ({e}): install the Debian package softhsm2 (scripts/test.sh does)"));
-            assert!(out.status.success(), "softhsm2-util failed: {}", String::from_utf8_lossy(&out.stderr));
+            let _slot = tokens.init_token(label, PIN, SO_PIN);
         }
-        std::env::set_var("SOFTHSM2_CONF", &conf);
+        tokens.use_in_this_process();
         std::env::set_var(PIN_VAR, PIN);
         std::env::set_var(WRONG_PIN_VAR, "9999");
-        let pin_file = dir.join("pin");
-        std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
-        Fixture { dir }
+        std::fs::write(tokens.root().join("pin"), format!("{PIN}\n")).unwrap();
+        Fixture { tokens }
     })
 }
 
@@ -196,7 +175,7 @@ fn wrong_or_missing_token_key_or_pin_leave_the_keystore_locked() {
     refused(&ks, &sealed, &Pkcs11Config { pin_env: Some(WRONG_PIN_VAR.to_owned()), ..config() }, "refused the user PIN");
     refused(&ks, &sealed, &Pkcs11Config { pin_env: None, ..config() }, "needs the token's user PIN");
     // The PIN from a file works.
-    let by_file = Pkcs11Config { pin_env: None, pin_file: Some(fixture().dir.join("pin")), ..config() };
+    let by_file = Pkcs11Config { pin_env: None, pin_file: Some(fixture().tokens.root().join("pin")), ..config() };
     assert_eq!(unlock::unlock_with_token(&ks, &sealed, &by_file).unwrap().status(), Status::Ready);
 
     // A sealed file naming a key the token does not hold.
@@ -268,7 +247,7 @@ fn cli_seal_password_and_check_sealed() {
     std::fs::write(&wrong_pw, "not the password\n").unwrap();
     let sealed = dir.path().join("sealed.bin");
     let (ks_s, pw_s, sealed_s, pin_s) =
-        (ks.to_str().unwrap(), pw.to_str().unwrap(), sealed.to_str().unwrap(), f.dir.join("pin").to_str().unwrap().to_owned());
+        (ks.to_str().unwrap(), pw.to_str().unwrap(), sealed.to_str().unwrap(), f.tokens.root().join("pin").to_str().unwrap().to_owned());
     let token = ["--token-label", LABEL, "--pin-file", &pin_s];
     let seal = |password_file: &str, extra: &[&str]| {
         let mut args =

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use appliance_tests::yhsm1::{keys_json, Emulator};
 use hsm::soft::format::KdfParams;
 use hsm::soft::SoftHsm;
 use hsm::yhsm1::client::{Yhsm1, Yhsm1Options};
@@ -680,53 +681,23 @@ fn daemon_socket_checks() {
 // ---------------------------------------------------------------------------
 // The `yhsm1-emulator` binary: a separate process serving a pty.
 
-/// A running `yhsm1-emulator`, killed on drop.
-struct Emulator {
-    child: std::process::Child,
-    path: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Emulator {
-    /// Start it with [`handles`] and their flags; `--locked` with the master
-    /// key when `locked`.
-    fn start(locked: bool) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let keys = dir.path().join("keys.json");
-        let json: serde_json::Map<String, serde_json::Value> =
-            handles().into_iter().map(|(kh, _, k)| (kh.get().to_string(), hex::encode(k).into())).collect();
-        std::fs::write(&keys, serde_json::Value::Object(json).to_string()).unwrap();
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_yhsm1-emulator"));
-        cmd.arg("--keys").arg(&keys).arg("--exit-on-stdin-eof");
-        for (kh, flags, _) in handles() {
-            cmd.arg("--flags").arg(format!("{:#x}={:#010x}", kh.get(), flags.bits()));
-        }
-        if locked {
-            cmd.args(["--locked", "--master-key", MASTER_KEY_HEX]);
-        }
-        let mut child = cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-        assert!(line.starts_with("/dev/"), "emulator printed {line:?}");
-        Self { child, path: line.trim().to_owned(), _dir: dir }
+/// A `yhsm1-emulator` with [`handles`] and their flags; `--locked` with the
+/// master key when `locked`.
+fn emulator(locked: bool) -> Emulator {
+    let hs = handles();
+    let keys = keys_json(hs.iter().map(|(kh, _, k)| (kh.get(), k.as_slice())));
+    let mut args: Vec<String> =
+        hs.iter().flat_map(|(kh, flags, _)| ["--flags".to_owned(), format!("{:#x}={:#010x}", kh.get(), flags.bits())]).collect();
+    if locked {
+        args.extend(["--locked", "--master-key", MASTER_KEY_HEX].map(str::to_owned));
     }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        self.kill();
-    }
+    Emulator::start(std::path::Path::new(env!("CARGO_BIN_EXE_yhsm1-emulator")), &keys, &args)
 }
 
 #[test]
 fn emulator_agrees_with_the_soft_module() {
-    let emu = Emulator::start(false);
-    let hsm = Yhsm1::open(&emu.path, options()).unwrap();
+    let emu = emulator(false);
+    let hsm = Yhsm1::open(emu.path(), options()).unwrap();
     assert_eq!(hsm.info().protocol_version, 1);
     let (_dir, soft) = soft();
     for (kh, pt) in [(KH_FULL, b"foo".to_vec()), (KH_FULL, vec![0x41; 22]), (KH_FULL, vec![0x41; 64]), (KH_IMPORT, vec![0x42; 22])] {
@@ -755,8 +726,8 @@ fn emulator_agrees_with_the_soft_module() {
 
 #[test]
 fn emulator_locked_until_unlocked() {
-    let emu = Emulator::start(true);
-    let hsm = Yhsm1::open(&emu.path, options()).unwrap();
+    let emu = emulator(true);
+    let hsm = Yhsm1::open(emu.path(), options()).unwrap();
     assert_eq!(hsm.status(), Status::Locked);
     assert!(matches!(hsm.generate_yubikey_aeads(&[KH_FULL], NonceSource::Random), Err(Error::Locked)));
     assert!(matches!(hsm.unlock(&Password::new("0badc0de").unwrap()), Err(Error::WrongPassword)));
@@ -767,8 +738,8 @@ fn emulator_locked_until_unlocked() {
 
 #[test]
 fn emulator_killed_mid_session_then_restarted() {
-    let mut emu = Emulator::start(false);
-    let hsm = Yhsm1::open(&emu.path, options()).unwrap();
+    let mut emu = emulator(false);
+    let hsm = Yhsm1::open(emu.path(), options()).unwrap();
     let record = hsm.import_aead(KH_FULL, NonceSource::Given(nonce(4)), &[5; 22]).unwrap();
     let otp = otp_for(&record, 12, 3);
     assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 12);
@@ -781,19 +752,21 @@ fn emulator_killed_mid_session_then_restarted() {
     assert_eq!(hsm.status(), Status::NotReady);
     // A new emulator with the same keys: a new client works, and the AEAD
     // made before the fault still decodes.
-    let emu = Emulator::start(false);
-    let hsm = Yhsm1::open(&emu.path, options()).unwrap();
+    let emu = emulator(false);
+    let hsm = Yhsm1::open(emu.path(), options()).unwrap();
     assert_eq!(hsm.decode_otp(&record, &otp).unwrap().use_ctr, 12);
 }
 
 /// The `yhsm1-daemon` binary owns the emulated device; two clients share it.
 #[test]
 fn emulator_through_the_daemon() {
-    let emu = Emulator::start(false);
+    let emu = emulator(false);
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("yhsm1.sock");
     let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_yhsm1-daemon"))
-        .args(["--device", &emu.path, "--socket", socket.to_str().unwrap()])
+        .arg("--device")
+        .arg(emu.path())
+        .args(["--socket", socket.to_str().unwrap()])
         .spawn()
         .unwrap();
     let connected = (0..200).find_map(|_| {
@@ -820,8 +793,8 @@ fn emulator_through_the_daemon() {
 #[test]
 #[ignore = "measurement"]
 fn emulator_decode_throughput() {
-    let emu = Emulator::start(false);
-    let hsm = Yhsm1::open(&emu.path, options()).unwrap();
+    let emu = emulator(false);
+    let hsm = Yhsm1::open(emu.path(), options()).unwrap();
     let record = hsm.import_aead(KH_FULL, NonceSource::Given(nonce(1)), &[6; 22]).unwrap();
     let otps: Vec<_> = (0..2000u16).map(|i| otp_for(&record, i, 0)).collect();
     let started = std::time::Instant::now();

@@ -4,11 +4,12 @@
 //! and decode compared against the soft backend.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use appliance_tests::yhsm1::Emulator;
 use hmac::{Hmac, Mac};
 use hsm::password::Password;
 use hsm::soft::format::KdfParams;
@@ -63,52 +64,24 @@ fn driver(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pyhsm").join(name)
 }
 
-/// A running `yhsm1-emulator`; killed and reaped on drop.
-struct Emulator {
-    child: Child,
-    path: String,
-    _dir: tempfile::TempDir,
+/// A `yhsm1-emulator` on [`KEYS_JSON`], handle 0x2000 decode-only, with
+/// `extra` arguments.
+fn emulator(extra: &[&str]) -> Emulator {
+    let mut args = vec!["--flags", "0x2000=otp-decode"];
+    args.extend_from_slice(extra);
+    Emulator::start(Path::new(env!("CARGO_BIN_EXE_yhsm1-emulator")), KEYS_JSON, &args)
 }
 
-impl Emulator {
-    fn start(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let keys = dir.path().join("keys.json");
-        std::fs::write(&keys, KEYS_JSON).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_yhsm1-emulator"))
-            .arg("--keys")
-            .arg(&keys)
-            .args(["--flags", "0x2000=otp-decode", "--exit-on-stdin-eof"])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let path = line.trim().to_owned();
-        assert!(path.starts_with("/dev/pts/"), "the emulator printed {line:?}, not a pty path");
-        Self { child, path, _dir: dir }
-    }
-
-    /// Open the pty like a serial device: raw, and reads give up after 10 s
-    /// of silence (a dead emulator fails the test instead of hanging it).
-    fn open(&self) -> Port {
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(&self.path).unwrap();
-        let mut t = tcgetattr(&file).unwrap();
-        t.make_raw();
-        t.special_codes[SpecialCodeIndex::VMIN] = 0;
-        t.special_codes[SpecialCodeIndex::VTIME] = 100;
-        tcsetattr(&file, OptionalActions::Now, &t).unwrap();
-        Port { file, reader: FrameReader::new() }
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Open the emulator's pty like a serial device: raw, and reads give up after
+/// 10 s of silence (a dead emulator fails the test instead of hanging it).
+fn open_port(emu: &Emulator) -> Port {
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(emu.path()).unwrap();
+    let mut t = tcgetattr(&file).unwrap();
+    t.make_raw();
+    t.special_codes[SpecialCodeIndex::VMIN] = 0;
+    t.special_codes[SpecialCodeIndex::VTIME] = 100;
+    tcsetattr(&file, OptionalActions::Now, &t).unwrap();
+    Port { file, reader: FrameReader::new() }
 }
 
 struct Port {
@@ -182,8 +155,8 @@ const YK: YubiKey = YubiKey { public_id: [0, 0, 0, 0, 0x10, 0x01], key: [0x5a; 1
 
 #[test]
 fn raw_frames_over_the_pty() {
-    let emu = Emulator::start(&[]);
-    let mut port = emu.open();
+    let emu = emulator(&[]);
+    let mut port = open_port(&emu);
     // Resync first, as clients do, then the basic commands.
     port.file.write_all(&RESYNC).unwrap();
     assert_eq!(port.ask(&Request::Echo(b"ekoeko".to_vec())), Response::Echo(b"ekoeko".to_vec()));
@@ -276,8 +249,8 @@ fn raw_frames_over_the_pty() {
 
 #[test]
 fn locked_until_the_master_key() {
-    let emu = Emulator::start(&["--locked", "--master-key", MASTER_KEY]);
-    let mut port = emu.open();
+    let emu = emulator(&["--locked", "--master-key", MASTER_KEY]);
+    let mut port = open_port(&emu);
     let gen = |port: &mut Port| aead_of(port.ask(&Request::RandomAeadGenerate { nonce: [0; 6], kh: 1, len: 22 })).status;
     assert_eq!(gen(&mut port), Status::KeyStorageLocked);
     // Echo still works while locked.
@@ -298,7 +271,7 @@ fn locked_until_the_master_key() {
 fn pyhsm_api(python: &Path, emu: &Emulator, ops: &Value) -> Vec<Value> {
     let mut child = Command::new(python)
         .arg(driver("api.py"))
-        .arg(&emu.path)
+        .arg(emu.path())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -323,7 +296,7 @@ fn status(v: &Value) -> u64 {
 #[test]
 fn pyhsm_api_agrees_with_the_soft_backend() {
     let python = python2();
-    let emu = Emulator::start(&[]);
+    let emu = emulator(&[]);
     let (soft, _dir) = soft();
     let record = soft.import_aead(KeyHandle::new(0x2000), NonceSource::Given(AeadNonce::new(YK.public_id)), &YK.secrets()).unwrap();
     let otp = YK.otp(0x0005, 0x0b);
@@ -394,7 +367,7 @@ fn pyhsm_api_agrees_with_the_soft_backend() {
 #[test]
 fn pyhsm_unlocks_a_locked_emulator() {
     let python = python2();
-    let emu = Emulator::start(&["--locked", "--master-key", MASTER_KEY]);
+    let emu = emulator(&["--locked", "--master-key", MASTER_KEY]);
     let wrong = format!("{}00", &MASTER_KEY[..62]);
     let gen = json!({"op": "generate_aead_simple", "nonce": "000000000001", "kh": 1, "data": "41"});
     let ops = json!([gen, {"op": "unlock", "key": wrong}, gen, {"op": "unlock", "key": MASTER_KEY}, gen]);
@@ -412,7 +385,7 @@ fn pyhsm_unlocks_a_locked_emulator() {
 #[test]
 fn pyhsm_tools_generate_keys_and_ksm() {
     let python = python2();
-    let emu = Emulator::start(&[]);
+    let emu = emulator(&[]);
     let (soft, _dir) = soft();
     let work = tempfile::tempdir().unwrap();
     let aeads = work.path().join("aeads");
@@ -420,7 +393,9 @@ fn pyhsm_tools_generate_keys_and_ksm() {
 
     let out = Command::new(&python)
         .arg(pyhsm_tool(&python, "yhsm-generate-keys"))
-        .args(["-D", &emu.path, "-O"])
+        .arg("-D")
+        .arg(emu.path())
+        .arg("-O")
         .arg(&aeads)
         .args(["-c", "3", "--key-handles", "1", "--start-public-id", "4096"])
         .output()
@@ -470,7 +445,9 @@ fn pyhsm_tools_generate_keys_and_ksm() {
     let ksm_log = work.path().join("ksm.log");
     let ksm = Command::new(&python)
         .arg(pyhsm_tool(&python, "yhsm-yubikey-ksm"))
-        .args(["-D", &emu.path, "-B"])
+        .arg("-D")
+        .arg(emu.path())
+        .arg("-B")
         .arg(&aeads)
         .args(["--key-handles", "1", "--addr", "127.0.0.1", "--port", &port.to_string()])
         .stdout(Stdio::null())

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
+use appliance_tests::softhsm2::TokenDir;
 use hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm, DEFAULT_MODULE};
 use hsm::soft::format::KdfParams;
 use hsm::soft::SoftHsm;
@@ -31,24 +32,11 @@ const CLIENT: u64 = 7;
 
 #[test]
 fn validator_serves_from_a_pkcs11_token_chosen_in_toml() {
-    assert!(Path::new(DEFAULT_MODULE).exists(), "{DEFAULT_MODULE} is missing: install the Debian package softhsm2");
-    let dir = tempfile::Builder::new().prefix("softhsm2-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let root = dir.path();
-    std::fs::create_dir(root.join("tokens")).unwrap();
-    let conf = root.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", root.join("tokens").display()),
-    )
-    .unwrap();
-    let out = Command::new("softhsm2-util")
-        .env("SOFTHSM2_CONF", &conf)
-        .args(["--init-token", "--free", "--label", LABEL, "--pin", PIN, "--so-pin", "1357"])
-        .output()
-        .expect("cannot run softhsm2-util: install the Debian package softhsm2");
-    assert!(out.status.success(), "softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));
+    let tokens = TokenDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")), Path::new(DEFAULT_MODULE));
+    let _slot = tokens.init_token(LABEL, PIN, "1357");
+    let root = tokens.root();
     // The only test of this binary; the server inherits it.
-    std::env::set_var("SOFTHSM2_CONF", &conf);
+    tokens.use_in_this_process();
     let pin_file = root.join("pin");
     std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
 
@@ -86,7 +74,7 @@ fn validator_serves_from_a_pkcs11_token_chosen_in_toml() {
     )
     .unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_validator"));
-    cmd.args(["serve", "--config", path(&config)]).env("SOFTHSM2_CONF", &conf).env("RUST_LOG", "info");
+    cmd.args(["serve", "--config", path(&config)]).env("SOFTHSM2_CONF", tokens.conf()).env("RUST_LOG", "info");
     let server = Server::spawn(cmd);
     let otp = yubikey.otp(ticket(0));
     assert_eq!(server.status_of(CLIENT, &otp), "OK", "{}", server.log());
