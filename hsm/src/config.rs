@@ -62,6 +62,7 @@ use std::time::Duration;
 use otp::KeyHandle;
 use serde::{Deserialize, Deserializer};
 
+use crate::admin::KeyAdmin;
 use crate::pkcs11::{Pkcs11Config, Pkcs11Hsm};
 use crate::soft::SoftHsm;
 use crate::yhsm1::client::{Yhsm1, Yhsm1Options};
@@ -243,18 +244,37 @@ impl HsmConfig {
     /// Open the module and unlock it with the configured password, PIN or
     /// master key (see the [module docs](self)).
     pub fn open(&self) -> Result<Arc<dyn SecurityModule>, Error> {
+        Ok(match self.open_any()? {
+            Opened::Admin(m) => m,
+            Opened::Plain(m) => m,
+        })
+    }
+
+    /// The same, for the key ceremony: a module that creates, imports and
+    /// exports key-handle keys. A YubiHSM 1 is refused: it takes its keys
+    /// in its configuration mode only.
+    pub fn open_admin(&self) -> Result<Arc<dyn KeyAdmin>, Error> {
+        match self.open_any()? {
+            Opened::Admin(m) => Ok(m),
+            Opened::Plain(_) => Err(Error::Unsupported(
+                "a YubiHSM 1 takes its key handles in its configuration mode (its console), not from this program".to_owned(),
+            )),
+        }
+    }
+
+    fn open_any(&self) -> Result<Opened, Error> {
         self.check()?;
         match self {
             Self::Soft { keystore, sealed_password: Some(sealed), unlock_token: Some(token), .. } => {
-                Ok(Arc::new(crate::pkcs11::unlock::unlock_with_token(keystore, sealed, token)?))
+                Ok(Opened::Admin(Arc::new(crate::pkcs11::unlock::unlock_with_token(keystore, sealed, token)?)))
             }
             Self::Soft { keystore, password_file, .. } => {
                 let hsm = SoftHsm::open(keystore)?;
                 let pw = password::obtain(password_file.as_deref(), "Keystore password: ", false)?;
                 hsm.unlock(&pw)?;
-                Ok(Arc::new(hsm))
+                Ok(Opened::Admin(Arc::new(hsm)))
             }
-            Self::Pkcs11(c) => Ok(Arc::new(Pkcs11Hsm::open(c.clone())?)),
+            Self::Pkcs11(c) => Ok(Opened::Admin(Arc::new(Pkcs11Hsm::open(c.clone())?))),
             Self::Yhsm1(c) => {
                 let options = Yhsm1Options {
                     timeout: c.timeout_ms.map_or(Duration::ZERO, Duration::from_millis),
@@ -268,10 +288,15 @@ impl HsmConfig {
                     let key = password::obtain(Some(file), "", false)?;
                     hsm.unlock(&key)?;
                 }
-                Ok(Arc::new(hsm))
+                Ok(Opened::Plain(Arc::new(hsm)))
             }
         }
     }
+}
+
+enum Opened {
+    Admin(Arc<dyn KeyAdmin>),
+    Plain(Arc<dyn SecurityModule>),
 }
 
 enum Yhsm1Target<'a> {

@@ -23,6 +23,10 @@ pub enum Error {
     /// No key handle with this id.
     #[error("key handle {0} does not exist")]
     UnknownKeyHandle(KeyHandle),
+    /// This module cannot do that at all (a YubiHSM 1 creating key
+    /// handles, a non-extractable PKCS#11 key leaving its token).
+    #[error("{0}")]
+    Unsupported(String),
     /// The key handle exists but its flags forbid the operation.
     #[error("key handle {key_handle} is not permitted to {operation} (needs flags {needs})")]
     NotPermitted {
@@ -97,6 +101,7 @@ impl Error {
                 | Self::Random(_)
                 | Self::UnknownKeyHandle(_)
                 | Self::NotPermitted { .. }
+                | Self::Unsupported(_)
         )
     }
 

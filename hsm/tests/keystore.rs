@@ -867,13 +867,13 @@ fn decode_only_export_for_the_servers() {
     let secrets = YubiKeySecrets::from_plaintext(&hsm.decrypt_aead(&rec).unwrap()).unwrap();
     let out = dir.path().join("servers.keystore");
     let server_pw = Password::new("another password for the servers").unwrap();
-    let listed = hsm.export_decode_only(&out, &server_pw, KDF, &[kh]).unwrap();
+    let listed = hsm::admin::export_decode_only(&hsm, &out, &server_pw, KDF, &[kh]).unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!((listed[0].key_handle, listed[0].flags, listed[0].key_bits), (kh, Flags::OTP_DECODE, 256));
     assert_eq!(mode(&out) & 0o777, 0o600);
-    assert!(hsm.export_decode_only(&out, &server_pw, KDF, &[kh]).is_err(), "never overwrites");
+    assert!(hsm::admin::export_decode_only(&hsm, &out, &server_pw, KDF, &[kh]).is_err(), "never overwrites");
     assert!(matches!(
-        hsm.export_decode_only(&dir.path().join("x"), &server_pw, KDF, &[KeyHandle::new(0x999)]),
+        hsm::admin::export_decode_only(&hsm, &dir.path().join("x"), &server_pw, KDF, &[KeyHandle::new(0x999)]),
         Err(Error::UnknownKeyHandle(_))
     ));
 

@@ -18,6 +18,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use appliance_tests::softhsm2::TokenDir;
+use hsm::admin::{export_decode_only, KeyAdmin};
 use hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm, DEFAULT_MODULE};
 use hsm::soft::format::KdfParams;
 use hsm::soft::SoftHsm;
@@ -357,6 +358,48 @@ fn handle_keys_cannot_leave_the_token() {
     let i = hsm.key_protection(imported).unwrap();
     assert!(i.sensitive && !i.extractable && i.on_token && !i.value_readable, "{i:?}");
     assert!(!i.local, "an imported key is not generated in the token: {i:?}");
+}
+
+/// The key ceremony on a token: an exportable handle leaves only for the
+/// servers' keystore, and the servers' copy makes the same AEADs; a
+/// non-extractable one never leaves.
+#[test]
+fn exportable_handles_leave_only_through_the_ceremony() {
+    let hsm = open("ceremony");
+    let (laptop, server_only) = (KeyHandle::new(0x60), KeyHandle::new(0x61));
+    KeyAdmin::create_handle(&hsm, laptop, FULL, 256, true).unwrap();
+    KeyAdmin::create_handle(&hsm, server_only, Flags::OTP_DECODE, 128, false).unwrap();
+    let p = hsm.key_protection(laptop).unwrap();
+    assert!(p.sensitive && p.extractable && p.local && !p.value_readable, "wrapped out only, never shown: {p:?}");
+    let e = hsm.export_handle_keys(&[server_only]).unwrap_err();
+    assert!(matches!(&e, Error::Unsupported(m) if m.contains("non-extractable")), "{e:?}");
+    assert!(matches!(hsm.export_handle_keys(&[KeyHandle::new(0x6f)]), Err(Error::UnknownKeyHandle(_))));
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("servers.keystore");
+    let pw = Password::new("servers").unwrap();
+    let listed = export_decode_only(&hsm, &out, &pw, KdfParams::INSECURE_FOR_TESTS, &[laptop]).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].flags, listed[0].key_bits), (Flags::OTP_DECODE, 256));
+    let servers = SoftHsm::open(&out).unwrap();
+    servers.unlock(&pw).unwrap();
+    // The laptop's token wraps a secret; the servers' keystore decodes it.
+    let rec = hsm.generate_yubikey_aeads(&[laptop], NonceSource::Random).unwrap().remove(0);
+    let secrets = yubikey_secrets(&hsm, &rec);
+    let otp = TokenFields { uid: *secrets.uid.expose(), counter: 9, ..Default::default() }.build().encrypt(&secrets.key);
+    assert_eq!(servers.decode_otp(&rec, &otp).unwrap().use_ctr, 9);
+    assert!(matches!(servers.generate_yubikey_aeads(&[laptop], NonceSource::Random), Err(Error::NotPermitted { .. })));
+
+    // A server's token loads the servers' keystore: all or nothing.
+    let server_token = open("ceremony-server");
+    let keys = servers.export_handle_keys(&[laptop]).unwrap();
+    server_token.import_handle_key(KeyHandle::new(0x62), Flags::OTP_DECODE, &HandleKey::new(&[1; 16]).unwrap()).unwrap();
+    let clash = [keys[0].clone(), (KeyHandle::new(0x62), Flags::OTP_DECODE, HandleKey::new(&[2; 16]).unwrap())];
+    assert!(matches!(KeyAdmin::import_handles(&server_token, &clash), Err(Error::DuplicateKeyHandle(_))));
+    assert!(matches!(server_token.export_handle_keys(&[laptop]), Err(Error::UnknownKeyHandle(_))), "nothing was stored");
+    KeyAdmin::import_handles(&server_token, &keys).unwrap();
+    assert_eq!(server_token.decode_otp(&rec, &otp).unwrap().use_ctr, 9);
+    assert!(!server_token.key_protection(laptop).unwrap().extractable, "imported keys never leave again");
 }
 
 #[test]

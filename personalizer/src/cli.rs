@@ -9,18 +9,20 @@
 //! fails.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
+use hsm::admin::{export_decode_only, KeyAdmin};
+use hsm::config::HsmConfig;
 use hsm::signing::{SigningKey, VerifyingKey};
 use hsm::soft::format::KdfParams;
-use hsm::soft::SoftHsm;
-use hsm::{password, Flags, Password, SecurityModule};
+use hsm::{password, Flags, Password, Status};
 use otp::KeyHandle;
 
 use crate::audit::AuditLog;
 use crate::event::{AuditEvent, AuditSink};
-use crate::home::Home;
+use crate::home::{parse_hsm_table, Home, ModuleSetting};
 use crate::operators::{AuthData, OperatorDb, OperatorName, Session, SessionToken};
 use crate::quorum::{policy_context, QuorumOperation, QuorumToken};
 
@@ -34,9 +36,10 @@ pub struct HomeArgs {
     /// audit log, signing key).
     #[arg(long, global = true, env = "PERSONALIZER_HOME", value_name = "DIR")]
     pub home: Option<PathBuf>,
-    /// File holding the keystore password (one line); prompted for on the
-    /// terminal without it. The keystore signs the audit log, so every
-    /// command needs it.
+    /// File holding the keystore password (one line), or the token's PIN
+    /// when the `[hsm]` table names no `pin_file` or `pin_env`; prompted
+    /// for on the terminal without it. The module seals the signing key of
+    /// the audit log, so every command needs it.
     #[arg(long, global = true, env = "PERSONALIZER_KEYSTORE_PASSWORD_FILE", value_name = "FILE")]
     pub keystore_password_file: Option<PathBuf>,
     /// The session file written by `personalizer login` (privileged
@@ -50,8 +53,19 @@ impl HomeArgs {
         self.home.as_deref().ok_or_else(|| "name the home directory with --home DIR or PERSONALIZER_HOME".to_owned())
     }
 
-    fn keystore_password(&self) -> CliResult<Password> {
-        password::obtain(self.keystore_password_file.as_deref(), "Keystore password: ", false).map_err(|e| e.to_string())
+    /// Open and unlock the module `config` describes. A soft keystore
+    /// without a password source of its own takes `--keystore-password-file`;
+    /// a token left locked (no PIN configured) takes it as the PIN.
+    fn open_module(&self, mut config: HsmConfig) -> CliResult<Arc<dyn KeyAdmin>> {
+        if let HsmConfig::Soft { password_file: password_file @ None, sealed_password: None, .. } = &mut config {
+            password_file.clone_from(&self.keystore_password_file);
+        }
+        let hsm = config.open_admin().map_err(|e| e.to_string())?;
+        if hsm.status() == Status::Locked {
+            let pin = password::obtain(self.keystore_password_file.as_deref(), "Token PIN: ", false).map_err(|e| e.to_string())?;
+            hsm.unlock(&pin).map_err(|e| e.to_string())?;
+        }
+        Ok(hsm)
     }
 }
 
@@ -65,7 +79,7 @@ pub fn now() -> u64 {
 /// operators and audit log.
 pub struct Context {
     home: Home,
-    hsm: SoftHsm,
+    hsm: Arc<dyn KeyAdmin>,
     signer: SigningKey,
     operators: OperatorDb,
     audit: AuditLog,
@@ -82,9 +96,8 @@ impl Context {
     /// Open the home directory of `args` and unlock its keystore.
     pub fn open(args: &HomeArgs) -> CliResult<Self> {
         let home = Home::open(args.dir()?).map_err(|e| e.to_string())?;
-        let hsm = SoftHsm::open(&home.keystore()).map_err(|e| e.to_string())?;
-        hsm.unlock(&args.keystore_password()?).map_err(|e| e.to_string())?;
-        let signer = SigningKey::unseal_file(&hsm, &home.signing_key()).map_err(|e| format!("signing key: {e}"))?;
+        let hsm = args.open_module(home.module().map_err(|e| e.to_string())?)?;
+        let signer = SigningKey::unseal_file(&*hsm, &home.signing_key()).map_err(|e| format!("signing key: {e}"))?;
         let operators = OperatorDb::open(&home).map_err(|e| e.to_string())?;
         let audit = AuditLog::open_with_head(&home.audit_db(), &home.audit_head()).map_err(|e| e.to_string())?;
         Ok(Self { home, hsm, signer, operators, audit, session_file: args.session.clone() })
@@ -98,8 +111,8 @@ impl Context {
 
     /// The unlocked security module.
     #[must_use]
-    pub fn hsm(&self) -> &SoftHsm {
-        &self.hsm
+    pub fn hsm(&self) -> &dyn KeyAdmin {
+        &*self.hsm
     }
 
     /// The installation's signing key (bundles, audit checkpoints).
@@ -156,6 +169,18 @@ impl Context {
     }
 }
 
+/// The module, for the audit log (no PIN or password, only where it is).
+fn describe(module: &HsmConfig) -> String {
+    match module {
+        HsmConfig::Soft { keystore, .. } => format!("soft keystore {}", keystore.display()),
+        HsmConfig::Pkcs11(c) => {
+            let token = c.token_label.as_ref().map_or_else(|| format!("slot {}", c.slot.unwrap_or(-1)), |l| format!("token {l:?}"));
+            format!("PKCS#11 {token} ({})", c.module.display())
+        }
+        HsmConfig::Yhsm1(_) => "YubiHSM 1".to_owned(),
+    }
+}
+
 fn read_password(file: Option<&Path>, prompt: &str, confirm: bool) -> CliResult<Password> {
     password::obtain(file, prompt, confirm).map_err(|e| e.to_string())
 }
@@ -169,11 +194,17 @@ fn name(s: &str) -> CliResult<OperatorName> {
 
 /// `personalizer init`.
 #[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("module").required(true).args(["keystore", "hsm_config"])))]
 pub struct InitArgs {
-    /// The keystore (the soft security module) this installation uses; it
-    /// must exist (`personalizer keystore init`).
+    /// The soft keystore this installation uses; it must exist
+    /// (`personalizer keystore init`).
     #[arg(long, value_name = "FILE")]
-    pub keystore: PathBuf,
+    pub keystore: Option<PathBuf>,
+    /// A TOML file holding an `[hsm]` table naming the module instead: a
+    /// PKCS#11 token (`type = "pkcs11"`, `token_label`, `pin_file`, …) or
+    /// a soft keystore unlocked through one. Copied into personalizer.toml.
+    #[arg(long, value_name = "FILE")]
+    pub hsm_config: Option<PathBuf>,
     /// This module's name in 2FA challenge files (`HsmId`).
     #[arg(long, default_value = "personalizer", value_name = "NAME")]
     pub hsm_id: String,
@@ -184,12 +215,23 @@ pub struct InitArgs {
 /// and an audit log whose first entry is this. Returns the report.
 pub fn init(args: &HomeArgs, init: &InitArgs) -> CliResult<String> {
     let dir = args.dir()?;
-    let keystore = std::path::absolute(&init.keystore).map_err(|e| format!("{}: {e}", init.keystore.display()))?;
-    let hsm = SoftHsm::open(&keystore).map_err(|e| e.to_string())?;
-    hsm.unlock(&args.keystore_password()?).map_err(|e| e.to_string())?;
-    let home = Home::create(dir, &keystore, &init.hsm_id).map_err(|e| e.to_string())?;
+    let (keystore, table);
+    let (setting, module) = match (&init.keystore, &init.hsm_config) {
+        (Some(k), _) => {
+            keystore = std::path::absolute(k).map_err(|e| format!("{}: {e}", k.display()))?;
+            let soft = HsmConfig::Soft { keystore: keystore.clone(), password_file: None, sealed_password: None, unlock_token: None };
+            (ModuleSetting::Keystore(&keystore), soft)
+        }
+        (None, Some(file)) => {
+            table = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            (ModuleSetting::Table(&table), parse_hsm_table(&table).map_err(|e| format!("{}: {e}", file.display()))?)
+        }
+        (None, None) => return Err("name the module with --keystore FILE or --hsm-config FILE".to_owned()),
+    };
+    let hsm = args.open_module(module.clone())?;
+    let home = Home::create(dir, setting, &init.hsm_id).map_err(|e| e.to_string())?;
     let signer = SigningKey::generate().map_err(|e| e.to_string())?;
-    signer.seal_to_file(&hsm, &home.signing_key()).map_err(|e| e.to_string())?;
+    signer.seal_to_file(&*hsm, &home.signing_key()).map_err(|e| e.to_string())?;
     let public = signer.verifying_key();
     let pem = public.to_pem().map_err(|e| e.to_string())?;
     std::fs::write(home.signing_public_key(), pem).map_err(|e| format!("{}: {e}", home.signing_public_key().display()))?;
@@ -198,7 +240,7 @@ pub fn init(args: &HomeArgs, init: &InitArgs) -> CliResult<String> {
     let event = AuditEvent::ok(
         None,
         "init",
-        serde_json::json!({ "keystore": keystore.display().to_string(), "hsm_id": init.hsm_id, "signing_key": public.fingerprint() }),
+        serde_json::json!({ "module": describe(&module), "hsm_id": init.hsm_id, "signing_key": public.fingerprint() }),
     );
     audit.record(&event).map_err(|e| format!("audit log: {e}"))?;
     audit.checkpoint(&signer).map_err(|e| format!("audit checkpoint: {e}"))?;
@@ -679,7 +721,8 @@ pub fn key_handle(args: &HomeArgs, cmd: &KeyHandleCommand) -> CliResult<String> 
             let result = (|| {
                 let session = session?;
                 approvers = ctx.quorum(&session, approval.as_deref(), QuorumOperation::CreateKeyHandle, &key_handle.to_string())?;
-                let info = ctx.hsm().add_handle(*key_handle, *flags, *key_bits).map_err(|e| e.to_string())?;
+                // Exportable: the validation servers get it (export-servers).
+                let info = ctx.hsm().create_handle(*key_handle, *flags, *key_bits, true).map_err(|e| e.to_string())?;
                 Ok(format!("created key handle {} (AES-{}, flags {}) inside the module", info.key_handle, info.key_bits, info.flags))
             })();
             (
@@ -711,7 +754,7 @@ pub fn key_handle(args: &HomeArgs, cmd: &KeyHandleCommand) -> CliResult<String> 
                 approvers = ctx.quorum(&session, approval.as_deref(), QuorumOperation::ExportKeystore, &context)?;
                 let pw = read_password(export_password_file.as_deref(), "Password for the servers' keystore: ", true)?;
                 let kdf = KdfParams { memory_kib: kdf_memory_mib.saturating_mul(1024), iterations: *kdf_iterations, parallelism: 1 };
-                let listed = ctx.hsm().export_decode_only(out, &pw, kdf, &handles).map_err(|e| e.to_string())?;
+                let listed = export_decode_only(ctx.hsm(), out, &pw, kdf, &handles).map_err(|e| e.to_string())?;
                 Ok(format!("exported {} decode-only key handle(s) to {} (mode 0600)", listed.len(), out.display()))
             })();
             ("key-handle.export-servers", serde_json::json!({ "handles": context, "out": out.display().to_string() }), result)

@@ -11,12 +11,19 @@
 //! <home>/signing-key.pub.pem   its public half, for `--trust`
 //! ```
 //!
+//! The security module is either a soft keystore file (`keystore = PATH`,
+//! relative to the home directory) or an `[hsm]` table, as the servers'
+//! configuration files have one ([`hsm::config`]): a PKCS#11 token on the
+//! laptop, or a soft keystore unlocked through a token. A YubiHSM 1 cannot
+//! be the laptop's module (it takes its key handles on its own console).
+//!
 //! The pepper lives in the configuration file, not in `operators.db`
 //! beside the password hashes, so that whoever can write the database
 //! cannot plant a hash of a password they know.
 
 use std::path::{Path, PathBuf};
 
+use hsm::config::HsmConfig;
 use hsm::fsutil::{write_atomic, Mode};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -28,9 +35,10 @@ pub const CONFIG_FILE: &str = "personalizer.toml";
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// The keystore file (the soft security module); relative paths are
-    /// relative to the home directory.
-    pub keystore: PathBuf,
+    /// The soft keystore file, relative to the home directory unless
+    /// absolute. Not together with `[hsm]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keystore: Option<PathBuf>,
     /// Per-installation pepper mixed into every operator password hash:
     /// 64 hex characters.
     pub pepper: String,
@@ -48,6 +56,40 @@ pub struct Config {
     /// argon2id passes of new operator password hashes.
     #[serde(default = "default_kdf_iterations")]
     pub operator_kdf_iterations: u32,
+    /// `[hsm]`: the security module, when it is not a plain keystore file.
+    /// Written by `init` from the table it was given, as given.
+    #[serde(default, skip_serializing)]
+    pub hsm: Option<HsmConfig>,
+}
+
+/// Where `personalizer init` finds the security module.
+#[derive(Clone, Copy, Debug)]
+pub enum ModuleSetting<'a> {
+    /// A soft keystore file.
+    Keystore(&'a Path),
+    /// A TOML document holding one `[hsm]` table, copied into the
+    /// configuration as written.
+    Table(&'a str),
+}
+
+/// A TOML document holding only an `[hsm]` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HsmTable {
+    hsm: HsmConfig,
+}
+
+/// Parse `text`, a TOML document holding only an `[hsm]` table, and refuse
+/// modules the laptop cannot use.
+pub fn parse_hsm_table(text: &str) -> Result<HsmConfig, HomeError> {
+    let table: HsmTable = toml::from_str(text).map_err(|e| HomeError::Config(format!("the [hsm] table: {e}")))?;
+    if matches!(table.hsm, HsmConfig::Yhsm1(_)) {
+        return Err(HomeError::Config(
+            "a YubiHSM 1 cannot be the personalizer's module: it takes key handles on its own console and cannot seal the signing key"
+                .to_owned(),
+        ));
+    }
+    Ok(table.hsm)
 }
 
 fn default_kdf_memory_mib() -> u32 {
@@ -76,6 +118,7 @@ impl std::fmt::Debug for Config {
             .field("challenge_ttl_secs", &self.challenge_ttl_secs)
             .field("operator_kdf_memory_mib", &self.operator_kdf_memory_mib)
             .field("operator_kdf_iterations", &self.operator_kdf_iterations)
+            .field("hsm", &self.hsm)
             .finish()
     }
 }
@@ -113,20 +156,31 @@ pub struct Home {
 impl Home {
     /// Write a new configuration into `dir` (created, mode 0700) with a
     /// fresh random pepper. Refuses to overwrite one.
-    pub fn create(dir: &Path, keystore: &Path, hsm_id: &str) -> Result<Self, HomeError> {
+    pub fn create(dir: &Path, module: ModuleSetting<'_>, hsm_id: &str) -> Result<Self, HomeError> {
+        let (keystore, hsm, table) = match module {
+            ModuleSetting::Keystore(path) => (Some(path.to_path_buf()), None, ""),
+            ModuleSetting::Table(text) => (None, Some(parse_hsm_table(text)?), text),
+        };
         create_private_dir(dir)?;
         let mut pepper = Zeroizing::new([0u8; 32]);
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, pepper.as_mut());
         let config = Config {
-            keystore: keystore.to_path_buf(),
+            keystore,
             pepper: hex::encode(pepper.as_ref()),
             hsm_id: hsm_id.to_owned(),
             session_ttl_secs: default_session_ttl(),
             challenge_ttl_secs: default_challenge_ttl(),
             operator_kdf_memory_mib: default_kdf_memory_mib(),
             operator_kdf_iterations: default_kdf_iterations(),
+            hsm,
         };
-        let text = Zeroizing::new(toml::to_string(&config).map_err(|e| HomeError::Config(e.to_string()))?);
+        let mut text = Zeroizing::new(toml::to_string(&config).map_err(|e| HomeError::Config(e.to_string()))?);
+        if !table.is_empty() {
+            // Tables come after the plain keys.
+            text.push('\n');
+            text.push_str(table.trim_end());
+            text.push('\n');
+        }
         write_atomic(&dir.join(CONFIG_FILE), text.as_bytes(), Mode::CreateNew)?;
         Ok(Self { dir: dir.to_path_buf(), config })
     }
@@ -139,7 +193,9 @@ impl Home {
         })?);
         let config: Config = toml::from_str(&text).map_err(|e| HomeError::Config(format!("{}: {e}", path.display())))?;
         config.pepper_bytes()?;
-        Ok(Self { dir: dir.to_path_buf(), config })
+        let home = Self { dir: dir.to_path_buf(), config };
+        home.module().map_err(|e| HomeError::Config(format!("{}: {e}", path.display())))?;
+        Ok(home)
     }
 
     /// The directory.
@@ -154,10 +210,27 @@ impl Home {
         &self.config
     }
 
-    /// The keystore file, resolved against the home directory.
+    /// The security module's configuration: `keystore` (resolved against
+    /// the home directory) as a soft module, or the `[hsm]` table.
+    pub fn module(&self) -> Result<HsmConfig, HomeError> {
+        match (&self.config.keystore, &self.config.hsm) {
+            (Some(keystore), None) => {
+                Ok(HsmConfig::Soft { keystore: self.dir.join(keystore), password_file: None, sealed_password: None, unlock_token: None })
+            }
+            (None, Some(HsmConfig::Yhsm1(_))) => Err(HomeError::Config("a YubiHSM 1 cannot be the personalizer's module".to_owned())),
+            (None, Some(hsm)) => Ok(hsm.clone()),
+            (Some(_), Some(_)) => Err(HomeError::Config("give either `keystore` or an [hsm] table, not both".to_owned())),
+            (None, None) => Err(HomeError::Config("no security module: give `keystore` or an [hsm] table".to_owned())),
+        }
+    }
+
+    /// The soft keystore file, when the module is one.
     #[must_use]
-    pub fn keystore(&self) -> PathBuf {
-        self.dir.join(&self.config.keystore)
+    pub fn keystore(&self) -> Option<PathBuf> {
+        match self.module() {
+            Ok(HsmConfig::Soft { keystore, .. }) => Some(keystore),
+            _ => None,
+        }
     }
 
     /// Operators, challenges, sessions and quorum requests.
@@ -216,17 +289,41 @@ mod tests {
     fn create_then_open_round_trips_and_refuses_unknown_keys() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("home");
-        let home = Home::create(&dir, Path::new("keystore.json"), "laptop-1").unwrap();
+        let home = Home::create(&dir, ModuleSetting::Keystore(Path::new("keystore.json")), "laptop-1").unwrap();
         assert_eq!(home.config().pepper_bytes().unwrap().len(), 32);
-        assert!(Home::create(&dir, Path::new("k"), "x").is_err(), "never overwritten");
+        assert!(Home::create(&dir, ModuleSetting::Keystore(Path::new("k")), "x").is_err(), "never overwritten");
         let again = Home::open(&dir).unwrap();
         assert_eq!(again.config().pepper, home.config().pepper);
-        assert_eq!(again.keystore(), dir.join("keystore.json"));
+        assert_eq!(again.keystore(), Some(dir.join("keystore.json")));
         assert!(!format!("{:?}", again.config()).contains(&home.config().pepper));
         let path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, format!("{text}\nsurprise = 1\n")).unwrap();
         let err = Home::open(&dir).unwrap_err().to_string();
         assert!(err.contains("surprise"), "{err}");
+    }
+
+    #[test]
+    fn an_hsm_table_is_kept_as_written_and_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let table = "[hsm]\ntype = \"pkcs11\"\ntoken_label = \"laptop\"\npin_file = \"/etc/laptop.pin\"\n";
+        let home = Home::create(&tmp.path().join("a"), ModuleSetting::Table(table), "laptop-1").unwrap();
+        let again = Home::open(home.dir()).unwrap();
+        let HsmConfig::Pkcs11(c) = again.module().unwrap() else { panic!("not pkcs11") };
+        assert_eq!(c.token_label.as_deref(), Some("laptop"));
+        assert_eq!(again.keystore(), None);
+        for (bad, why) in [
+            ("[hsm]\ntype = \"yhsm1\"\ndevice = \"/dev/ttyACM0\"\n", "YubiHSM 1"),
+            ("[hsm]\ntype = \"pkcs11\"\ntokn_label = \"x\"\n", "tokn_label"),
+            ("hsm_id = \"x\"\n[hsm]\ntype = \"pkcs11\"\n", "hsm_id"),
+        ] {
+            let e = Home::create(&tmp.path().join("b"), ModuleSetting::Table(bad), "x").unwrap_err().to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        // Both a keystore and a table: refused when opened.
+        let path = home.dir().join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("keystore = \"k\"\n{text}")).unwrap();
+        assert!(Home::open(home.dir()).unwrap_err().to_string().contains("not both"));
     }
 }

@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use hsm::signing::VerifyingKey;
 use hsm::Password;
-use personalizer::home::Home;
+use personalizer::home::{Home, ModuleSetting};
 use personalizer::operators::{AuthData, KdfCost, OperatorDb, OperatorError, OperatorName, SessionToken};
 use sha2::{Digest as _, Sha256};
 use tempfile::TempDir;
@@ -81,7 +81,7 @@ struct Fx {
 
 fn fx() -> Fx {
     let dir = tempfile::tempdir().unwrap();
-    let home = Home::create(&dir.path().join("home"), Path::new("keystore"), "laptop-1").unwrap();
+    let home = Home::create(&dir.path().join("home"), ModuleSetting::Keystore(Path::new("keystore")), "laptop-1").unwrap();
     let db = OperatorDb::open_with_cost(&home, KdfCost::MINIMAL).unwrap();
     Fx { dir, home, db }
 }
@@ -444,7 +444,7 @@ fn a_hash_copied_into_another_installation_does_not_verify() {
     // And a second Home over A's database with another pepper refuses it.
     let other_home_dir = a.p().join("other");
     std::fs::create_dir(&other_home_dir).unwrap();
-    let other = Home::create(&other_home_dir, Path::new("keystore"), "laptop-1").unwrap();
+    let other = Home::create(&other_home_dir, ModuleSetting::Keystore(Path::new("keystore")), "laptop-1").unwrap();
     std::fs::copy(a.home.operators_db(), other.operators_db()).unwrap();
     let mut other_db = OperatorDb::open_with_cost(&other, KdfCost::MINIMAL).unwrap();
     assert!(matches!(other_db.begin_login(&name("alice"), &pw("alice-pw"), T0), Err(OperatorError::WrongCredentials)));

@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use hsm::signing::VerifyingKey;
 use hsm::Password;
-use personalizer::home::Home;
+use personalizer::home::{Home, ModuleSetting};
 use personalizer::operators::{AuthData, KdfCost, OperatorDb, OperatorError, OperatorName, Session};
 use personalizer::quorum::{policy_context, QuorumOperation as Op, QuorumToken, QUORUM_TOKEN_TTL_SECS};
 use tempfile::TempDir;
@@ -66,7 +66,7 @@ struct Fx {
 impl Fx {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let home = Home::create(&dir.path().join("home"), Path::new("keystore"), "laptop-1").unwrap();
+        let home = Home::create(&dir.path().join("home"), ModuleSetting::Keystore(Path::new("keystore")), "laptop-1").unwrap();
         let db = OperatorDb::open_with_cost(&home, KdfCost::MINIMAL).unwrap();
         Self { dir, home, db }
     }

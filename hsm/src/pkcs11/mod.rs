@@ -102,6 +102,7 @@ use zeroize::{Zeroize, Zeroizing};
 use self::config::SlotSelector;
 pub use self::config::{Pkcs11Config, DEFAULT_DATA_KEY_PREFIX, DEFAULT_HANDLE_PREFIX, DEFAULT_MODULE, DEFAULT_RETRIES};
 pub use self::wrapped::TokenWrappedSecret;
+use crate::admin::{ExportedKey, KeyAdmin};
 use crate::{DataKey, Error, Flags, HandleInfo, NonceSource, OtpFault, Password, SecurityModule, Status};
 
 /// Version byte of [`SecurityModule::encrypt_value`] output (as the soft
@@ -649,10 +650,7 @@ impl Pkcs11Hsm {
     /// token object, encrypt-only (ECB and CBC, where the token honours
     /// `CKA_ALLOWED_MECHANISMS`), flags in `CKA_ID`.
     pub fn add_handle(&self, kh: KeyHandle, flags: Flags, key_bits: usize) -> Result<HandleInfo, Error> {
-        if !matches!(key_bits, 128 | 192 | 256) {
-            return Err(Error::InvalidInput(format!("key size must be 128, 192 or 256 bits, not {key_bits}")));
-        }
-        self.create_handle_key(kh, flags, key_bits, None)
+        self.create_handle_key(kh, flags, key_bits, None, false)
     }
 
     /// Load a **known** AES key as a key handle: the migration path from
@@ -664,10 +662,22 @@ impl Pkcs11Hsm {
     /// extractable), but the token will not mark it `CKA_LOCAL` or
     /// `CKA_NEVER_EXTRACTABLE`-since-birth.
     pub fn import_handle_key(&self, kh: KeyHandle, flags: Flags, key: &HandleKey) -> Result<HandleInfo, Error> {
-        self.create_handle_key(kh, flags, key.bits(), Some(key.expose()))
+        self.create_handle_key(kh, flags, key.bits(), Some(key.expose()), false)
     }
 
-    fn create_handle_key(&self, kh: KeyHandle, flags: Flags, key_bits: usize, value: Option<&[u8]>) -> Result<HandleInfo, Error> {
+    /// `extractable`: the key may leave the token, wrapped (still
+    /// sensitive: never shown in plaintext).
+    fn create_handle_key(
+        &self,
+        kh: KeyHandle,
+        flags: Flags,
+        key_bits: usize,
+        value: Option<&[u8]>,
+        extractable: bool,
+    ) -> Result<HandleInfo, Error> {
+        if !matches!(key_bits, 128 | 192 | 256) {
+            return Err(Error::InvalidInput(format!("key size must be 128, 192 or 256 bits, not {key_bits}")));
+        }
         self.require_unlocked()?;
         let label = self.config.handle_label(kh);
         let find = token_key_template(&label);
@@ -683,7 +693,7 @@ impl Pkcs11Hsm {
                 Attribute::Token(true),
                 Attribute::Private(true),
                 Attribute::Sensitive(true),
-                Attribute::Extractable(false),
+                Attribute::Extractable(extractable),
                 Attribute::Encrypt(true),
                 Attribute::Decrypt(false),
                 Attribute::Sign(false),
@@ -718,7 +728,7 @@ impl Pkcs11Hsm {
             Ok(())
         })?;
         self.handles.write().unwrap_or_else(PoisonError::into_inner).remove(&kh);
-        tracing::info!(key_handle = %kh, %flags, bits = key_bits, generated_in_token = value.is_none(), "added key handle");
+        tracing::info!(key_handle = %kh, %flags, bits = key_bits, generated_in_token = value.is_none(), extractable, "added key handle");
         Ok(HandleInfo { key_handle: kh, flags, key_bits })
     }
 
@@ -844,6 +854,82 @@ fn check_otp(plain: &[u8], otp: &TokenCiphertext) -> Result<OtpDecode, Error> {
 /// Associated data binding a value to its purpose (as the soft backend).
 fn value_aad(key: DataKey) -> Vec<u8> {
     format!("otp-appliance/value/v1/{}", key.name()).into_bytes()
+}
+
+/// The key ceremony on a token. Handles made `exportable` are sensitive but
+/// extractable: the token never shows their value, but lets them out
+/// wrapped; [`KeyAdmin::export_handle_keys`] wraps each under a fresh
+/// session key and unwraps a non-sensitive session copy to read it, so the
+/// key is in host memory (zeroized) only for the servers' keystore. Other
+/// handles can never leave the token.
+impl KeyAdmin for Pkcs11Hsm {
+    fn create_handle(&self, kh: KeyHandle, flags: Flags, key_bits: usize, exportable: bool) -> Result<HandleInfo, Error> {
+        self.create_handle_key(kh, flags, key_bits, None, exportable)
+    }
+
+    fn import_handles(&self, new: &[ExportedKey]) -> Result<(), Error> {
+        // A token has no transaction: check first, so that a clash fails
+        // before anything is stored.
+        let held = self.key_handles()?;
+        if let Some((kh, _, _)) = new.iter().find(|(kh, _, _)| held.iter().any(|h| h.key_handle == *kh)) {
+            return Err(Error::DuplicateKeyHandle(*kh));
+        }
+        for (kh, flags, key) in new {
+            self.import_handle_key(*kh, *flags, key)?;
+        }
+        Ok(())
+    }
+
+    fn export_handle_keys(&self, handles: &[KeyHandle]) -> Result<Vec<ExportedKey>, Error> {
+        self.require_unlocked()?;
+        handles
+            .iter()
+            .map(|&kh| {
+                let value = self.run("export a key-handle key", |this, _, s| {
+                    let e = this.lookup_handle(&s.session, kh)?;
+                    if !protection_of(&s.session, e.object, AttributeType::Value, "read the key's attributes")?.extractable {
+                        return Err(Fault::Final(Error::Unsupported(format!(
+                            "key handle {kh} was made non-extractable in the token: its key cannot leave it"
+                        ))));
+                    }
+                    let session_key = [
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::ValueLen(32.into()),
+                        Attribute::Token(false),
+                        Attribute::Wrap(true),
+                        Attribute::Unwrap(true),
+                    ];
+                    let kek = s.session.generate_key(&Mechanism::AesKeyGen, &session_key).map_err(token("make a session wrapping key"))?;
+                    let copy = [
+                        Attribute::Class(ObjectClass::SECRET_KEY),
+                        Attribute::KeyType(KeyType::AES),
+                        Attribute::Token(false),
+                        Attribute::Sensitive(false),
+                        Attribute::Extractable(true),
+                    ];
+                    let read = s
+                        .session
+                        .wrap_key(&Mechanism::AesKeyWrap, kek, e.object)
+                        .and_then(|wrapped| s.session.unwrap_key(&Mechanism::AesKeyWrap, kek, &wrapped, &copy))
+                        .and_then(|plain| {
+                            let attrs = s.session.get_attributes(plain, &[AttributeType::Value]);
+                            let _ = s.session.destroy_object(plain);
+                            attrs
+                        });
+                    let _ = s.session.destroy_object(kek);
+                    let mut attrs = read.map_err(token("wrap the key out of the token"))?;
+                    let value = attrs.iter_mut().find_map(|a| match a {
+                        Attribute::Value(v) => Some(Zeroizing::new(std::mem::take(v))),
+                        _ => None,
+                    });
+                    Ok((e.flags, value.ok_or_else(|| Fault::Final(Error::NotReady("the token did not return the key".to_owned())))?))
+                })?;
+                let (flags, key) = value;
+                Ok((kh, flags, HandleKey::new(&key)?))
+            })
+            .collect()
+    }
 }
 
 impl SecurityModule for Pkcs11Hsm {

@@ -26,6 +26,7 @@ use zeroize::Zeroizing;
 
 use self::faults::FaultInjector;
 use self::format::{Contents, Handle, Header, KdfParams, OpenError, DATA_KEYS_LEN};
+use crate::admin::{ExportedKey, KeyAdmin};
 use crate::fsutil::{write_atomic, Mode};
 use crate::{DataKey, Error, Flags, HandleInfo, NonceSource, Password, SecurityModule, Status};
 
@@ -103,17 +104,29 @@ impl SoftHsm {
     /// Create a new keystore at `path` (which must not exist), with fresh
     /// random data keys and no key handles. The result is unlocked.
     pub fn create(path: &Path, password: &Password, kdf: KdfParams) -> Result<Self, Error> {
+        Self::create_with_handles(path, password, kdf, &[])
+    }
+
+    /// The same, holding `handles` from the start: one write, so a failure
+    /// leaves no keystore behind.
+    pub fn create_with_handles(path: &Path, password: &Password, kdf: KdfParams, handles: &[ExportedKey]) -> Result<Self, Error> {
         kdf.validate().map_err(Error::InvalidInput)?;
+        let mut map = BTreeMap::new();
+        for (kh, flags, key) in handles {
+            if map.insert(*kh, Handle { flags: *flags, key: key.clone() }).is_some() {
+                return Err(Error::DuplicateKeyHandle(*kh));
+            }
+        }
         let mut header = Header { kdf, salt: [0; 16], nonce: [0; 12] };
         random_bytes(&mut header.salt)?;
         random_bytes(&mut header.nonce)?;
         let mut data_keys = Zeroizing::new([0u8; DATA_KEYS_LEN]);
         random_bytes(&mut data_keys[..])?;
-        let contents = Contents { data_keys, handles: BTreeMap::new() };
+        let contents = Contents { data_keys, handles: map };
         let file_key = format::derive(password, &header)?;
         let file = format::seal(&file_key, &header, &contents)?;
         write_atomic(path, &file, Mode::CreateNew)?;
-        tracing::info!(path = %path.display(), "created keystore");
+        tracing::info!(path = %path.display(), handles = handles.len(), "created keystore");
         Ok(Self {
             path: path.to_path_buf(),
             state: RwLock::new(State::Ready(Box::new(Unlocked::new(file_key, header, contents)))),
@@ -198,42 +211,6 @@ impl SoftHsm {
         Ok(())
     }
 
-    /// Write a new keystore at `path` (mode 0600, refused if it exists) for
-    /// the validation servers: the listed handles with the same AES keys
-    /// but only [`Flags::OTP_DECODE`], fresh data keys of its own, sealed
-    /// under `password`. The key-handle ceremony's export: the servers can
-    /// decode OTPs and nothing else (no generation, no export of secrets).
-    pub fn export_decode_only(
-        &self,
-        path: &Path,
-        password: &Password,
-        kdf: KdfParams,
-        handles: &[KeyHandle],
-    ) -> Result<Vec<HandleInfo>, Error> {
-        kdf.validate().map_err(Error::InvalidInput)?;
-        if handles.is_empty() {
-            return Err(Error::InvalidInput("name at least one key handle to export".to_owned()));
-        }
-        let mut data_keys = Zeroizing::new([0u8; DATA_KEYS_LEN]);
-        random_bytes(&mut data_keys[..])?;
-        let mut contents = Contents { data_keys, handles: BTreeMap::new() };
-        {
-            let u = self.ready()?;
-            for kh in handles {
-                let h = u.contents.handles.get(kh).ok_or(Error::UnknownKeyHandle(*kh))?;
-                contents.handles.insert(*kh, Handle { flags: Flags::OTP_DECODE, key: h.key.clone() });
-            }
-        }
-        let mut header = Header { kdf, salt: [0; 16], nonce: [0; 12] };
-        random_bytes(&mut header.salt)?;
-        random_bytes(&mut header.nonce)?;
-        let file_key = format::derive(password, &header)?;
-        let file = format::seal(&file_key, &header, &contents)?;
-        write_atomic(path, &file, Mode::CreateNew)?;
-        tracing::info!(path = %path.display(), handles = handles.len(), "exported a decode-only keystore");
-        Ok(contents.handles.iter().map(|(kh, h)| HandleInfo { key_handle: *kh, flags: h.flags, key_bits: h.key.bits() }).collect())
-    }
-
     /// Apply `change` to a copy of the contents, persist it, then publish it:
     /// the file is written before anyone can use the new state.
     fn mutate(&self, change: impl FnOnce(&mut Contents) -> Result<(), Error>) -> Result<(), Error> {
@@ -292,6 +269,26 @@ fn resolve_nonce(nonce: NonceSource) -> Result<AeadNonce, Error> {
     match nonce {
         NonceSource::Given(n) if !n.is_zero() => Ok(n),
         _ => random_nonce(),
+    }
+}
+
+/// Every key of a soft keystore is in its file, so `exportable` changes
+/// nothing: the file's password is what protects them.
+impl KeyAdmin for SoftHsm {
+    fn create_handle(&self, kh: KeyHandle, flags: Flags, key_bits: usize, _exportable: bool) -> Result<HandleInfo, Error> {
+        self.add_handle(kh, flags, key_bits)
+    }
+
+    fn import_handles(&self, new: &[ExportedKey]) -> Result<(), Error> {
+        SoftHsm::import_handles(self, new)
+    }
+
+    fn export_handle_keys(&self, handles: &[KeyHandle]) -> Result<Vec<ExportedKey>, Error> {
+        let u = self.ready()?;
+        handles
+            .iter()
+            .map(|kh| u.contents.handles.get(kh).map(|h| (*kh, h.flags, h.key.clone())).ok_or(Error::UnknownKeyHandle(*kh)))
+            .collect()
     }
 }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use appliance_tests::softhsm2::TokenDir;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use hsm::soft::SoftHsm;
@@ -19,6 +20,8 @@ pub struct Laptop {
     _tmp: tempfile::TempDir,
     pub dir: PathBuf,
     pub home: PathBuf,
+    /// The token directory when the module is a SoftHSM2 token.
+    pub softhsm2: Option<TokenDir>,
 }
 
 pub fn s(p: &Path) -> &str {
@@ -39,7 +42,7 @@ impl Laptop {
         let home = dir.join("home");
         std::fs::write(dir.join("ks.pw"), format!("{KEYSTORE_PASSWORD}\n")).unwrap();
         let ks = dir.join("keystore");
-        let l = Self { _tmp: tmp, dir, home };
+        let l = Self { _tmp: tmp, dir, home, softhsm2: None };
         l.ok(&[
             "keystore",
             "init",
@@ -52,13 +55,36 @@ impl Laptop {
             "--kdf-iterations",
             "1",
         ]);
-        let out = l.ok(&["init", "--keystore", s(&ks), "--hsm-id", "laptop-1"]);
+        l.init(&["--keystore", s(&ks)]);
+        l
+    }
+
+    /// The same laptop on a throwaway SoftHSM2 token labelled "laptop"
+    /// (PIN in a file named by the `[hsm]` table).
+    pub fn on_softhsm2() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let tokens = TokenDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")), Path::new(hsm::pkcs11::DEFAULT_MODULE));
+        let _slot = tokens.init_token("laptop", "8642", "97531");
+        std::fs::write(dir.join("token.pin"), "8642\n").unwrap();
+        let table = dir.join("hsm.toml");
+        let pin = dir.join("token.pin");
+        std::fs::write(&table, format!("[hsm]\ntype = \"pkcs11\"\ntoken_label = \"laptop\"\npin_file = {:?}\n", s(&pin))).unwrap();
+        let l = Self { _tmp: tmp, home: dir.join("home"), dir, softhsm2: Some(tokens) };
+        l.init(&["--hsm-config", s(&table)]);
+        l
+    }
+
+    /// `personalizer init` with `module` arguments, then cheap operator
+    /// hashes for the tests (the default is 64 MiB, 3 passes).
+    fn init(&self, module: &[&str]) {
+        let mut args = vec!["init", "--hsm-id", "laptop-1"];
+        args.extend_from_slice(module);
+        let out = self.ok(&args);
         assert!(out.contains("fingerprint"), "{out}");
-        // Tests use cheap operator hashes; the default is 64 MiB, 3 passes.
-        let config = l.home.join("personalizer.toml");
+        let config = self.home.join("personalizer.toml");
         let text = std::fs::read_to_string(&config).unwrap();
         std::fs::write(&config, text.replace("operator_kdf_memory_mib = 64", "operator_kdf_memory_mib = 1")).unwrap();
-        l
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -74,6 +100,9 @@ impl Laptop {
             .env("PERSONALIZER_KEYSTORE_PASSWORD_FILE", self.path("ks.pw"))
             .env_remove("PERSONALIZER_SESSION")
             .env_remove("RUST_LOG");
+        if let Some(tokens) = &self.softhsm2 {
+            cmd.env("SOFTHSM2_CONF", tokens.conf());
+        }
         if let Some(who) = session {
             cmd.env("PERSONALIZER_SESSION", self.path(&format!("{who}.session")));
         }
@@ -181,7 +210,12 @@ impl Laptop {
 
     /// Officers alice and bob with 2FA keys, both logged in.
     pub fn with_officers() -> Self {
-        let l = Self::new();
+        Self::new().officers()
+    }
+
+    /// Add officers alice and bob to this laptop, both logged in.
+    pub fn officers(self) -> Self {
+        let l = self;
         l.officer("alice", None);
         l.login("alice");
         l.officer("bob", Some("alice"));
