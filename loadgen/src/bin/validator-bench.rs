@@ -6,6 +6,11 @@
 //! optionally the resident memory of the real `validator serve` binary
 //! with a large AEAD store.
 //!
+//! `--backend` chooses the security module the validator decodes with: the
+//! soft keystore, or a throwaway SoftHSM2 token (`softhsm2`, through the
+//! PKCS#11 backend, configured as `validator serve`'s `[hsm] type =
+//! "pkcs11"` would be) holding the same handle key and its own data keys.
+//!
 //! Every answer is checked as a strict client would: `status=OK`, the
 //! request's `otp` and `nonce` echoed, a valid `h` under the client's key,
 //! and the session counter, use and timestamp the OTP encoded. Anything
@@ -23,11 +28,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
+use appliance_tests::softhsm2::TokenDir;
 use base64::Engine as _;
-use clap::Parser;
+use clap::{ArgAction, Parser, ValueEnum};
+use hsm::config::HsmConfig;
+use hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm};
 use hsm::soft::format::KdfParams;
 use hsm::soft::SoftHsm;
-use hsm::{Flags, Password};
+use hsm::{Flags, Password, SecurityModule};
 use ksm::store::AeadStore;
 use loadgen::fleet::{self, Fleet, OtpCase};
 use loadgen::harness::{mib, now_unix, proc_mem, spawn_serving, target_dir, BigStore, HarnessError, Mem, STORE_BATCH};
@@ -36,12 +44,13 @@ use loadgen::prometheus::{highest_bucket_between, Samples};
 use loadgen::run::{self, Report};
 use loadgen::stats::{ms, STALL};
 use loadgen::verify_answer::{self, NonceSource};
-use otp::{KeyHandle, PublicId};
+use otp::{HandleKey, KeyHandle, PublicId};
 use validator::clients::SqliteClients;
 use validator::config::{KsmSource, ServeConfig};
 use validator::counters::Synchronous;
 use validator::serve::{self, HttpOptions};
 use validator::{ClientId, ClientKey};
+use zeroize::Zeroizing;
 
 const KH: KeyHandle = KeyHandle::new(1);
 const PASSWORD: &str = "validator-bench";
@@ -51,16 +60,45 @@ const CLIENT_ID: u64 = 1;
 /// How long the client waits for one answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Targets of issue 4, checked and reported at the end.
+/// Label and PINs of the throwaway SoftHSM2 token.
+const TOKEN_LABEL: &str = "validator-bench";
+const TOKEN_PIN: &str = "validator-bench-pin";
+const TOKEN_SO_PIN: &str = "validator-bench-so";
+
+/// Targets of issue 4 (soft keystore), checked and reported at the end.
 const TARGET_RATE_FULL: f64 = 20_000.0;
 const TARGET_P99_C32: Duration = Duration::from_millis(10);
 const TARGET_RSS_KB: u64 = 300 * 1024;
+/// Target of issue 7: the validator on SoftHSM2.
+const TARGET_RATE_SOFTHSM2: f64 = 10_000.0;
+
+/// The security module the validator decodes OTPs and seals API client
+/// keys with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// The soft keystore (`[hsm] type = "soft"`).
+    Soft,
+    /// A throwaway SoftHSM2 token through the PKCS#11 backend (`[hsm] type = "pkcs11"`).
+    Softhsm2,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Soft => "soft",
+            Self::Softhsm2 => "softhsm2",
+        }
+    }
+}
 
 /// Validator benchmark: verify 2.0 over HTTP with the in-process KSM and
 /// durable counters, unique valid signed OTPs, per synchronous mode and
 /// concurrency, all on 127.0.0.1.
+///
+/// An option given twice takes its last value (`scripts/bench-validator.sh`
+/// passes defaults that later options override).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_override_self = true)]
 struct Args {
     /// YubiKeys (AEADs) to provision for the throughput runs.
     #[arg(long, default_value_t = 1000)]
@@ -72,11 +110,16 @@ struct Args {
     #[arg(long, default_value_t = 2000)]
     warmup: usize,
     /// Concurrency levels (client threads, one kept-alive connection each).
-    #[arg(long, value_delimiter = ',', default_value = "8,32")]
+    #[arg(long, action = ArgAction::Set, value_delimiter = ',', default_value = "8,32")]
     concurrency: Vec<usize>,
     /// Counter-store durability modes to measure, each on a fresh database.
-    #[arg(long, value_delimiter = ',', default_value = "full,normal", value_parser = parse_synchronous)]
+    #[arg(long, action = ArgAction::Set, value_delimiter = ',', default_value = "full,normal", value_parser = parse_synchronous)]
     synchronous: Vec<Synchronous>,
+    /// Security modules to measure the validator on, each with fresh
+    /// databases: `soft` (the keystore file), `softhsm2` (a throwaway
+    /// SoftHSM2 token through PKCS#11; needs the Debian package softhsm2).
+    #[arg(long, action = ArgAction::Set, value_delimiter = ',', default_value = "soft", value_enum)]
+    backend: Vec<Backend>,
     /// Stop a level after this many seconds even if requests remain.
     #[arg(long, default_value_t = 60)]
     time_limit_secs: u64,
@@ -121,6 +164,49 @@ fn keystore(path: &Path) -> Result<SoftHsm, HarnessError> {
     let hsm = SoftHsm::create(path, &Password::new(PASSWORD)?, KdfParams::INSECURE_FOR_TESTS)?;
     hsm.add_handle(KH, Flags::PERSONALIZER | Flags::OTP_DECODE | Flags::EXPORT, 256)?;
     Ok(hsm)
+}
+
+/// [`keystore`] with a handle key drawn here, returned too so that a token
+/// can be given the same key (as `add_handle` does, from the OS generator).
+fn keystore_with_known_key(path: &Path) -> Result<(SoftHsm, HandleKey)> {
+    let mut raw = Zeroizing::new([0u8; 32]);
+    getrandom::fill(&mut raw[..]).map_err(|e| anyhow::anyhow!("drawing the handle key: {e}"))?;
+    let key = HandleKey::new(&raw[..])?;
+    let hsm = SoftHsm::create(path, &Password::new(PASSWORD)?, KdfParams::INSECURE_FOR_TESTS)?;
+    hsm.import_handles(&[(KH, Flags::PERSONALIZER | Flags::OTP_DECODE | Flags::EXPORT, key.clone())])?;
+    Ok((hsm, key))
+}
+
+/// A throwaway SoftHSM2 token holding the benchmark's handle key (decode
+/// only, as a validation server's) and the data keys, and the `[hsm]`
+/// configuration `validator serve` would be given for it.
+struct Token {
+    config: HsmConfig,
+    /// The module the bench set the token up with: it seals the API
+    /// client's key as `validator client add` would.
+    setup: Arc<Pkcs11Hsm>,
+    /// Deleted on drop.
+    _dir: TokenDir,
+}
+
+impl Token {
+    /// Must run before this process first loads the PKCS#11 module.
+    fn create(base: &Path, key: &HandleKey) -> Result<Self> {
+        let module = Path::new(hsm::pkcs11::DEFAULT_MODULE);
+        if !module.exists() {
+            bail!("{} is missing: apt-get install softhsm2", module.display());
+        }
+        let dir = TokenDir::new(base, module);
+        let _slot = dir.init_token(TOKEN_LABEL, TOKEN_PIN, TOKEN_SO_PIN);
+        dir.use_in_this_process();
+        let pin_file = dir.root().join("pin");
+        std::fs::write(&pin_file, TOKEN_PIN)?;
+        let pkcs11 = Pkcs11Config { pin_file: Some(pin_file), ..Pkcs11Config::for_token(TOKEN_LABEL) };
+        let setup = Pkcs11Hsm::open(pkcs11.clone()).context("opening the SoftHSM2 token")?;
+        setup.import_handle_key(KH, Flags::OTP_DECODE, key).context("importing the handle key into the token")?;
+        setup.create_data_keys().context("creating the token's data keys")?;
+        Ok(Self { config: HsmConfig::Pkcs11(pkcs11), setup: Arc::new(setup), _dir: dir })
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -251,6 +337,8 @@ impl StoreFigures {
 }
 
 struct Row {
+    /// The security module.
+    backend: Backend,
     /// `full`, `normal`, or the memory run's label.
     label: String,
     concurrency: usize,
@@ -284,7 +372,8 @@ fn opt_ms(x: Option<f64>) -> String {
 fn print_table(rows: &[Row]) {
     println!();
     println!(
-        "{:<10} {:>3} {:>8} {:>6} {:>13} {:>7} {:>7} {:>8} {:>6} {:>8} {:>9} {:>6} {:>6} {:>9} {:>7} {:>7}",
+        "{:<8} {:<10} {:>3} {:>8} {:>6} {:>13} {:>7} {:>7} {:>8} {:>6} {:>8} {:>9} {:>6} {:>6} {:>9} {:>7} {:>7}",
+        "backend",
         "sync",
         "c",
         "requests",
@@ -308,7 +397,8 @@ fn print_table(rows: &[Row]) {
         let secs = s.elapsed.as_secs_f64();
         let commits_per_s = if secs > 0.0 { f.commits / secs } else { 0.0 };
         println!(
-            "{:<10} {:>3} {:>8} {:>6} {:>13.0} {:>7} {:>7} {:>8} {:>6} {:>8.0} {:>9.0} {:>6} {:>6} {:>9} {:>7} {:>7}",
+            "{:<8} {:<10} {:>3} {:>8} {:>6} {:>13.0} {:>7} {:>7} {:>8} {:>6} {:>8.0} {:>9.0} {:>6} {:>6} {:>9} {:>7} {:>7}",
+            r.backend.name(),
             r.label,
             r.concurrency,
             s.requests,
@@ -337,7 +427,7 @@ fn print_table(rows: &[Row]) {
     for r in rows {
         let s = &r.report.summary;
         let f = &r.store;
-        let tag = format!("{} c={}", r.label, r.concurrency);
+        let tag = format!("{} {} c={}", r.backend.name(), r.label, r.concurrency);
         if r.report.unsent > 0 {
             println!("note: {tag}: time limit reached, {} requests not sent", r.report.unsent);
         }
@@ -365,7 +455,8 @@ fn print_table(rows: &[Row]) {
     for r in rows {
         let f = &r.store;
         println!(
-            "store {} c={}: {} commits, {} updates ({} accepted), mean batch {}, max {}, transaction {} ms, commit {} ms",
+            "store {} {} c={}: {} commits, {} updates ({} accepted), mean batch {}, max {}, transaction {} ms, commit {} ms",
+            r.backend.name(),
             r.label,
             r.concurrency,
             f.commits,
@@ -381,25 +472,37 @@ fn print_table(rows: &[Row]) {
 
 fn print_targets(rows: &[Row], memory: Option<&MemoryFigures>) {
     println!();
-    println!("targets (issue 4, 2 cores, load generator on the same cores):");
-    let full: Vec<&Row> = rows.iter().filter(|r| r.label == Synchronous::Full.name()).collect();
+    println!("targets (issues 4 and 7, 2 cores, load generator on the same cores):");
+    let full: Vec<&Row> = rows.iter().filter(|r| r.backend == Backend::Soft && r.label == Synchronous::Full.name()).collect();
     if let Some(best) = full.iter().max_by(|a, b| a.report.summary.ok_per_second().total_cmp(&b.report.summary.ok_per_second())) {
         let rate = best.report.summary.ok_per_second();
         println!(
-            "  >= {TARGET_RATE_FULL:.0} validations/s with synchronous=FULL: {} ({rate:.0}/s at c={})",
+            "  soft: >= {TARGET_RATE_FULL:.0} validations/s with synchronous=FULL: {} ({rate:.0}/s at c={})",
             if rate >= TARGET_RATE_FULL { "MET" } else { "MISSED" },
             best.concurrency
         );
     }
-    for r in rows.iter().filter(|r| r.concurrency == 32) {
+    for r in rows.iter().filter(|r| r.backend == Backend::Soft && r.concurrency == 32) {
         let p99 = r.report.summary.p99;
         println!(
-            "  p99 < {} ms at c=32 ({}): {} ({} ms)",
+            "  soft: p99 < {} ms at c=32 ({}): {} ({} ms)",
             TARGET_P99_C32.as_millis(),
             r.label,
             if p99 < TARGET_P99_C32 { "MET" } else { "MISSED" },
             ms(p99)
         );
+    }
+    for mode in [Synchronous::Full, Synchronous::Normal] {
+        let on_token = rows.iter().filter(|r| r.backend == Backend::Softhsm2 && r.label == mode.name());
+        if let Some(best) = on_token.max_by(|a, b| a.report.summary.ok_per_second().total_cmp(&b.report.summary.ok_per_second())) {
+            let rate = best.report.summary.ok_per_second();
+            println!(
+                "  softhsm2: >= {TARGET_RATE_SOFTHSM2:.0} validations/s with synchronous={}: {} ({rate:.0}/s at c={})",
+                mode.name(),
+                if rate >= TARGET_RATE_SOFTHSM2 { "MET" } else { "MISSED" },
+                best.concurrency
+            );
+        }
     }
     if let Some(m) = memory {
         println!(
@@ -425,7 +528,8 @@ fn throughput(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<()> 
     std::fs::create_dir_all(work_root)?;
     let work = tempfile::Builder::new().prefix("run-").tempdir_in(work_root)?;
     let t = Instant::now();
-    let hsm = Arc::new(keystore(&work.path().join("keystore"))?);
+    let (keystore, handle_key) = keystore_with_known_key(&work.path().join("keystore"))?;
+    let hsm = Arc::new(keystore);
     let store_path = work.path().join("aeads.db");
     let store = AeadStore::open(&store_path)?;
     let mut fleet = Fleet::new();
@@ -447,65 +551,89 @@ fn throughput(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<()> 
         t.elapsed().as_secs_f64(),
         work.path().display()
     );
+    // Declared after `work`, so deleted before it.
+    let token = if args.backend.contains(&Backend::Softhsm2) {
+        let token = Token::create(work.path(), &handle_key)?;
+        println!(
+            "SoftHSM2 token {TOKEN_LABEL:?} ({}): the handle key imported (otp-decode), data keys created",
+            hsm::pkcs11::DEFAULT_MODULE
+        );
+        Some(token)
+    } else {
+        None
+    };
+    drop(handle_key);
 
     let password_file = work.path().join("password");
     std::fs::write(&password_file, PASSWORD)?;
     let limit = Duration::from_secs(args.time_limit_secs);
-    for &mode in &args.synchronous {
-        let db = work.path().join(format!("validator-{mode}.db"));
-        // The client first, as `validator client add` would.
-        let key = {
-            let clients = SqliteClients::open(&db, hsm.clone()).context("API clients")?;
-            let client_id = ClientId::new(CLIENT_ID).context("client id")?;
-            clients.add(Some(client_id), None).context("adding the API client")?.1
+    for &backend in &args.backend {
+        // The module that seals the API client's key, and the `[hsm]`
+        // table `validator serve` opens its own module from.
+        let (sealer, hsm_config): (Arc<dyn SecurityModule>, HsmConfig) = match (backend, &token) {
+            (Backend::Soft, _) => (hsm.clone(), HsmConfig::soft(hsm.path(), Some(&password_file))),
+            (Backend::Softhsm2, Some(t)) => (t.setup.clone(), t.config.clone()),
+            (Backend::Softhsm2, None) => bail!("no SoftHSM2 token was set up"),
         };
-        let mut http = HttpOptions::new(SocketAddr::from(([127, 0, 0, 1], 0)));
-        if let Some(n) = args.http_workers {
-            http.workers = n;
-        }
-        if let Some(n) = args.http_blocking_threads {
-            http.max_blocking_threads = n;
-        }
-        let (workers, blocking) = (http.workers, http.max_blocking_threads);
-        // What `validator serve --db … --keystore … --password-file … --store …
-        // --synchronous MODE` runs, assembled by the same function.
-        let config = ServeConfig {
-            db: db.clone(),
-            synchronous: mode,
-            hsm: hsm::config::HsmConfig::soft(hsm.path(), Some(&password_file)),
-            ksm: KsmSource::Store { path: store_path.clone(), key_handles: Vec::new() },
-            http: http.clone(),
-            replication: None,
-        };
-        let parts = serve::assemble(&config).map_err(|e| anyhow::anyhow!("assembling the validator: {e}"))?;
-        let running = serve::start(parts, http).context("starting the validator")?;
-        let addr = running.local_addr();
-        println!(
-            "validator: synchronous={mode}: http://{addr}/wsapi/2.0/verify (serve::assemble + serve::start in this process; fresh database; workers {}, max blocking threads {blocking})",
-            if workers == 0 { "= CPUs".to_owned() } else { workers.to_string() }
-        );
-        let result = (|| -> Result<()> {
-            check_health(addr)?;
-            for &c in &args.concurrency {
-                let warm = fleet.otps(args.warmup)?;
-                let cases = fleet.otps(args.requests_per_level)?;
-                warm_up(addr, &key, c, &warm, limit);
-                let (report, connects, store) = level(addr, &key, c, &cases, limit)?;
-                let s = &report.summary;
-                eprintln!(
-                    "  sync={mode:<6} c={c:<3} {:>8.0} validations/s  p99 {} ms  errors {}  mean batch {}",
-                    s.ok_per_second(),
-                    ms(s.p99),
-                    s.errors,
-                    store.mean_batch().map_or_else(|| "-".to_owned(), |b| format!("{b:.1}"))
-                );
-                rows.push(Row { label: mode.name().to_owned(), concurrency: c, report, connects, store });
+        let backend_name = backend.name();
+        for &mode in &args.synchronous {
+            let db = work.path().join(format!("validator-{backend_name}-{mode}.db"));
+            // The client first, as `validator client add` would.
+            let key = {
+                let clients = SqliteClients::open(&db, sealer.clone()).context("API clients")?;
+                let client_id = ClientId::new(CLIENT_ID).context("client id")?;
+                clients.add(Some(client_id), None).context("adding the API client")?.1
+            };
+            let mut http = HttpOptions::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+            if let Some(n) = args.http_workers {
+                http.workers = n;
             }
-            Ok(())
-        })();
-        // Joins the service, and with its parts the counter writer.
-        running.shutdown();
-        result?;
+            if let Some(n) = args.http_blocking_threads {
+                http.max_blocking_threads = n;
+            }
+            let (workers, blocking) = (http.workers, http.max_blocking_threads);
+            // What `validator serve` runs with `--db … --synchronous MODE
+            // --store …` and this `[hsm]` table (soft: `--keystore …
+            // --password-file …`; softhsm2: type = "pkcs11", token_label,
+            // pin_file), assembled by the same function.
+            let config = ServeConfig {
+                db: db.clone(),
+                synchronous: mode,
+                hsm: hsm_config.clone(),
+                ksm: KsmSource::Store { path: store_path.clone(), key_handles: Vec::new() },
+                http: http.clone(),
+                replication: None,
+            };
+            let parts = serve::assemble(&config).map_err(|e| anyhow::anyhow!("assembling the validator: {e}"))?;
+            let running = serve::start(parts, http).context("starting the validator")?;
+            let addr = running.local_addr();
+            println!(
+                "validator: backend={backend_name} synchronous={mode}: http://{addr}/wsapi/2.0/verify (serve::assemble + serve::start in this process; fresh database; workers {}, max blocking threads {blocking})",
+                if workers == 0 { "= CPUs".to_owned() } else { workers.to_string() }
+            );
+            let result = (|| -> Result<()> {
+                check_health(addr)?;
+                for &c in &args.concurrency {
+                    let warm = fleet.otps(args.warmup)?;
+                    let cases = fleet.otps(args.requests_per_level)?;
+                    warm_up(addr, &key, c, &warm, limit);
+                    let (report, connects, store) = level(addr, &key, c, &cases, limit)?;
+                    let s = &report.summary;
+                    eprintln!(
+                        "  backend={backend_name:<8} sync={mode:<6} c={c:<3} {:>8.0} validations/s  p99 {} ms  errors {}  mean batch {}",
+                        s.ok_per_second(),
+                        ms(s.p99),
+                        s.errors,
+                        store.mean_batch().map_or_else(|| "-".to_owned(), |b| format!("{b:.1}"))
+                    );
+                    rows.push(Row { backend, label: mode.name().to_owned(), concurrency: c, report, connects, store });
+                }
+                Ok(())
+            })();
+            // Joins the service, and with its parts the counter writer.
+            running.shutdown();
+            result?;
+        }
     }
     Ok(())
 }
@@ -594,7 +722,7 @@ fn memory(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<MemoryFi
     let pid = guard.pid();
     guard.stop();
     let db_size = std::fs::metadata(&b.store).map(|m| m.len()).unwrap_or(0);
-    rows.push(Row { label: format!("serve-{}", short_count(n)), concurrency: c, report, connects, store });
+    rows.push(Row { backend: Backend::Soft, label: format!("serve-{}", short_count(n)), concurrency: c, report, connects, store });
     println!();
     println!(
         "memory: `{} serve` (pid {pid}, synchronous=full) with {n} YubiKeys in the AEAD store ({:.1} MiB on disk), {} of them in the load",
@@ -640,14 +768,18 @@ fn bench(args: &Args) -> Result<bool> {
     if args.concurrency.is_empty() || args.concurrency.contains(&0) {
         bail!("--concurrency needs positive levels, e.g. 8,32");
     }
+    if args.backend.is_empty() {
+        bail!("--backend needs at least one of soft, softhsm2");
+    }
     let target = target_dir()?;
     let work_root = args.work_dir.clone().unwrap_or_else(|| target.join("validator-bench"));
     std::fs::create_dir_all(&work_root)?;
     let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     if !args.skip_throughput {
         let modes: Vec<&str> = args.synchronous.iter().map(|m| m.name()).collect();
+        let backends: Vec<&str> = args.backend.iter().map(|b| b.name()).collect();
         println!(
-            "validator-bench: {} keys, {} requests per level (+{} warm-up), concurrency {:?}, synchronous {modes:?}, {cpus} CPUs, loopback only",
+            "validator-bench: {} keys, {} requests per level (+{} warm-up), concurrency {:?}, synchronous {modes:?}, backends {backends:?}, {cpus} CPUs, loopback only",
             args.keys, args.requests_per_level, args.warmup, args.concurrency
         );
     }
@@ -695,6 +827,17 @@ mod tests {
         assert_eq!(StoreFigures::between(&before, &small).max_batch, MaxBatch::AtMost(16));
         assert_eq!(StoreFigures::between(&before, &before).max_batch, MaxBatch::Unknown);
         assert_eq!(MaxBatch::AtMost(16).to_string(), "<=16");
+    }
+
+    #[test]
+    fn backends_and_overridden_defaults() {
+        let parse = |argv: &[&str]| Args::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        assert_eq!(parse(&["validator-bench"]).backend, [Backend::Soft]);
+        assert_eq!(parse(&["validator-bench", "--backend", "soft,softhsm2"]).backend, [Backend::Soft, Backend::Softhsm2]);
+        // What scripts/bench-validator.sh does: its defaults, then the caller's options.
+        let a = parse(&["validator-bench", "--concurrency", "8,32", "--rss-keys", "1000000", "--rss-keys", "0", "--concurrency", "32"]);
+        assert_eq!((a.rss_keys, a.concurrency), (0, vec![32]));
+        assert!(Args::try_parse_from(["validator-bench", "--backend", "yhsm1"]).is_err());
     }
 
     #[test]
