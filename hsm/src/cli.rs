@@ -4,11 +4,14 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 use otp::{HandleKey, KeyHandle};
 use zeroize::Zeroizing;
 
+use crate::admin::{ExportedKey, KeyAdmin};
+use crate::config::{read_hsm_table, HsmConfig};
 use crate::pkcs11::unlock::{self, DEFAULT_UNLOCK_KEY_LABEL};
 use crate::pkcs11::{Pkcs11Config, DEFAULT_MODULE};
 use crate::soft::format::KdfParams;
@@ -22,25 +25,58 @@ pub fn init_logging() {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).init();
 }
 
-/// Where the keystore is and how to unlock it.
+/// Which security module to use and how to unlock it: a soft keystore
+/// file, or an `--hsm-config` file holding an `[hsm]` table (a PKCS#11
+/// token, a YubiHSM 1, a keystore unlocked through a token; see
+/// [`crate::config`]).
 #[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("security_module").required(true).args(["keystore", "hsm_config"])))]
 pub struct KeystoreArgs {
-    /// The keystore file.
+    /// The soft keystore file.
     #[arg(long, env = "OTP_KEYSTORE", value_name = "PATH")]
-    pub keystore: PathBuf,
-    /// File holding the keystore password (one line). Without it, the
-    /// password is prompted for on the terminal.
+    pub keystore: Option<PathBuf>,
+    /// A TOML file holding an `[hsm]` table, instead of --keystore:
+    /// `[hsm]` / `type = "pkcs11"` / `token_label = "…"` / `pin_file = "…"`.
+    #[arg(long, env = "OTP_HSM_CONFIG", value_name = "PATH")]
+    pub hsm_config: Option<PathBuf>,
+    /// File holding the keystore password, or the token's PIN when the
+    /// `[hsm]` table names none (one line). Without it, it is prompted for
+    /// on the terminal.
     #[arg(long, env = "OTP_KEYSTORE_PASSWORD_FILE", value_name = "PATH")]
     pub password_file: Option<PathBuf>,
 }
 
 impl KeystoreArgs {
-    /// Open the keystore and unlock it.
-    pub fn open(&self) -> Result<SoftHsm, Error> {
-        let hsm = SoftHsm::open(&self.keystore)?;
-        let pw = password::obtain(self.password_file.as_deref(), "Keystore password: ", false)?;
-        hsm.unlock(&pw)?;
-        Ok(hsm)
+    /// The soft keystore `path` with the password in `password_file`.
+    #[must_use]
+    pub fn soft(path: PathBuf, password_file: Option<PathBuf>) -> Self {
+        Self { keystore: Some(path), hsm_config: None, password_file }
+    }
+
+    /// The module these arguments name.
+    pub fn config(&self) -> Result<HsmConfig, Error> {
+        match (&self.keystore, &self.hsm_config) {
+            (Some(keystore), None) => {
+                Ok(HsmConfig::Soft { keystore: keystore.clone(), password_file: None, sealed_password: None, unlock_token: None })
+            }
+            (None, Some(file)) => read_hsm_table(file),
+            _ => Err(Error::InvalidInput("give either --keystore or --hsm-config".to_owned())),
+        }
+    }
+
+    /// Open the module and unlock it.
+    pub fn open(&self) -> Result<Arc<dyn SecurityModule>, Error> {
+        self.config()?.open_with(self.password_file.as_deref())
+    }
+
+    /// Open a module that administers its key handles (not a YubiHSM 1).
+    pub fn open_admin(&self) -> Result<Arc<dyn KeyAdmin>, Error> {
+        self.config()?.open_admin_with(self.password_file.as_deref())
+    }
+
+    /// The soft keystore file, for the commands that work on one only.
+    fn soft_keystore(&self, command: &str) -> Result<&Path, Error> {
+        self.keystore.as_deref().ok_or_else(|| Error::InvalidInput(format!("keystore {command} works on a soft keystore: give --keystore")))
     }
 }
 
@@ -127,7 +163,8 @@ fn flags_help() -> String {
     format!("Comma-separated names, a preset, or a 0x flag word. Presets:\n{}\nAccepted names: {}", presets.join("\n"), names.join(", "))
 }
 
-/// Manage the software keystore.
+/// Manage the security module's key handles: a soft keystore (`--keystore`)
+/// or a token (`--hsm-config`).
 #[derive(Subcommand, Debug, Clone)]
 pub enum KeystoreCommand {
     /// Create a new keystore (mode 0600) with fresh data keys and no key handles.
@@ -142,7 +179,8 @@ pub enum KeystoreCommand {
         #[arg(long, default_value_t = KdfParams::DEFAULT.iterations, value_name = "N")]
         kdf_iterations: u32,
     },
-    /// Create a key handle whose AES key is generated inside the module.
+    /// Create a key handle whose AES key is generated inside the module (in
+    /// a token: sensitive and never extractable).
     AddHandle {
         /// Keystore location and password.
         #[command(flatten)]
@@ -175,6 +213,25 @@ pub enum KeystoreCommand {
         /// Flags for every imported handle.
         #[arg(long, value_parser = parse_flags, long_help = flags_help())]
         flags: Flags,
+    },
+    /// Load the key handles of a keystore file — the validation servers'
+    /// keystore exported by `personalizer key-handle export-servers` — into
+    /// this module, keeping their flags, all or nothing. The servers'
+    /// ceremony step when their module is a token (where the keys become
+    /// non-extractable).
+    ImportKeystore {
+        /// The module to load them into.
+        #[command(flatten)]
+        keystore: KeystoreArgs,
+        /// The keystore file to read.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// File holding its password (prompted for without it).
+        #[arg(long, value_name = "FILE")]
+        from_password_file: Option<PathBuf>,
+        /// Only these handles (default: all of them).
+        #[arg(long, value_name = "KH[,KH…]", value_delimiter = ',')]
+        key_handles: Vec<KeyHandle>,
     },
     /// Seal the keystore password to an RSA key in a PKCS#11 token
     /// (RSA-OAEP), so that a service can unlock the keystore with the token
@@ -214,25 +271,41 @@ pub fn run(cmd: &KeystoreCommand, out: &mut dyn Write) -> Result<(), Error> {
     match cmd {
         KeystoreCommand::Init { keystore, kdf_memory_mib, kdf_iterations } => {
             let kdf = KdfParams { memory_kib: kdf_memory_mib.saturating_mul(1024), iterations: *kdf_iterations, parallelism: 1 };
-            if keystore.keystore.exists() {
-                return Err(Error::AlreadyExists(keystore.keystore.clone()));
+            let path = keystore.soft_keystore("init")?;
+            if path.exists() {
+                return Err(Error::AlreadyExists(path.to_path_buf()));
             }
             let pw = password::obtain(keystore.password_file.as_deref(), "New keystore password: ", true)?;
-            SoftHsm::create(&keystore.keystore, &pw, kdf)?;
-            w(out, format!("created keystore {} (argon2id {} MiB, {} passes)", keystore.keystore.display(), kdf_memory_mib, kdf_iterations))
+            SoftHsm::create(path, &pw, kdf)?;
+            w(out, format!("created keystore {} (argon2id {} MiB, {} passes)", path.display(), kdf_memory_mib, kdf_iterations))
         }
         KeystoreCommand::AddHandle { keystore, key_handle, flags, key_bits } => {
-            let hsm = keystore.open()?;
-            let info = hsm.add_handle(*key_handle, *flags, *key_bits)?;
+            let hsm = keystore.open_admin()?;
+            let info = hsm.create_handle(*key_handle, *flags, *key_bits, false)?;
             w(out, format!("added key handle {} (AES-{}, flags {})", info.key_handle, info.key_bits, info.flags))
         }
-        KeystoreCommand::List { keystore } => list_handles(&keystore.open()?, out),
+        KeystoreCommand::List { keystore } => list_handles(&*keystore.open()?, out),
+        KeystoreCommand::ImportKeystore { keystore, from, from_password_file, key_handles } => {
+            let source = SoftHsm::open(from)?;
+            source.unlock(&password::obtain(from_password_file.as_deref(), "Password of the keystore to import: ", false)?)?;
+            let handles: Vec<KeyHandle> =
+                if key_handles.is_empty() { source.key_handles()?.iter().map(|h| h.key_handle).collect() } else { key_handles.clone() };
+            let keys: Vec<ExportedKey> = source.export_handle_keys(&handles)?;
+            drop(source);
+            let hsm = keystore.open_admin()?;
+            hsm.import_handles(&keys)?;
+            for (kh, flags, key) in &keys {
+                w(out, format!("imported key handle {kh} (AES-{}, flags {flags})", key.bits()))?;
+            }
+            w(out, format!("{} key handle(s) imported from {}", keys.len(), from.display()))
+        }
         KeystoreCommand::SealPassword { keystore, token, key_label, generate_key, key_bits, out: path } => {
             if path.exists() {
                 return Err(Error::AlreadyExists(path.clone()));
             }
             // Seal only a password that opens the keystore.
-            let soft = SoftHsm::open(&keystore.keystore)?;
+            let path_ks = keystore.soft_keystore("seal-password")?;
+            let soft = SoftHsm::open(path_ks)?;
             let pw = password::obtain(keystore.password_file.as_deref(), "Keystore password: ", false)?;
             soft.unlock(&pw)?;
             drop(soft);
@@ -251,7 +324,7 @@ pub fn run(cmd: &KeystoreCommand, out: &mut dyn Write) -> Result<(), Error> {
             drop(hsm);
             sealed.write_new(path)?;
             // What a service will do at boot, before anyone relies on it.
-            if let Err(e) = unlock::unlock_with_token(&keystore.keystore, path, &config) {
+            if let Err(e) = unlock::unlock_with_token(path_ks, path, &config) {
                 let _ = std::fs::remove_file(path);
                 return Err(e);
             }
@@ -264,7 +337,7 @@ pub fn run(cmd: &KeystoreCommand, out: &mut dyn Write) -> Result<(), Error> {
         }
         KeystoreCommand::ImportPyhsm { keystore, json, flags } => {
             let keys = read_pyhsm_json(json)?;
-            let hsm = keystore.open()?;
+            let hsm = keystore.open_admin()?;
             let new: Vec<(KeyHandle, Flags, HandleKey)> = keys.into_iter().map(|(kh, key)| (kh, *flags, key)).collect();
             hsm.import_handles(&new)?;
             for (kh, _, key) in &new {
@@ -275,7 +348,7 @@ pub fn run(cmd: &KeystoreCommand, out: &mut dyn Write) -> Result<(), Error> {
     }
 }
 
-fn list_handles(hsm: &SoftHsm, out: &mut dyn Write) -> Result<(), Error> {
+fn list_handles(hsm: &dyn SecurityModule, out: &mut dyn Write) -> Result<(), Error> {
     let w = |out: &mut dyn Write, s: String| writeln!(out, "{s}").map_err(|e| Error::io("stdout", e));
     w(out, format!("{:<12} {:>10} {:>8}  flags", "key handle", "decimal", "key"))?;
     for h in hsm.key_handles()? {

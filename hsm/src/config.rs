@@ -66,7 +66,7 @@ use crate::admin::KeyAdmin;
 use crate::pkcs11::{Pkcs11Config, Pkcs11Hsm};
 use crate::soft::SoftHsm;
 use crate::yhsm1::client::{Yhsm1, Yhsm1Options};
-use crate::{password, Error, Flags, HandleInfo, SecurityModule};
+use crate::{password, Error, Flags, HandleInfo, SecurityModule, Status};
 
 /// Which security module to use, and how to reach and unlock it.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -244,22 +244,41 @@ impl HsmConfig {
     /// Open the module and unlock it with the configured password, PIN or
     /// master key (see the [module docs](self)).
     pub fn open(&self) -> Result<Arc<dyn SecurityModule>, Error> {
-        Ok(match self.open_any()? {
-            Opened::Admin(m) => m,
-            Opened::Plain(m) => m,
-        })
+        Ok(self.open_any()?.module())
     }
 
     /// The same, for the key ceremony: a module that creates, imports and
     /// exports key-handle keys. A YubiHSM 1 is refused: it takes its keys
     /// in its configuration mode only.
     pub fn open_admin(&self) -> Result<Arc<dyn KeyAdmin>, Error> {
-        match self.open_any()? {
-            Opened::Admin(m) => Ok(m),
-            Opened::Plain(_) => Err(Error::Unsupported(
-                "a YubiHSM 1 takes its key handles in its configuration mode (its console), not from this program".to_owned(),
-            )),
+        self.open_any()?.admin()
+    }
+
+    /// Open the module for a command line tool that has a secret file of
+    /// its own (`--password-file`): a soft keystore with no password source
+    /// in the table reads it, and a module the table leaves locked (a token
+    /// with no `pin_file` or `pin_env`) is unlocked with it as its PIN.
+    /// Without the file, both are prompted for on the terminal.
+    pub fn open_admin_with(&self, secret_file: Option<&Path>) -> Result<Arc<dyn KeyAdmin>, Error> {
+        self.open_with_any(secret_file)?.admin()
+    }
+
+    /// [`HsmConfig::open_admin_with`] for any module, a YubiHSM 1 included.
+    pub fn open_with(&self, secret_file: Option<&Path>) -> Result<Arc<dyn SecurityModule>, Error> {
+        Ok(self.open_with_any(secret_file)?.module())
+    }
+
+    fn open_with_any(&self, secret_file: Option<&Path>) -> Result<Opened, Error> {
+        let mut config = self.clone();
+        if let Self::Soft { password_file: password_file @ None, sealed_password: None, .. } = &mut config {
+            *password_file = secret_file.map(Path::to_path_buf);
         }
+        let opened = config.open_any()?;
+        let module = opened.as_module();
+        if module.status() == Status::Locked {
+            module.unlock(&password::obtain(secret_file, "PIN or password of the security module: ", false)?)?;
+        }
+        Ok(opened)
     }
 
     fn open_any(&self) -> Result<Opened, Error> {
@@ -297,6 +316,51 @@ impl HsmConfig {
 enum Opened {
     Admin(Arc<dyn KeyAdmin>),
     Plain(Arc<dyn SecurityModule>),
+}
+
+impl Opened {
+    fn as_module(&self) -> &dyn SecurityModule {
+        match self {
+            Self::Admin(m) => &**m,
+            Self::Plain(m) => &**m,
+        }
+    }
+
+    fn module(self) -> Arc<dyn SecurityModule> {
+        match self {
+            Self::Admin(m) => m,
+            Self::Plain(m) => m,
+        }
+    }
+
+    fn admin(self) -> Result<Arc<dyn KeyAdmin>, Error> {
+        match self {
+            Self::Admin(m) => Ok(m),
+            Self::Plain(_) => Err(Error::Unsupported(
+                "a YubiHSM 1 takes its key handles in its configuration mode (its console), not from this program".to_owned(),
+            )),
+        }
+    }
+}
+
+/// A TOML document holding only an `[hsm]` table (the `--hsm-config` files
+/// of the command-line tools).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HsmTable {
+    hsm: HsmConfig,
+}
+
+/// Parse `text`, a TOML document holding only an `[hsm]` table.
+pub fn parse_hsm_table(text: &str) -> Result<HsmConfig, Error> {
+    let table: HsmTable = toml::from_str(text).map_err(|e| Error::InvalidInput(format!("the [hsm] table: {e}")))?;
+    Ok(table.hsm)
+}
+
+/// Read and parse an `--hsm-config` file.
+pub fn read_hsm_table(path: &Path) -> Result<HsmConfig, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_hsm_table(&text).map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))
 }
 
 enum Yhsm1Target<'a> {

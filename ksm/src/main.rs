@@ -168,7 +168,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let ksm = Ksm::new(Arc::new(hsm), aeads, key_handles);
+            let ksm = Ksm::new(hsm, aeads, key_handles);
             let line = ksm.answer(&otp);
             println!("{line}");
             if line.starts_with("OK ") {
@@ -354,15 +354,15 @@ fn import(args: ImportArgs) -> Result<ksm::import::ImportReport, String> {
     let (Some(csv), Some(key_handle)) = (&args.ykksm_csv, args.key_handle) else {
         return Err("give --aead-dir, or --ykksm-csv with --key-handle".to_owned());
     };
-    let keystore = KeystoreArgs {
-        keystore: args.keystore.clone().ok_or("--ykksm-csv needs --keystore (the module wraps the secrets)")?,
-        password_file: args.password_file.clone(),
-    };
+    let keystore = KeystoreArgs::soft(
+        args.keystore.clone().ok_or("--ykksm-csv needs --keystore (the module wraps the secrets)")?,
+        args.password_file.clone(),
+    );
     let nonce = if args.random_nonce { NoncePolicy::Random } else { NoncePolicy::PublicId };
     // The keystore and the handle's permission first: nothing is created or
     // written if the handle may not import.
     let hsm = keystore.open().map_err(|e| format!("security module: {e}"))?;
-    import::check_import_handle(&hsm, key_handle, nonce).map_err(|e| e.to_string())?;
+    import::check_import_handle(&*hsm, key_handle, nonce).map_err(|e| e.to_string())?;
     let source = if csv.as_os_str() == "-" { "stdin".to_owned() } else { csv.display().to_string() };
     let input: Box<dyn std::io::Read> = if csv.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
@@ -372,7 +372,7 @@ fn import(args: ImportArgs) -> Result<ksm::import::ImportReport, String> {
     let store = AeadStore::open(&args.store).map_err(|e| e.to_string())?;
     let progress = import::progress_bar(None, "YK-KSM rows");
     let report =
-        import::import_ykksm_csv(&store, &hsm, input, &CsvImport { key_handle, nonce, source }, now, &progress).map_err(|e| e.to_string());
+        import::import_ykksm_csv(&store, &*hsm, input, &CsvImport { key_handle, nonce, source }, now, &progress).map_err(|e| e.to_string());
     progress.finish_and_clear();
     report
 }
@@ -463,5 +463,14 @@ fn store_command(cmd: &StoreCommand) -> Result<(), String> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

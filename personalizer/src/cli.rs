@@ -17,7 +17,7 @@ use hsm::admin::{export_decode_only, KeyAdmin};
 use hsm::config::HsmConfig;
 use hsm::signing::{SigningKey, VerifyingKey};
 use hsm::soft::format::KdfParams;
-use hsm::{password, Flags, Password, Status};
+use hsm::{password, Flags, Password};
 use otp::KeyHandle;
 
 use crate::audit::AuditLog;
@@ -53,19 +53,11 @@ impl HomeArgs {
         self.home.as_deref().ok_or_else(|| "name the home directory with --home DIR or PERSONALIZER_HOME".to_owned())
     }
 
-    /// Open and unlock the module `config` describes. A soft keystore
-    /// without a password source of its own takes `--keystore-password-file`;
-    /// a token left locked (no PIN configured) takes it as the PIN.
-    fn open_module(&self, mut config: HsmConfig) -> CliResult<Arc<dyn KeyAdmin>> {
-        if let HsmConfig::Soft { password_file: password_file @ None, sealed_password: None, .. } = &mut config {
-            password_file.clone_from(&self.keystore_password_file);
-        }
-        let hsm = config.open_admin().map_err(|e| e.to_string())?;
-        if hsm.status() == Status::Locked {
-            let pin = password::obtain(self.keystore_password_file.as_deref(), "Token PIN: ", false).map_err(|e| e.to_string())?;
-            hsm.unlock(&pin).map_err(|e| e.to_string())?;
-        }
-        Ok(hsm)
+    /// Open and unlock the module `config` describes; a soft keystore or
+    /// a token without a secret source of its own takes
+    /// `--keystore-password-file` (or a prompt).
+    fn open_module(&self, config: &HsmConfig) -> CliResult<Arc<dyn KeyAdmin>> {
+        config.open_admin_with(self.keystore_password_file.as_deref()).map_err(|e| e.to_string())
     }
 }
 
@@ -96,7 +88,7 @@ impl Context {
     /// Open the home directory of `args` and unlock its keystore.
     pub fn open(args: &HomeArgs) -> CliResult<Self> {
         let home = Home::open(args.dir()?).map_err(|e| e.to_string())?;
-        let hsm = args.open_module(home.module().map_err(|e| e.to_string())?)?;
+        let hsm = args.open_module(&home.module().map_err(|e| e.to_string())?)?;
         let signer = SigningKey::unseal_file(&*hsm, &home.signing_key()).map_err(|e| format!("signing key: {e}"))?;
         let operators = OperatorDb::open(&home).map_err(|e| e.to_string())?;
         let audit = AuditLog::open_with_head(&home.audit_db(), &home.audit_head()).map_err(|e| e.to_string())?;
@@ -228,7 +220,7 @@ pub fn init(args: &HomeArgs, init: &InitArgs) -> CliResult<String> {
         }
         (None, None) => return Err("name the module with --keystore FILE or --hsm-config FILE".to_owned()),
     };
-    let hsm = args.open_module(module.clone())?;
+    let hsm = args.open_module(&module)?;
     let home = Home::create(dir, setting, &init.hsm_id).map_err(|e| e.to_string())?;
     let signer = SigningKey::generate().map_err(|e| e.to_string())?;
     signer.seal_to_file(&*hsm, &home.signing_key()).map_err(|e| e.to_string())?;

@@ -72,24 +72,17 @@ pub enum ModuleSetting<'a> {
     Table(&'a str),
 }
 
-/// A TOML document holding only an `[hsm]` table.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HsmTable {
-    hsm: HsmConfig,
-}
-
 /// Parse `text`, a TOML document holding only an `[hsm]` table, and refuse
 /// modules the laptop cannot use.
 pub fn parse_hsm_table(text: &str) -> Result<HsmConfig, HomeError> {
-    let table: HsmTable = toml::from_str(text).map_err(|e| HomeError::Config(format!("the [hsm] table: {e}")))?;
-    if matches!(table.hsm, HsmConfig::Yhsm1(_)) {
+    let hsm = hsm::config::parse_hsm_table(text).map_err(|e| HomeError::Config(e.to_string()))?;
+    if matches!(hsm, HsmConfig::Yhsm1(_)) {
         return Err(HomeError::Config(
             "a YubiHSM 1 cannot be the personalizer's module: it takes key handles on its own console and cannot seal the signing key"
                 .to_owned(),
         ));
     }
-    Ok(table.hsm)
+    Ok(hsm)
 }
 
 fn default_kdf_memory_mib() -> u32 {

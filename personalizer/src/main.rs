@@ -405,3 +405,12 @@ fn migrated(report: &ksm::import::ImportReport, summary: &str) -> CliResult<Exit
         Err(format!("{} conflict(s) and {} error(s), listed above; everything else was done", report.conflicts, report.errors))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

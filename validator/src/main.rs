@@ -374,7 +374,7 @@ fn client(cmd: ClientCommand) -> Result<(), String> {
             }
             let hsm = keystore.open().map_err(|e| format!("security module: {e}"))?;
             let clients = ClientDb::open(&db.db).map_err(|e| e.to_string())?;
-            let (id, key) = clients.add(&hsm, id, key, &notes).map_err(|e| e.to_string())?;
+            let (id, key) = clients.add(&*hsm, id, key, &notes).map_err(|e| e.to_string())?;
             print_key(id, &key);
             Ok(())
         }
@@ -400,7 +400,7 @@ fn client(cmd: ClientCommand) -> Result<(), String> {
         ClientCommand::Rotate { db, keystore, id } => {
             let clients = ClientDb::open_existing(&db.db).map_err(|e| e.to_string())?;
             let hsm = keystore.open().map_err(|e| format!("security module: {e}"))?;
-            let key = clients.rotate(&hsm, id).map_err(|e| e.to_string())?;
+            let key = clients.rotate(&*hsm, id).map_err(|e| e.to_string())?;
             print_key(id, &key);
             Ok(())
         }
