@@ -65,8 +65,12 @@ struct ServeArgs {
     #[arg(long, env = "OTP_KSM_CONFIG", value_name = "PATH")]
     config: Option<PathBuf>,
     /// The keystore file.
-    #[arg(long, env = "OTP_KEYSTORE", value_name = "PATH")]
+    #[arg(long, env = "OTP_KEYSTORE", value_name = "PATH", conflicts_with = "hsm_config")]
     keystore: Option<PathBuf>,
+    /// A TOML file holding an `[hsm]` table (a PKCS#11 token, a YubiHSM 1…),
+    /// instead of --keystore; it replaces the configuration file's module.
+    #[arg(long, env = "OTP_HSM_CONFIG", value_name = "PATH")]
+    hsm_config: Option<PathBuf>,
     /// File holding the keystore password (prompted for on a terminal otherwise).
     #[arg(long, env = "OTP_KEYSTORE_PASSWORD_FILE", value_name = "PATH")]
     password_file: Option<PathBuf>,
@@ -95,6 +99,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let flags = ksm::config::ConfigFile {
         listen: args.listen,
         keystore: args.keystore,
+        hsm: args.hsm_config.as_deref().map(hsm::config::read_hsm_table).transpose().map_err(|e| e.to_string())?,
         password_file: args.password_file,
         store: args.store,
         aead_dir: args.aead_dir,

@@ -30,8 +30,12 @@ struct ServeArgs {
     #[arg(long, value_name = "MODE")]
     synchronous: Option<String>,
     /// The keystore file.
-    #[arg(long, env = "OTP_KEYSTORE", value_name = "PATH")]
+    #[arg(long, env = "OTP_KEYSTORE", value_name = "PATH", conflicts_with = "hsm_config")]
     keystore: Option<PathBuf>,
+    /// A TOML file holding an `[hsm]` table (a PKCS#11 token, a YubiHSM 1…),
+    /// instead of --keystore; it replaces the configuration file's module.
+    #[arg(long, env = "OTP_HSM_CONFIG", value_name = "PATH")]
+    hsm_config: Option<PathBuf>,
     /// File holding the keystore password (prompted for on a terminal otherwise).
     #[arg(long, env = "OTP_KEYSTORE_PASSWORD_FILE", value_name = "PATH")]
     password_file: Option<PathBuf>,
@@ -66,6 +70,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         db: args.db,
         synchronous: args.synchronous,
         keystore: args.keystore,
+        hsm: args.hsm_config.as_deref().map(hsm::config::read_hsm_table).transpose().map_err(|e| e.to_string())?,
         password_file: args.password_file,
         request_timeout_ms: args.request_timeout_ms,
         ksm: Some(KsmSection {
