@@ -25,13 +25,39 @@
 #      and 127.0.0.2): an API client and a new YubiKey's AEAD added at one
 #      site reach the other, an OTP accepted at one is a replay at the other,
 #      and with the peer gone a site fails closed.
+#
+#   scripts/quickstart.sh                  # soft keystores (the default)
+#   scripts/quickstart.sh --hsm softhsm2   # the same flow on SoftHSM2 tokens
+#
+# With --hsm softhsm2 every security module is a PKCS#11 token in a
+# throwaway SoftHSM2 directory (apt-get install softhsm2): the laptop's
+# handle key is generated in its token and leaves it only for the servers'
+# keystore (quorum), which each server loads into its own token, where the
+# key can never leave again; YubiKey secrets come from the token's random
+# generator and OTPs are decoded by the servers' tokens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+hsm=soft
+while [ $# -gt 0 ]; do
+  case $1 in
+    --hsm) hsm=${2:-}; shift 2 || { echo "--hsm needs soft or softhsm2" >&2; exit 2; } ;;
+    --hsm=*) hsm=${1#--hsm=}; shift ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown option $1 (try --help)" >&2; exit 2 ;;
+  esac
+done
+case $hsm in
+  soft|softhsm2) ;;
+  *) echo "--hsm must be soft or softhsm2, not $hsm" >&2; exit 2 ;;
+esac
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*" | sed "s#$work#\$WORK#g"; "$@"; }
 
-for tool in openssl python3 curl; do
+tools=(openssl python3 curl)
+[ "$hsm" = softhsm2 ] && tools+=(softhsm2-util)
+for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null || { echo "quickstart needs $tool (apt-get install $tool)" >&2; exit 1; }
 done
 
@@ -56,11 +82,43 @@ umask 077
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/password"
 # Cheap KDF for the demo only; the default is 64 MiB / 3 passes.
 kdf=(--kdf-memory-mib 8 --kdf-iterations 1)
+echo wrong > "$work/wrong"
 
-say "1. The personalisation laptop: keystore, home, two crypto officers with 2FA"
-run $bin/personalizer keystore init --keystore "$work/laptop.keystore" --password-file "$work/password" "${kdf[@]}"
+# The modules: soft keystores, or one SoftHSM2 token per machine, each
+# named by an [hsm] table file (its PIN in a file).
+if [ "$hsm" = softhsm2 ]; then
+  mkdir -p "$work/softhsm2/tokens"
+  printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' "$work/softhsm2/tokens" > "$work/softhsm2/softhsm2.conf"
+  export SOFTHSM2_CONF="$work/softhsm2/softhsm2.conf"
+  head -c 6 /dev/urandom | od -An -tu2 | tr -d ' \n' | cut -c1-8 > "$work/pin"
+  table() { # token label, PIN file
+    printf '[hsm]\ntype = "pkcs11"\ntoken_label = "%s"\npin_file = "%s"\n' "$1" "$2"
+  }
+  for token in laptop auth auth1 auth2; do
+    softhsm2-util --init-token --free --label "$token" --pin "$(cat "$work/pin")" --so-pin "$(cat "$work/pin")" >/dev/null
+    table "$token" "$work/pin" > "$work/$token.hsm.toml"
+  done
+  table auth "$work/wrong" > "$work/wrong.hsm.toml"
+  laptop_init=(--hsm-config "$work/laptop.hsm.toml")
+  laptop=(--hsm-config "$work/laptop.hsm.toml")
+  servers=(--hsm-config "$work/auth.hsm.toml")
+  wrong=(--hsm-config "$work/wrong.hsm.toml")
+else
+  laptop_init=(--keystore "$work/laptop.keystore")
+  laptop=(--keystore "$work/laptop.keystore" --password-file "$work/password")
+  servers=(--keystore "$work/ksm.keystore" --password-file "$work/password")
+  wrong=(--keystore "$work/ksm.keystore" --password-file "$work/wrong")
+fi
+
+say "1. The personalisation laptop ($hsm): module, home, two crypto officers with 2FA"
+if [ "$hsm" = softhsm2 ]; then
+  echo "# the laptop's module: SoftHSM2 token \"laptop\", named by an [hsm] table"
+  sed "s#$work#\$WORK#g" "$work/laptop.hsm.toml"
+else
+  run $bin/personalizer keystore init --keystore "$work/laptop.keystore" --password-file "$work/password" "${kdf[@]}"
+fi
 export PERSONALIZER_HOME="$work/laptop" PERSONALIZER_KEYSTORE_PASSWORD_FILE="$work/password"
-run $bin/personalizer init --keystore "$work/laptop.keystore" --hsm-id laptop-1
+run $bin/personalizer init "${laptop_init[@]}" --hsm-id laptop-1
 # Demo only: cheap operator password hashes (default 64 MiB, 3 passes).
 sed -i 's/^operator_kdf_memory_mib = .*/operator_kdf_memory_mib = 8/' "$work/laptop/personalizer.toml"
 # What an officer does with a challenge: sign its 32 bytes with their RSA
@@ -121,8 +179,12 @@ run $bin/personalizer quorum request --operation export-keystore --context 0x200
 approve "$work/export.token" alice bob
 run $bin/personalizer key-handle export-servers --key-handles 0x2000 --out "$work/ksm.keystore" \
   --export-password-file "$work/password" "${kdf[@]}" --approval "$work/export.token"
-run $bin/ksm keystore list --keystore "$work/ksm.keystore" --password-file "$work/password"
 ls -l "$work/ksm.keystore" | awk '{print "keystore mode:", $1}'
+if [ "$hsm" = softhsm2 ]; then
+  echo "# the validation server loads it into its own token (there the key can never leave)"
+  run $bin/ksm keystore import-keystore "${servers[@]}" --from "$work/ksm.keystore" --from-password-file "$work/password"
+fi
+run $bin/ksm keystore list "${servers[@]}"
 
 say "3. Generate 3 YubiKeys inside the module: AEADs, a signed bundle, the secrets once (quorum)"
 run $bin/personalizer quorum request --operation plaintext-output --context "$work/secrets.csv" --token-out "$work/csv.token"
@@ -157,29 +219,28 @@ printf '%s\n' "${otps[@]}"
 
 say "5. The KSM decodes them (Yubico KSM protocol answers)"
 for otp in "${otps[@]}"; do
-  run $bin/ksm decrypt --keystore "$work/ksm.keystore" --password-file "$work/password" --aead-dir "$work/aeads" --key-handle 0x2000 "$otp"
+  run $bin/ksm decrypt "${servers[@]}" --aead-dir "$work/aeads" --key-handle 0x2000 "$otp"
 done
 
 say "6. ...and refuses what it must"
 good=${otps[0]}
 flip() { local s=$1 i=$2 c=${1:$2:1} r=c; [ "$c" = c ] && r=b; printf '%s%s%s' "${s:0:$i}" "$r" "${s:$((i+1))}"; }
 echo "# a corrupted OTP:"
-run $bin/ksm decrypt --keystore "$work/ksm.keystore" --password-file "$work/password" --aead-dir "$work/aeads" --key-handle 0x2000 "$(flip "$good" 20)" || true
+run $bin/ksm decrypt "${servers[@]}" --aead-dir "$work/aeads" --key-handle 0x2000 "$(flip "$good" 20)" || true
 echo "# an unknown YubiKey:"
-run $bin/ksm decrypt --keystore "$work/ksm.keystore" --password-file "$work/password" --aead-dir "$work/aeads" --key-handle 0x2000 "vvvvvvvvvvvv${good:12}" || true
+run $bin/ksm decrypt "${servers[@]}" --aead-dir "$work/aeads" --key-handle 0x2000 "vvvvvvvvvvvv${good:12}" || true
 echo "# not modhex:"
-run $bin/ksm decrypt --keystore "$work/ksm.keystore" --password-file "$work/password" --aead-dir "$work/aeads" --key-handle 0x2000 "hello-world" || true
+run $bin/ksm decrypt "${servers[@]}" --aead-dir "$work/aeads" --key-handle 0x2000 "hello-world" || true
 echo "# the laptop's handle may generate but not decode:"
-run $bin/ksm decrypt --keystore "$work/laptop.keystore" --password-file "$work/password" --aead-dir "$work/aeads" --key-handle 0x2000 "$good" || true
-echo "# a wrong password:"
-echo wrong > "$work/wrong"
-run $bin/ksm decrypt --keystore "$work/ksm.keystore" --password-file "$work/wrong" --aead-dir "$work/aeads" --key-handle 0x2000 "$good" || true
+run $bin/ksm decrypt "${laptop[@]}" --aead-dir "$work/aeads" --key-handle 0x2000 "$good" || true
+echo "# a wrong password or PIN:"
+run $bin/ksm decrypt "${wrong[@]}" --aead-dir "$work/aeads" --key-handle 0x2000 "$good" || true
 
 say "7. The AEAD store from the signed bundle, and ksm serve: the same over HTTP on loopback"
 run $bin/ksm import --store "$work/aeads.db" --bundle "$work/keys.bundle" --trust "$work/laptop/signing-key.pub.pem"
 echo "# importing again changes nothing:"
 run $bin/ksm import --store "$work/aeads.db" --aead-dir "$work/aeads"
-$bin/ksm serve --keystore "$work/ksm.keystore" --password-file "$work/password" --store "$work/aeads.db" \
+$bin/ksm serve "${servers[@]}" --store "$work/aeads.db" \
   --key-handles 0x2000 --listen 127.0.0.1:0 2> "$work/ksm.log" &
 server=$!
 for _ in $(seq 100); do grep -q 'serving http://' "$work/ksm.log" && break; sleep 0.05; done
@@ -197,9 +258,9 @@ kill -TERM "$server"; wait "$server"; server=
 echo "(ksm serve stopped on SIGTERM)"
 
 say "8. The validator: Yubico validation protocol 2.0 on loopback"
-run $bin/validator client add --db "$work/validator.db" --keystore "$work/ksm.keystore" --password-file "$work/password" --id 1 | tee "$work/client"
+run $bin/validator client add --db "$work/validator.db" "${servers[@]}" --id 1 | tee "$work/client"
 apikey=$(sed -n 's/^key=//p' "$work/client")
-$bin/validator serve --db "$work/validator.db" --keystore "$work/ksm.keystore" --password-file "$work/password" \
+$bin/validator serve --db "$work/validator.db" "${servers[@]}" \
   --store "$work/aeads.db" --listen 127.0.0.1:0 2> "$work/validator.log" &
 server=$!
 for _ in $(seq 100); do grep -q 'serving http://' "$work/validator.log" && break; sleep 0.05; done
@@ -256,12 +317,22 @@ names=(auth1 auth2)
 addrs=()
 for i in 0 1; do
   dir="$work/${names[$i]}"; mkdir "$dir"
-  cp "$work/ksm.keystore" "$work/aeads.db" "$dir/"
+  cp "$work/aeads.db" "$dir/"
+  if [ "$hsm" = softhsm2 ]; then
+    $bin/ksm keystore import-keystore --hsm-config "$work/${names[$i]}.hsm.toml" \
+      --from "$work/ksm.keystore" --from-password-file "$work/password" | tail -1
+    module=$(cat "$work/${names[$i]}.hsm.toml")
+    site_module=(--hsm-config "$work/${names[$i]}.hsm.toml")
+  else
+    cp "$work/ksm.keystore" "$dir/"
+    module=$(printf '[hsm]\ntype = "soft"\nkeystore = "%s"\npassword_file = "%s"' "$dir/ksm.keystore" "$work/password")
+    site_module=(--keystore "$dir/ksm.keystore" --password-file "$work/password")
+  fi
+  [ "$i" = 0 ] && auth1_module=("${site_module[@]}")
   cat > "$dir/validator.toml" <<TOML
 listen = "127.0.0.1:0"
 db = "$dir/validator.db"
-keystore = "$dir/ksm.keystore"
-password_file = "$work/password"
+$module
 [ksm]
 store = "$dir/aeads.db"
 [replication]
@@ -286,7 +357,7 @@ for i in 0 1; do
 done
 echo "auth1: http://${addrs[0]} quic ${quic[0]}    auth2: http://${addrs[1]} quic ${quic[1]}"
 echo "# at auth1 only: a new API client, and a new YubiKey generated on the laptop and imported"
-run $bin/validator client add --db "$work/auth1/validator.db" --keystore "$work/auth1/ksm.keystore" --password-file "$work/password" --id 2 --notes "bastion" | grep -v '^key='
+run $bin/validator client add --db "$work/auth1/validator.db" "${auth1_module[@]}" --id 2 --notes "bastion" | grep -v '^key='
 export PERSONALIZER_SESSION="$work/bob.session"
 run $bin/personalizer quorum request --operation plaintext-output --context "$work/secrets-new.csv" --token-out "$work/csv2.token"
 approve "$work/csv2.token" alice bob

@@ -59,8 +59,9 @@ pub enum Error {
     /// The module is not available.
     #[error("security module not ready: {0}")]
     NotReady(String),
-    /// The password did not open the keystore (or the file was tampered).
-    #[error("wrong password, or the keystore file was modified")]
+    /// The password did not open the keystore (or the file was tampered
+    /// with), or the token refused the PIN, or the YubiHSM 1 the master key.
+    #[error("wrong password, PIN or master key (or a modified keystore file)")]
     WrongPassword,
     /// The keystore file is not a keystore or is damaged.
     #[error("keystore {path} is corrupt: {reason}")]
