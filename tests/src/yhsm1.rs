@@ -18,6 +18,26 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+/// The `yhsm1-emulator` binary, for tests outside the `hsm` package (which
+/// get it as `CARGO_BIN_EXE_yhsm1-emulator`): in the test executable's
+/// target directory, where `cargo test --workspace` builds it.
+///
+/// # Panics
+/// If it has not been built, saying how to build it.
+#[must_use]
+pub fn emulator_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let profile_dir = exe.parent().and_then(Path::parent).expect("a target directory");
+    let bin = profile_dir.join("yhsm1-emulator");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run the workspace tests (`cargo test --workspace`) or `cargo build -p hsm --bin yhsm1-emulator` first",
+        bin.display()
+    );
+    bin
+}
+
 /// A running emulator; killed and reaped on drop.
 pub struct Emulator {
     child: Child,
