@@ -1084,15 +1084,17 @@ impl SecurityModule for Pkcs11Hsm {
         let aad = value_aad(key);
         self.run("encrypt a value", |this, _, s| {
             let object = this.data_key(&s.session, key)?;
-            let mut nonce = [0u8; GCM_NONCE];
-            s.session.generate_random_slice(&mut nonce).map_err(token("generate a nonce"))?;
-            let mut iv = nonce;
+            let mut iv = [0u8; GCM_NONCE];
+            s.session.generate_random_slice(&mut iv).map_err(token("generate a nonce"))?;
             let params = GcmParams::new(&mut iv, &aad, ((GCM_TAG * 8) as u64).into())
                 .map_err(|e| Fault::Final(Error::InvalidInput(format!("GCM parameters: {e}"))))?;
             let ct = s.session.encrypt(&Mechanism::AesGcm(params), object, plaintext).map_err(token("encrypt with a data key"))?;
+            // Store the IV the token used, read back from the parameter
+            // buffer: most tokens use ours, but some (AWS CloudHSM) generate
+            // their own and write it there.
             let mut out = Vec::with_capacity(1 + GCM_NONCE + ct.len());
             out.push(VALUE_V1);
-            out.extend_from_slice(&nonce);
+            out.extend_from_slice(&iv);
             out.extend_from_slice(&ct);
             Ok(out)
         })
