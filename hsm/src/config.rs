@@ -31,6 +31,7 @@
 //! module = "/usr/lib/softhsm/libsofthsm2.so"
 //! token_label = "otp-appliance"
 //! pin_file = "/etc/otp-appliance/token.pin"
+//! decode = "key-in-token"   # optional; default "ccm" (see crate::pkcs11::wrapped)
 //! ```
 //!
 //! ```toml

@@ -7,7 +7,10 @@
 //!   separate process, killed to pull the device);
 //! - `pkcs11`: the PKCS#11 backend on a throwaway SoftHSM2 token (Debian
 //!   package `softhsm2`, installed by `scripts/test.sh`), each check in a
-//!   child process of this binary with its own `SOFTHSM2_CONF`.
+//!   child process of this binary with its own `SOFTHSM2_CONF`;
+//! - `pkcs11_key_in_token`: the same with `decode = "key-in-token"` (each
+//!   AEAD converted to a token-wrapped key on its first decode, the OTP
+//!   decrypted inside the token).
 //!
 //! Layout:
 //! - [`HANDLES`]: the key handles every backend is provisioned with (known
@@ -38,7 +41,7 @@ use std::time::Duration;
 
 use appliance_tests::softhsm2::TokenDir;
 use appliance_tests::yhsm1::{keys_json, Emulator};
-use hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm, DEFAULT_MODULE};
+use hsm::pkcs11::{DecodeMode, Pkcs11Config, Pkcs11Hsm, DEFAULT_MODULE};
 use hsm::yhsm1::client::{Yhsm1, Yhsm1Options};
 use hsm::{DataKey, Error, Flags, HandleInfo, NonceSource, OtpFault, Password, SecurityModule, Status};
 use otp::aead_file::AeadRecord;
@@ -326,9 +329,9 @@ const PKCS11_SO_PIN: &str = "13579";
 
 /// A new SoftHSM2 token labelled `label`, a module on it unlocked with the
 /// PIN, the handle keys loaded with the explicit import.
-fn pkcs11_token(tokens: &TokenDir, label: &str, handles: &[HandleSpec]) -> (Pkcs11Config, Pkcs11Hsm) {
+fn pkcs11_token(tokens: &TokenDir, label: &str, handles: &[HandleSpec], decode: DecodeMode) -> (Pkcs11Config, Pkcs11Hsm) {
     let _slot = tokens.init_token(label, PKCS11_PIN, PKCS11_SO_PIN);
-    let config = Pkcs11Config::for_token(label);
+    let config = Pkcs11Config { decode, ..Pkcs11Config::for_token(label) };
     let hsm = Pkcs11Hsm::new(config.clone()).unwrap();
     assert_eq!(hsm.status(), Status::Locked);
     hsm.unlock(&Password::new(PKCS11_PIN).unwrap()).unwrap();
@@ -345,11 +348,21 @@ fn pkcs11_token(tokens: &TokenDir, label: &str, handles: &[HandleSpec]) -> (Pkcs
 /// ([`own_process`]) with its own token directory. A fault deletes the
 /// token; recovery initialises another one with the same keys.
 fn pkcs11(handles: &[HandleSpec]) -> Fixture {
+    pkcs11_decoding(handles, DecodeMode::Ccm)
+}
+
+/// The same with `decode = "key-in-token"`: each AEAD converted on its
+/// first decode, the OTP decrypted inside the token.
+fn pkcs11_key_in_token(handles: &[HandleSpec]) -> Fixture {
+    pkcs11_decoding(handles, DecodeMode::KeyInToken)
+}
+
+fn pkcs11_decoding(handles: &[HandleSpec], decode: DecodeMode) -> Fixture {
     assert!(std::env::var_os(CHILD_VAR).is_some(), "the pkcs11 setup runs only in a process of its own");
     let tokens = TokenDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")), Path::new(DEFAULT_MODULE));
     // Before the module is first loaded; this process runs one test only.
     tokens.use_in_this_process();
-    let (config, hsm) = pkcs11_token(&tokens, "suite", handles);
+    let (config, hsm) = pkcs11_token(&tokens, "suite", handles, decode);
     // The token's directory (SoftHSM2 names it by a UUID), and where a fault
     // moves it.
     let token_dir = std::fs::read_dir(tokens.tokens()).unwrap().next().unwrap().unwrap().path();
@@ -496,6 +509,7 @@ fn own_process(name: &str, check: impl FnOnce()) {
 backend_suite!(soft, soft, in_process);
 backend_suite!(yhsm1, yhsm1, in_process);
 backend_suite!(pkcs11, pkcs11, own_process);
+backend_suite!(pkcs11_key_in_token, pkcs11_key_in_token, own_process);
 
 // ---------------------------------------------------------------------------
 // Helpers.

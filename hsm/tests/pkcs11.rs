@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use appliance_tests::softhsm2::TokenDir;
 use hsm::admin::{export_decode_only, KeyAdmin};
-use hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm, DEFAULT_MODULE};
+use hsm::pkcs11::{DecodeMode, Pkcs11Config, Pkcs11Hsm, DEFAULT_MODULE};
 use hsm::soft::format::KdfParams;
 use hsm::soft::SoftHsm;
 use hsm::{DataKey, Error, Flags, NonceSource, OtpFault, Password, SecurityModule, Status};
@@ -445,6 +445,45 @@ fn config_embeds_in_a_tagged_toml_enum() {
     assert_eq!(c.module, Path::new(DEFAULT_MODULE));
     let e = toml::from_str::<Backend>("type = \"pkcs11\"\ntoken_lable = \"T\"\n").unwrap_err();
     assert!(e.to_string().contains("token_lable"), "{e}");
+    assert_eq!(c.decode, DecodeMode::Ccm, "the default");
+    let Backend::Pkcs11(k) = toml::from_str("type = \"pkcs11\"\ndecode = \"key-in-token\"\nkey_in_token_cache = 10\n").unwrap();
+    assert_eq!((k.decode, k.key_in_token_cache), (DecodeMode::KeyInToken, 10));
+    assert!(toml::from_str::<Backend>("type = \"pkcs11\"\ndecode = \"in-token\"\n").is_err());
+}
+
+/// `decode = "key-in-token"` through the ordinary `decode_otp`: the same
+/// verdicts as CCM mode, a full cache emptied and refilled.
+#[test]
+fn key_in_token_decoding_is_a_configuration_choice() {
+    let ccm = open("kit");
+    let kh = KeyHandle::new(0x70);
+    ccm.add_handle(kh, FULL, 256).unwrap();
+    let kit = Pkcs11Hsm::open(Pkcs11Config {
+        pin_env: Some(PIN_VAR.to_owned()),
+        decode: DecodeMode::KeyInToken,
+        key_in_token_cache: 2,
+        ..config("kit")
+    })
+    .unwrap();
+    let recs = ccm.generate_yubikey_aeads(&[kh], NonceSource::Random).unwrap();
+    let mut all = vec![recs[0]];
+    all.extend(ccm.generate_yubikey_aeads(&[kh], NonceSource::Random).unwrap());
+    all.extend(ccm.generate_yubikey_aeads(&[kh], NonceSource::Random).unwrap());
+    for round in 0..2 {
+        for (i, rec) in all.iter().enumerate() {
+            let secrets = yubikey_secrets(&ccm, rec);
+            let counter = u16::try_from(10 * round + i + 1).unwrap();
+            let otp = TokenFields { uid: *secrets.uid.expose(), counter, ..Default::default() }.build().encrypt(&secrets.key);
+            assert_eq!(kit.decode_otp(rec, &otp).unwrap(), ccm.decode_otp(rec, &otp).unwrap());
+            let other = TokenFields { uid: [3; 6], counter, ..Default::default() }.build().encrypt(&secrets.key);
+            assert!(matches!(kit.decode_otp(rec, &other), Err(Error::OtpInvalid(_))));
+            let mut tampered = *rec;
+            let mut bytes = tampered.aead.as_bytes().to_vec();
+            bytes[3] ^= 1;
+            tampered.aead = Aead::from_slice(&bytes).unwrap();
+            assert!(matches!(kit.decode_otp(&tampered, &otp), Err(Error::AeadInvalid(_))));
+        }
+    }
 }
 
 #[test]

@@ -65,6 +65,32 @@ pub struct Pkcs11Config {
     /// session or device error.
     #[serde(default = "default_retries")]
     pub retries: u32,
+    /// How OTPs are decoded: `"ccm"` (the default: the AEAD opened with
+    /// token AES operations, the YubiKey key in host memory during each
+    /// decode) or `"key-in-token"` (each YubiKey's AEAD converted once per
+    /// process into a token-wrapped key, which then decrypts the OTP inside
+    /// the token; see [`crate::pkcs11::wrapped`]).
+    #[serde(default)]
+    pub decode: DecodeMode,
+    /// With `decode = "key-in-token"`: how many converted YubiKeys are kept
+    /// (default 100,000; the whole cache is dropped when it is full).
+    #[serde(default = "default_key_in_token_cache")]
+    pub key_in_token_cache: usize,
+}
+
+/// How a PKCS#11 token decodes OTPs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DecodeMode {
+    /// CCM built from the token's ECB and CBC operations.
+    #[default]
+    Ccm,
+    /// The YubiKey key unwrapped into the token for every decode.
+    KeyInToken,
+}
+
+fn default_key_in_token_cache() -> usize {
+    100_000
 }
 
 fn default_module() -> PathBuf {
@@ -91,6 +117,8 @@ impl Default for Pkcs11Config {
             handle_label_prefix: default_handle_prefix(),
             data_key_label_prefix: default_data_key_prefix(),
             retries: default_retries(),
+            decode: DecodeMode::default(),
+            key_in_token_cache: default_key_in_token_cache(),
         }
     }
 }

@@ -100,7 +100,7 @@ use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
 use self::config::SlotSelector;
-pub use self::config::{Pkcs11Config, DEFAULT_DATA_KEY_PREFIX, DEFAULT_HANDLE_PREFIX, DEFAULT_MODULE, DEFAULT_RETRIES};
+pub use self::config::{DecodeMode, Pkcs11Config, DEFAULT_DATA_KEY_PREFIX, DEFAULT_HANDLE_PREFIX, DEFAULT_MODULE, DEFAULT_RETRIES};
 pub use self::wrapped::TokenWrappedSecret;
 use crate::admin::{ExportedKey, KeyAdmin};
 use crate::{DataKey, Error, Flags, HandleInfo, NonceSource, OtpFault, Password, SecurityModule, Status};
@@ -367,7 +367,13 @@ pub struct Pkcs11Hsm {
     data_keys: Mutex<[Option<ObjectHandle>; 3]>,
     /// Held while looking for or creating a wrapping key.
     kek_creation: Mutex<()>,
+    /// `decode = "key-in-token"`: YubiKey AEADs already converted, by
+    /// (key handle, nonce, AEAD).
+    converted: Mutex<HashMap<[u8; CONVERTED_KEY_LEN], TokenWrappedSecret>>,
 }
+
+/// A [`Pkcs11Hsm::converted`] key: LE32 key handle, nonce, AEAD.
+const CONVERTED_KEY_LEN: usize = 4 + 6 + otp::aead::YUBIKEY_AEAD_LEN;
 
 impl std::fmt::Debug for Pkcs11Hsm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -396,6 +402,7 @@ impl Pkcs11Hsm {
             handles: RwLock::new(HashMap::new()),
             data_keys: Mutex::new([None; 3]),
             kek_creation: Mutex::new(()),
+            converted: Mutex::new(HashMap::new()),
         })
     }
 
@@ -1048,6 +1055,9 @@ impl SecurityModule for Pkcs11Hsm {
 
     fn decode_otp(&self, record: &AeadRecord, otp: &TokenCiphertext) -> Result<OtpDecode, Error> {
         self.require_unlocked()?;
+        if self.config.decode == DecodeMode::KeyInToken {
+            return self.decode_otp_in_token(&self.converted_secret(record)?, otp);
+        }
         let kh = record.key_handle;
         let plain = self.run("decode an OTP", |this, _, s| {
             let e = this.permitted(&s.session, kh, "decode OTPs", &[Flags::OTP_DECODE])?;

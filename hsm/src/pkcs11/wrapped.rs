@@ -19,6 +19,13 @@
 //!
 //! Both need the handle's [`Flags::OTP_DECODE`]: conversion exposes no more
 //! than a decode does.
+//!
+//! Services select the mode with `decode = "key-in-token"` in the `[hsm]`
+//! table: [`SecurityModule::decode_otp`](crate::SecurityModule::decode_otp)
+//! then converts each AEAD on its first decode and keeps the result in
+//! memory (`key_in_token_cache` entries), so AEAD stores and files stay as
+//! they are; the YubiKey key is in host memory once per YubiKey and process
+//! instead of at every decode.
 
 use std::fmt;
 
@@ -31,7 +38,7 @@ use otp::secrets::SECRETS_LEN;
 use otp::{KeyHandle, OtpDecode, PrivateId, Token, TokenCiphertext, YubiKeySecrets};
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{ccm, ccm_fault, token, token_key_template, Fault, Pkcs11Hsm, PooledSession, TokenKey};
+use super::{ccm, ccm_fault, lock, token, token_key_template, Fault, Pkcs11Hsm, PooledSession, TokenKey, CONVERTED_KEY_LEN};
 use crate::{Error, Flags, OtpFault};
 
 /// Length of an AES-KW-wrapped 16-byte key.
@@ -139,6 +146,32 @@ impl Pkcs11Hsm {
         })
     }
 
+    /// `decode = "key-in-token"`: the [`TokenWrappedSecret`] of `record`,
+    /// converted on its first decode in this process and kept (by key
+    /// handle, nonce and the whole AEAD, so a modified AEAD is converted —
+    /// and refused — afresh). The YubiKey key is in host memory once per
+    /// YubiKey and process, not at every decode.
+    pub(super) fn converted_secret(&self, record: &AeadRecord) -> Result<TokenWrappedSecret, Error> {
+        let aead = record.aead.as_bytes();
+        if aead.len() + 10 != CONVERTED_KEY_LEN {
+            return self.wrap_for_token(record); // refused there, with the reason
+        }
+        let mut key = [0u8; CONVERTED_KEY_LEN];
+        key[..4].copy_from_slice(&record.key_handle.get().to_le_bytes());
+        key[4..10].copy_from_slice(record.nonce.as_bytes());
+        key[10..].copy_from_slice(aead);
+        if let Some(secret) = lock(&self.converted).get(&key) {
+            return Ok(secret.clone());
+        }
+        let secret = self.wrap_for_token(record)?;
+        let mut converted = lock(&self.converted);
+        if converted.len() >= self.config.key_in_token_cache.max(1) {
+            converted.clear();
+        }
+        converted.insert(key, secret.clone());
+        Ok(secret)
+    }
+
     /// Check an OTP against a [`TokenWrappedSecret`], the YubiKey's key
     /// staying in the token. Same verdicts as
     /// [`SecurityModule::decode_otp`](crate::SecurityModule::decode_otp);
@@ -199,7 +232,7 @@ impl Pkcs11Hsm {
 
     fn find_or_create_kek(&self, session: &Session, kh: KeyHandle) -> Result<ObjectHandle, Fault> {
         // One creator per instance at a time.
-        let _creating = super::lock(&self.kek_creation);
+        let _creating = lock(&self.kek_creation);
         let label = format!("{}-kek", self.config.handle_label(kh));
         let found = session.find_objects(&token_key_template(&label)).map_err(token("find a wrapping key"))?;
         match found.as_slice() {
