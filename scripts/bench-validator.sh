@@ -14,6 +14,8 @@
 #                                                   # Debian package softhsm2)
 #   scripts/bench-validator.sh --rss-keys 0 --backend soft,softhsm2
 #                                                   # both, one after the other
+#   scripts/bench-validator.sh --rss-keys 0 --backend softhsm2,softhsm2-key-in-token
+#                                                   # the token's two decode modes
 #   scripts/bench-validator.sh --help               # every option of validator-bench
 #
 # Options given here are passed on and win over the defaults (clap takes

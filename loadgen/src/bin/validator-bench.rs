@@ -32,7 +32,7 @@ use appliance_tests::softhsm2::TokenDir;
 use base64::Engine as _;
 use clap::{ArgAction, Parser, ValueEnum};
 use hsm::config::HsmConfig;
-use hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm};
+use hsm::pkcs11::{DecodeMode, Pkcs11Config, Pkcs11Hsm};
 use hsm::soft::format::KdfParams;
 use hsm::soft::SoftHsm;
 use hsm::{Flags, Password, SecurityModule};
@@ -80,6 +80,8 @@ enum Backend {
     Soft,
     /// A throwaway SoftHSM2 token through the PKCS#11 backend (`[hsm] type = "pkcs11"`).
     Softhsm2,
+    /// The same token with `decode = "key-in-token"`.
+    Softhsm2KeyInToken,
 }
 
 impl Backend {
@@ -87,6 +89,7 @@ impl Backend {
         match self {
             Self::Soft => "soft",
             Self::Softhsm2 => "softhsm2",
+            Self::Softhsm2KeyInToken => "softhsm2-key-in-token",
         }
     }
 }
@@ -117,7 +120,8 @@ struct Args {
     synchronous: Vec<Synchronous>,
     /// Security modules to measure the validator on, each with fresh
     /// databases: `soft` (the keystore file), `softhsm2` (a throwaway
-    /// SoftHSM2 token through PKCS#11; needs the Debian package softhsm2).
+    /// SoftHSM2 token through PKCS#11; needs the Debian package softhsm2),
+    /// `softhsm2-key-in-token` (the same token, `decode = "key-in-token"`).
     #[arg(long, action = ArgAction::Set, value_delimiter = ',', default_value = "soft", value_enum)]
     backend: Vec<Backend>,
     /// Stop a level after this many seconds even if requests remain.
@@ -552,7 +556,7 @@ fn throughput(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<()> 
         work.path().display()
     );
     // Declared after `work`, so deleted before it.
-    let token = if args.backend.contains(&Backend::Softhsm2) {
+    let token = if args.backend.iter().any(|b| matches!(b, Backend::Softhsm2 | Backend::Softhsm2KeyInToken)) {
         let token = Token::create(work.path(), &handle_key)?;
         println!(
             "SoftHSM2 token {TOKEN_LABEL:?} ({}): the handle key imported (otp-decode), data keys created",
@@ -573,7 +577,11 @@ fn throughput(args: &Args, work_root: &Path, rows: &mut Vec<Row>) -> Result<()> 
         let (sealer, hsm_config): (Arc<dyn SecurityModule>, HsmConfig) = match (backend, &token) {
             (Backend::Soft, _) => (hsm.clone(), HsmConfig::soft(hsm.path(), Some(&password_file))),
             (Backend::Softhsm2, Some(t)) => (t.setup.clone(), t.config.clone()),
-            (Backend::Softhsm2, None) => bail!("no SoftHSM2 token was set up"),
+            (Backend::Softhsm2KeyInToken, Some(t)) => {
+                let HsmConfig::Pkcs11(c) = &t.config else { bail!("the token's configuration is not pkcs11") };
+                (t.setup.clone(), HsmConfig::Pkcs11(Pkcs11Config { decode: DecodeMode::KeyInToken, ..c.clone() }))
+            }
+            (Backend::Softhsm2 | Backend::Softhsm2KeyInToken, None) => bail!("no SoftHSM2 token was set up"),
         };
         let backend_name = backend.name();
         for &mode in &args.synchronous {
@@ -769,7 +777,7 @@ fn bench(args: &Args) -> Result<bool> {
         bail!("--concurrency needs positive levels, e.g. 8,32");
     }
     if args.backend.is_empty() {
-        bail!("--backend needs at least one of soft, softhsm2");
+        bail!("--backend needs at least one of soft, softhsm2, softhsm2-key-in-token");
     }
     let target = target_dir()?;
     let work_root = args.work_dir.clone().unwrap_or_else(|| target.join("validator-bench"));
