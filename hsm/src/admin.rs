@@ -31,9 +31,11 @@ pub trait KeyAdmin: SecurityModule {
     fn create_handle(&self, kh: KeyHandle, flags: Flags, key_bits: usize, exportable: bool) -> Result<HandleInfo, Error>;
 
     /// Load known keys (migration from pyhsm or a YubiHSM 1's
-    /// configuration), all or nothing; existing handle ids are refused.
-    /// The keys are in host memory already: a key ceremony's step.
-    fn import_handles(&self, new: &[ExportedKey]) -> Result<(), Error>;
+    /// configuration, or the servers' keystore), all or nothing; existing
+    /// handle ids are refused. The keys are in host memory already: a key
+    /// ceremony's step. `exportable` as for [`KeyAdmin::create_handle`]
+    /// (the laptop's handles, which the servers get, are).
+    fn import_handles(&self, new: &[ExportedKey], exportable: bool) -> Result<(), Error>;
 
     /// The keys of `handles` with their flags, for the servers' keystore:
     /// the one moment a generated key is in host memory (zeroized on drop).
@@ -45,7 +47,7 @@ pub trait KeyAdmin: SecurityModule {
 /// for the validation servers: the keys of `handles` from `module`, each
 /// with only [`Flags::OTP_DECODE`], fresh data keys of its own, sealed under
 /// `password`. The servers can decode OTPs and nothing else; a server with a
-/// token loads the file into it (`token import-keystore`).
+/// token loads the file into it (`keystore import-keystore`).
 pub fn export_decode_only(
     module: &dyn KeyAdmin,
     path: &Path,

@@ -293,7 +293,7 @@ pub fn run(cmd: &KeystoreCommand, out: &mut dyn Write) -> Result<(), Error> {
             let keys: Vec<ExportedKey> = source.export_handle_keys(&handles)?;
             drop(source);
             let hsm = keystore.open_admin()?;
-            hsm.import_handles(&keys)?;
+            hsm.import_handles(&keys, false)?;
             for (kh, flags, key) in &keys {
                 w(out, format!("imported key handle {kh} (AES-{}, flags {flags})", key.bits()))?;
             }
@@ -339,7 +339,7 @@ pub fn run(cmd: &KeystoreCommand, out: &mut dyn Write) -> Result<(), Error> {
             let keys = read_pyhsm_json(json)?;
             let hsm = keystore.open_admin()?;
             let new: Vec<(KeyHandle, Flags, HandleKey)> = keys.into_iter().map(|(kh, key)| (kh, *flags, key)).collect();
-            hsm.import_handles(&new)?;
+            hsm.import_handles(&new, false)?;
             for (kh, _, key) in &new {
                 w(out, format!("imported key handle {kh} (AES-{}, flags {flags})", key.bits()))?;
             }

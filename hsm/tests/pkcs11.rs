@@ -395,9 +395,9 @@ fn exportable_handles_leave_only_through_the_ceremony() {
     let keys = servers.export_handle_keys(&[laptop]).unwrap();
     server_token.import_handle_key(KeyHandle::new(0x62), Flags::OTP_DECODE, &HandleKey::new(&[1; 16]).unwrap()).unwrap();
     let clash = [keys[0].clone(), (KeyHandle::new(0x62), Flags::OTP_DECODE, HandleKey::new(&[2; 16]).unwrap())];
-    assert!(matches!(KeyAdmin::import_handles(&server_token, &clash), Err(Error::DuplicateKeyHandle(_))));
+    assert!(matches!(KeyAdmin::import_handles(&server_token, &clash, false), Err(Error::DuplicateKeyHandle(_))));
     assert!(matches!(server_token.export_handle_keys(&[laptop]), Err(Error::UnknownKeyHandle(_))), "nothing was stored");
-    KeyAdmin::import_handles(&server_token, &keys).unwrap();
+    KeyAdmin::import_handles(&server_token, &keys, false).unwrap();
     assert_eq!(server_token.decode_otp(&rec, &otp).unwrap().use_ctr, 9);
     assert!(!server_token.key_protection(laptop).unwrap().extractable, "imported keys never leave again");
 }

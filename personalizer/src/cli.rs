@@ -731,7 +731,8 @@ pub fn key_handle(args: &HomeArgs, cmd: &KeyHandleCommand) -> CliResult<String> 
                 approvers = ctx.quorum(&session, approval.as_deref(), QuorumOperation::ImportKeyHandle, &context)?;
                 let keys = hsm::cli::read_pyhsm_json(json).map_err(|e| e.to_string())?;
                 let new: Vec<_> = keys.into_iter().map(|(kh, key)| (kh, *flags, key)).collect();
-                ctx.hsm().import_handles(&new).map_err(|e| e.to_string())?;
+                // Exportable, as created handles are: the servers get them.
+                ctx.hsm().import_handles(&new, true).map_err(|e| e.to_string())?;
                 imported = new.iter().map(|(kh, _, _)| kh.to_string()).collect();
                 Ok(format!("imported {} key handle(s): {}", imported.len(), imported.join(", ")))
             })();

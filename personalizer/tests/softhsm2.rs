@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use appliance_tests::tools;
 use common::{s, Laptop};
+use hsm::admin::KeyAdmin;
 use hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm};
 use hsm::soft::SoftHsm;
 use hsm::{Flags, HandleInfo, Password, SecurityModule};
@@ -56,6 +57,39 @@ fn the_key_ceremony_and_generation_run_on_a_softhsm2_token() {
             s(&export),
         ],
     );
+
+    // A migrated key (pyhsm's key file) joins the token the same way: it
+    // can go to the servers too.
+    let json = l.path("pyhsm-keys.json");
+    std::fs::write(&json, format!("{{\"12288\": \"{}\"}}", "5e".repeat(32))).unwrap();
+    let import = l.approval("alice", "import-key-handle", "pyhsm-keys.json", &["alice", "bob"]);
+    l.ok_as(Some("alice"), &["key-handle", "import-pyhsm", "--json", s(&json), "--flags", "personalizer", "--approval", s(&import)]);
+    let export = l.approval("bob", "export-keystore", "0x3000", &["alice", "bob"]);
+    let migrated = l.path("migrated.keystore");
+    l.ok_as(
+        Some("bob"),
+        &[
+            "key-handle",
+            "export-servers",
+            "--key-handles",
+            "0x3000",
+            "--out",
+            s(&migrated),
+            "--export-password-file",
+            s(&l.path("servers.pw")),
+            "--kdf-memory-mib",
+            "1",
+            "--kdf-iterations",
+            "1",
+            "--approval",
+            s(&export),
+        ],
+    );
+    let keys = SoftHsm::open_unlocked(&migrated, &Password::new("servers password").unwrap())
+        .unwrap()
+        .export_handle_keys(&[KeyHandle::new(0x3000)])
+        .unwrap();
+    assert_eq!(keys[0].2.expose(), [0x5e; 32].as_slice(), "the migrated key, unchanged");
 
     // Secrets made in the token, wrapped under the handle; the CSV once.
     let (aeads, csv, bundle) = (l.path("aeads"), l.path("secrets.csv"), l.path("keys.bundle"));

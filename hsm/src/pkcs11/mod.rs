@@ -874,7 +874,7 @@ impl KeyAdmin for Pkcs11Hsm {
         self.create_handle_key(kh, flags, key_bits, None, exportable)
     }
 
-    fn import_handles(&self, new: &[ExportedKey]) -> Result<(), Error> {
+    fn import_handles(&self, new: &[ExportedKey], exportable: bool) -> Result<(), Error> {
         // A token has no transaction: check first, so that a clash fails
         // before anything is stored.
         let held = self.key_handles()?;
@@ -882,7 +882,7 @@ impl KeyAdmin for Pkcs11Hsm {
             return Err(Error::DuplicateKeyHandle(*kh));
         }
         for (kh, flags, key) in new {
-            self.import_handle_key(*kh, *flags, key)?;
+            self.create_handle_key(*kh, *flags, key.bits(), Some(key.expose()), exportable)?;
         }
         Ok(())
     }

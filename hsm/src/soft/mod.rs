@@ -279,7 +279,7 @@ impl KeyAdmin for SoftHsm {
         self.add_handle(kh, flags, key_bits)
     }
 
-    fn import_handles(&self, new: &[ExportedKey]) -> Result<(), Error> {
+    fn import_handles(&self, new: &[ExportedKey], _exportable: bool) -> Result<(), Error> {
         SoftHsm::import_handles(self, new)
     }
 
