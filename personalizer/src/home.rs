@@ -217,15 +217,6 @@ impl Home {
         }
     }
 
-    /// The soft keystore file, when the module is one.
-    #[must_use]
-    pub fn keystore(&self) -> Option<PathBuf> {
-        match self.module() {
-            Ok(HsmConfig::Soft { keystore, .. }) => Some(keystore),
-            _ => None,
-        }
-    }
-
     /// Operators, challenges, sessions and quorum requests.
     #[must_use]
     pub fn operators_db(&self) -> PathBuf {
@@ -287,7 +278,7 @@ mod tests {
         assert!(Home::create(&dir, ModuleSetting::Keystore(Path::new("k")), "x").is_err(), "never overwritten");
         let again = Home::open(&dir).unwrap();
         assert_eq!(again.config().pepper, home.config().pepper);
-        assert_eq!(again.keystore(), Some(dir.join("keystore.json")));
+        assert!(matches!(again.module().unwrap(), HsmConfig::Soft { keystore, .. } if keystore == dir.join("keystore.json")));
         assert!(!format!("{:?}", again.config()).contains(&home.config().pepper));
         let path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&path).unwrap();
@@ -304,7 +295,6 @@ mod tests {
         let again = Home::open(home.dir()).unwrap();
         let HsmConfig::Pkcs11(c) = again.module().unwrap() else { panic!("not pkcs11") };
         assert_eq!(c.token_label.as_deref(), Some("laptop"));
-        assert_eq!(again.keystore(), None);
         for (bad, why) in [
             ("[hsm]\ntype = \"yhsm1\"\ndevice = \"/dev/ttyACM0\"\n", "YubiHSM 1"),
             ("[hsm]\ntype = \"pkcs11\"\ntokn_label = \"x\"\n", "tokn_label"),
