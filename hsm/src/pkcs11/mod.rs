@@ -140,6 +140,28 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Serializes this process's changes to token objects (creation) against
+/// its searches and copies of them. SoftHSM2 2.6 is not safe there: a
+/// C_FindObjects or C_CopyObject racing a C_CreateObject/C_GenerateKey of a
+/// token object in another thread makes one of them fail with
+/// CKR_TEMPLATE_INCONSISTENT or CKR_GENERAL_ERROR (SoftHSMv2 issue 573,
+/// fixed after 2.6.1). Only the key ceremony and first uses create or
+/// search, so the hot path (encrypt and decrypt) does not take it.
+fn token_objects() -> &'static RwLock<()> {
+    static TOKEN_OBJECTS: RwLock<()> = RwLock::new(());
+    &TOKEN_OBJECTS
+}
+
+/// A search or copy of token objects.
+fn reading_token_objects() -> std::sync::RwLockReadGuard<'static, ()> {
+    token_objects().read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A creation of token objects (with the searches around it).
+fn changing_token_objects() -> std::sync::RwLockWriteGuard<'static, ()> {
+    token_objects().write().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn libraries() -> &'static Mutex<HashMap<PathBuf, Pkcs11>> {
     static LIBRARIES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
     LIBRARIES.get_or_init(Default::default)
@@ -365,8 +387,6 @@ pub struct Pkcs11Hsm {
     handles: RwLock<HashMap<KeyHandle, HandleEntry>>,
     /// Token objects of the data keys, found or created on first use.
     data_keys: Mutex<[Option<ObjectHandle>; 3]>,
-    /// Held while looking for or creating a wrapping key.
-    kek_creation: Mutex<()>,
     /// `decode = "key-in-token"`: YubiKey AEADs already converted, by
     /// (key handle, nonce, AEAD).
     converted: Mutex<HashMap<[u8; CONVERTED_KEY_LEN], TokenWrappedSecret>>,
@@ -401,7 +421,6 @@ impl Pkcs11Hsm {
             pool: Mutex::new(Vec::new()),
             handles: RwLock::new(HashMap::new()),
             data_keys: Mutex::new([None; 3]),
-            kek_creation: Mutex::new(()),
             converted: Mutex::new(HashMap::new()),
         })
     }
@@ -595,6 +614,7 @@ impl Pkcs11Hsm {
             return Ok(*e);
         }
         let label = self.config.handle_label(kh);
+        let _reading = reading_token_objects();
         let found = session.find_objects(&token_key_template(&label)).map_err(token("find a key-handle key"))?;
         let object = match found.as_slice() {
             [] => return Err(Fault::Final(Error::UnknownKeyHandle(kh))),
@@ -626,7 +646,11 @@ impl Pkcs11Hsm {
         if let Some(o) = s.copies.get(&kh) {
             return *o;
         }
-        let o = match s.session.copy_object(entry.object, &[Attribute::Token(false)]) {
+        let copied = {
+            let _reading = reading_token_objects();
+            s.session.copy_object(entry.object, &[Attribute::Token(false)])
+        };
+        let o = match copied {
             Ok(copy) => copy,
             Err(e) => {
                 tracing::debug!(key_handle = %kh, error = %describe(&e), "token cannot copy the key into a session object; using the token object");
@@ -689,6 +713,7 @@ impl Pkcs11Hsm {
         let label = self.config.handle_label(kh);
         let find = token_key_template(&label);
         self.run("create a key handle", |_, _, s| {
+            let _changing = changing_token_objects();
             if !s.session.find_objects(&find).map_err(token("look for the key handle"))?.is_empty() {
                 return Err(Fault::Final(Error::DuplicateKeyHandle(kh)));
             }
@@ -744,6 +769,7 @@ impl Pkcs11Hsm {
         self.require_unlocked()?;
         self.run("read a key's protection", |this, _, s| {
             let e = this.lookup_handle(&s.session, kh)?;
+            let _reading = reading_token_objects();
             protection_of(&s.session, e.object, AttributeType::Value, "read the key's attributes")
         })
     }
@@ -768,6 +794,7 @@ impl Pkcs11Hsm {
         }
         let label = self.config.data_key_label(key);
         let find = token_key_template(&label);
+        let _changing = changing_token_objects();
         let found = session.find_objects(&find).map_err(token("find a data key"))?;
         let object = match found.as_slice() {
             [one] => *one,
@@ -989,8 +1016,11 @@ impl SecurityModule for Pkcs11Hsm {
         self.require_unlocked()?;
         let prefix = self.config.handle_label_prefix.as_bytes();
         self.run("list key handles", |this, _, s| {
-            let objects =
-                s.session.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Token(true)]).map_err(token("list keys"))?;
+            let objects = {
+                let _reading = reading_token_objects();
+                s.session.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Token(true)])
+            }
+            .map_err(token("list keys"))?;
             let mut out = Vec::new();
             for object in objects {
                 let attrs = s.session.get_attributes(object, &[AttributeType::Label]).map_err(token("read a key label"))?;

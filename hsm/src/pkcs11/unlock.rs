@@ -58,7 +58,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::Session;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{token, Fault, KeyProtection, Pkcs11Config, Pkcs11Hsm};
+use super::{changing_token_objects, reading_token_objects, token, Fault, KeyProtection, Pkcs11Config, Pkcs11Hsm};
 use crate::fsutil::{write_atomic, Mode};
 use crate::soft::SoftHsm;
 use crate::{Error, Password, SecurityModule};
@@ -221,7 +221,11 @@ fn check_label(label: &str) -> Result<(), Error> {
 
 /// The one token object of `class` labelled `label`.
 fn find_key(session: &Session, class: ObjectClass, label: &str, what: &str) -> Result<ObjectHandle, Fault> {
-    let found = session.find_objects(&key_template(class, label)).map_err(token("find the unlock key"))?;
+    let found = {
+        let _reading = reading_token_objects();
+        session.find_objects(&key_template(class, label))
+    }
+    .map_err(token("find the unlock key"))?;
     match found.as_slice() {
         [one] => Ok(*one),
         [] => Err(Fault::Final(Error::NotReady(format!(
@@ -248,6 +252,7 @@ impl Pkcs11Hsm {
         self.require_unlocked()?;
         let id = label.as_bytes().to_vec();
         self.run("generate an unlock key pair", |_, _, s| {
+            let _changing = changing_token_objects();
             for class in [ObjectClass::PUBLIC_KEY, ObjectClass::PRIVATE_KEY] {
                 if !s.session.find_objects(&key_template(class, label)).map_err(token("look for the unlock key"))?.is_empty() {
                     return Err(Fault::Final(Error::InvalidInput(format!("the token already holds an RSA key labelled {label:?}"))));
@@ -288,6 +293,7 @@ impl Pkcs11Hsm {
     pub fn unlock_key_exists(&self, label: &str) -> Result<bool, Error> {
         self.require_unlocked()?;
         self.run("look for the unlock key", |_, _, s| {
+            let _reading = reading_token_objects();
             Ok(!s
                 .session
                 .find_objects(&key_template(ObjectClass::PRIVATE_KEY, label))

@@ -38,7 +38,10 @@ use otp::secrets::SECRETS_LEN;
 use otp::{KeyHandle, OtpDecode, PrivateId, Token, TokenCiphertext, YubiKeySecrets};
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{ccm, ccm_fault, lock, token, token_key_template, Fault, Pkcs11Hsm, PooledSession, TokenKey, CONVERTED_KEY_LEN};
+use super::{
+    ccm, ccm_fault, changing_token_objects, lock, reading_token_objects, token, token_key_template, Fault, Pkcs11Hsm, PooledSession,
+    TokenKey, CONVERTED_KEY_LEN,
+};
 use crate::{Error, Flags, OtpFault};
 
 /// Length of an AES-KW-wrapped 16-byte key.
@@ -225,14 +228,17 @@ impl Pkcs11Hsm {
             return Ok(*o);
         }
         let object = self.find_or_create_kek(&s.session, kh)?;
-        let copy = s.session.copy_object(object, &[Attribute::Token(false)]).unwrap_or(object);
+        let copy = {
+            let _reading = reading_token_objects();
+            s.session.copy_object(object, &[Attribute::Token(false)]).unwrap_or(object)
+        };
         s.kek_copies.insert(kh, copy);
         Ok(copy)
     }
 
     fn find_or_create_kek(&self, session: &Session, kh: KeyHandle) -> Result<ObjectHandle, Fault> {
-        // One creator per instance at a time.
-        let _creating = lock(&self.kek_creation);
+        // One creator at a time.
+        let _changing = changing_token_objects();
         let label = format!("{}-kek", self.config.handle_label(kh));
         let found = session.find_objects(&token_key_template(&label)).map_err(token("find a wrapping key"))?;
         match found.as_slice() {
