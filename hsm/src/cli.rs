@@ -56,9 +56,7 @@ impl KeystoreArgs {
     /// The module these arguments name.
     pub fn config(&self) -> Result<HsmConfig, Error> {
         match (&self.keystore, &self.hsm_config) {
-            (Some(keystore), None) => {
-                Ok(HsmConfig::Soft { keystore: keystore.clone(), password_file: None, sealed_password: None, unlock_token: None })
-            }
+            (Some(keystore), None) => Ok(HsmConfig::soft(keystore, None)),
             (None, Some(file)) => read_hsm_table(file),
             _ => Err(Error::InvalidInput("give either --keystore or --hsm-config".to_owned())),
         }

@@ -161,18 +161,6 @@ impl Context {
     }
 }
 
-/// The module, for the audit log (no PIN or password, only where it is).
-fn describe(module: &HsmConfig) -> String {
-    match module {
-        HsmConfig::Soft { keystore, .. } => format!("soft keystore {}", keystore.display()),
-        HsmConfig::Pkcs11(c) => {
-            let token = c.token_label.as_ref().map_or_else(|| format!("slot {}", c.slot.unwrap_or(-1)), |l| format!("token {l:?}"));
-            format!("PKCS#11 {token} ({})", c.module.display())
-        }
-        HsmConfig::Yhsm1(_) => "YubiHSM 1".to_owned(),
-    }
-}
-
 fn read_password(file: Option<&Path>, prompt: &str, confirm: bool) -> CliResult<Password> {
     password::obtain(file, prompt, confirm).map_err(|e| e.to_string())
 }
@@ -211,8 +199,7 @@ pub fn init(args: &HomeArgs, init: &InitArgs) -> CliResult<String> {
     let (setting, module) = match (&init.keystore, &init.hsm_config) {
         (Some(k), _) => {
             keystore = std::path::absolute(k).map_err(|e| format!("{}: {e}", k.display()))?;
-            let soft = HsmConfig::Soft { keystore: keystore.clone(), password_file: None, sealed_password: None, unlock_token: None };
-            (ModuleSetting::Keystore(&keystore), soft)
+            (ModuleSetting::Keystore(&keystore), HsmConfig::soft(&keystore, None))
         }
         (None, Some(file)) => {
             table = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
@@ -232,7 +219,7 @@ pub fn init(args: &HomeArgs, init: &InitArgs) -> CliResult<String> {
     let event = AuditEvent::ok(
         None,
         "init",
-        serde_json::json!({ "module": describe(&module), "hsm_id": init.hsm_id, "signing_key": public.fingerprint() }),
+        serde_json::json!({ "module": module.to_string(), "hsm_id": init.hsm_id, "signing_key": public.fingerprint() }),
     );
     audit.record(&event).map_err(|e| format!("audit log: {e}"))?;
     audit.checkpoint(&signer).map_err(|e| format!("audit checkpoint: {e}"))?;

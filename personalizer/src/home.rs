@@ -207,9 +207,7 @@ impl Home {
     /// the home directory) as a soft module, or the `[hsm]` table.
     pub fn module(&self) -> Result<HsmConfig, HomeError> {
         match (&self.config.keystore, &self.config.hsm) {
-            (Some(keystore), None) => {
-                Ok(HsmConfig::Soft { keystore: self.dir.join(keystore), password_file: None, sealed_password: None, unlock_token: None })
-            }
+            (Some(keystore), None) => Ok(HsmConfig::soft(&self.dir.join(keystore), None)),
             (None, Some(HsmConfig::Yhsm1(_))) => Err(HomeError::Config("a YubiHSM 1 cannot be the personalizer's module".to_owned())),
             (None, Some(hsm)) => Ok(hsm.clone()),
             (Some(_), Some(_)) => Err(HomeError::Config("give either `keystore` or an [hsm] table, not both".to_owned())),

@@ -33,6 +33,7 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
+use otp::aead::YUBIKEY_AEAD_LEN;
 use otp::aead_file::AeadRecord;
 use otp::secrets::SECRETS_LEN;
 use otp::{KeyHandle, OtpDecode, PrivateId, Token, TokenCiphertext, YubiKeySecrets};
@@ -156,7 +157,7 @@ impl Pkcs11Hsm {
     /// YubiKey and process, not at every decode.
     pub(super) fn converted_secret(&self, record: &AeadRecord) -> Result<TokenWrappedSecret, Error> {
         let aead = record.aead.as_bytes();
-        if aead.len() + 10 != CONVERTED_KEY_LEN {
+        if aead.len() != YUBIKEY_AEAD_LEN {
             return self.wrap_for_token(record); // refused there, with the reason
         }
         let mut key = [0u8; CONVERTED_KEY_LEN];
