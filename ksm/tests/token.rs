@@ -5,12 +5,13 @@
 //! `ksm decrypt` and `ksm serve --hsm-config` answering from the token.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use appliance_tests::softhsm2::TokenDir;
+use common::Server;
 use hsm::admin::export_decode_only;
 use hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm, DEFAULT_MODULE};
 use hsm::soft::format::KdfParams;
@@ -86,28 +87,12 @@ fn a_server_token_takes_the_ceremony_keystore_and_decodes() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ERR Corrupt OTP"), "{out:?}");
 
     // `ksm serve` on the token: the Yubico KSM protocol over loopback.
-    let mut server = Command::new(env!("CARGO_BIN_EXE_ksm"))
-        .env("SOFTHSM2_CONF", tokens.conf())
-        .env("RUST_LOG", "warn")
-        .args(["serve", "--hsm-config", s(&table), "--aead-dir", s(&aeads), "--key-handles", "0x2000", "--listen", "127.0.0.1:0"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(server.stderr.take().unwrap());
-    let addr = loop {
-        let mut line = String::new();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "ksm serve exited before listening");
-        if let Some(rest) = line.split("serving http://").nth(1) {
-            break rest.split('/').next().unwrap().to_owned();
-        }
-    };
-    let mut conn = TcpStream::connect(&addr).unwrap();
-    write!(conn, "GET /wsapi/decrypt?otp={otp} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply).unwrap();
-    let _ = server.kill();
-    let _ = server.wait();
-    assert!(reply.ends_with("\r\n\r\nOK counter=000c low=0000 high=00 use=03\n"), "{reply:?}");
+    let server = Server::start(
+        &["--hsm-config", s(&table), "--aead-dir", s(&aeads), "--key-handles", "0x2000", "--listen", "127.0.0.1:0"],
+        &[("SOFTHSM2_CONF", tokens.conf().as_os_str())],
+    );
+    assert_eq!(server.get(&format!("/wsapi/decrypt?otp={otp}")), (200, "OK counter=000c low=0000 high=00 use=03\n".to_owned()));
+    drop(server);
 
     // In the token the imported key is sensitive and can never leave.
     tokens.use_in_this_process();

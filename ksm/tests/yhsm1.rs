@@ -6,11 +6,10 @@
 //! never a verdict, and `/health` says so.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+mod common;
 
 use appliance_tests::yhsm1::{emulator_binary, keys_json, Emulator};
+use common::Server;
 use hsm::soft::format::KdfParams;
 use hsm::soft::SoftHsm;
 use hsm::{Flags, NonceSource, Password, SecurityModule};
@@ -21,25 +20,6 @@ use otp::{HandleKey, KeyHandle, Otp, PublicId, YubiKeySecrets};
 const KH: KeyHandle = KeyHandle::new(0x2000);
 const KEY: [u8; 32] = [0x6b; 32];
 const MASTER_KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
-
-/// (status code, body) of `GET target`.
-fn get(addr: &str, target: &str) -> (u16, String) {
-    let mut conn = TcpStream::connect(addr).unwrap();
-    write!(conn, "GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    conn.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    (head.split(' ').nth(1).unwrap().parse().unwrap(), body.to_owned())
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn ksm_serve_decodes_on_a_yubihsm1_and_reports_its_loss_as_a_backend_error() {
@@ -71,43 +51,40 @@ fn ksm_serve_decodes_on_a_yubihsm1_and_reports_its_loss_as_a_backend_error() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ksm"))
-        .env("RUST_LOG", "warn")
-        .args(["serve", "--hsm-config", table.to_str().unwrap(), "--aead-dir", aeads.to_str().unwrap()])
-        .args(["--key-handles", "0x2000", "--listen", "127.0.0.1:0", "--request-timeout-ms", "3000"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let _server = Server(child);
-    let addr = loop {
-        let mut line = String::new();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "ksm serve exited before listening");
-        if let Some(rest) = line.split("serving http://").nth(1) {
-            break rest.split('/').next().unwrap().to_owned();
-        }
-    };
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in stderr.lines() {});
+    let server = Server::start(
+        &[
+            "--hsm-config",
+            table.to_str().unwrap(),
+            "--aead-dir",
+            aeads.to_str().unwrap(),
+            "--key-handles",
+            "0x2000",
+            "--listen",
+            "127.0.0.1:0",
+            "--request-timeout-ms",
+            "3000",
+        ],
+        &[],
+    );
 
     let otp = |counter: u16, uid: [u8; 6]| {
         let t = TokenFields { uid, counter, session_use: 1, timestamp_low: 0x1234, timestamp_high: 0x56, rnd: 9 }.build();
         Otp::new(id, t.encrypt(&secrets.key)).to_string()
     };
     let good = otp(40, *secrets.uid.expose());
-    assert_eq!(get(&addr, "/health").0, 200);
-    assert_eq!(get(&addr, &format!("/wsapi/decrypt?otp={good}")), (200, "OK counter=0028 low=1234 high=56 use=01\n".to_owned()));
-    let (_, wrong_uid) = get(&addr, &format!("/wsapi/decrypt?otp={}", otp(41, [1; 6])));
+    assert_eq!(server.get("/health").0, 200);
+    assert_eq!(server.get(&format!("/wsapi/decrypt?otp={good}")), (200, "OK counter=0028 low=1234 high=56 use=01\n".to_owned()));
+    let (_, wrong_uid) = server.get(&format!("/wsapi/decrypt?otp={}", otp(41, [1; 6])));
     assert_eq!(wrong_uid, "ERR Corrupt OTP\n");
 
     // The stick is pulled: its device path disappears.
     stick.kill();
     assert!(!stick.path().exists());
     for _ in 0..2 {
-        let (_, body) = get(&addr, &format!("/wsapi/decrypt?otp={good}"));
+        let (_, body) = server.get(&format!("/wsapi/decrypt?otp={good}"));
         assert_eq!(body, "ERR Backend error\n", "a lost stick is never a verdict");
-        let (_, body) = get(&addr, &format!("/wsapi/decrypt?otp={}", otp(42, [1; 6])));
+        let (_, body) = server.get(&format!("/wsapi/decrypt?otp={}", otp(42, [1; 6])));
         assert_eq!(body, "ERR Backend error\n", "not ERR Corrupt OTP either");
     }
-    assert_ne!(get(&addr, "/health").0, 200);
+    assert_ne!(server.get("/health").0, 200);
 }

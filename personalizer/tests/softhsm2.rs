@@ -37,26 +37,30 @@ fn the_key_ceremony_and_generation_run_on_a_softhsm2_token() {
     // The servers' keystore: decode-only, under its own password.
     let servers = l.path("servers.keystore");
     std::fs::write(l.path("servers.pw"), "servers password\n").unwrap();
-    let export = l.approval("bob", "export-keystore", "0x2000", &["alice", "bob"]);
-    l.ok_as(
-        Some("bob"),
-        &[
-            "key-handle",
-            "export-servers",
-            "--key-handles",
-            "0x2000",
-            "--out",
-            s(&servers),
-            "--export-password-file",
-            s(&l.path("servers.pw")),
-            "--kdf-memory-mib",
-            "1",
-            "--kdf-iterations",
-            "1",
-            "--approval",
-            s(&export),
-        ],
-    );
+    // Bob exports `handle` to `out` under a fresh 2-of-2 approval.
+    let export_servers = |handle: &str, out: &Path| {
+        let export = l.approval("bob", "export-keystore", handle, &["alice", "bob"]);
+        l.ok_as(
+            Some("bob"),
+            &[
+                "key-handle",
+                "export-servers",
+                "--key-handles",
+                handle,
+                "--out",
+                s(out),
+                "--export-password-file",
+                s(&l.path("servers.pw")),
+                "--kdf-memory-mib",
+                "1",
+                "--kdf-iterations",
+                "1",
+                "--approval",
+                s(&export),
+            ],
+        );
+    };
+    export_servers("0x2000", &servers);
 
     // A migrated key (pyhsm's key file) joins the token the same way: it
     // can go to the servers too.
@@ -64,27 +68,8 @@ fn the_key_ceremony_and_generation_run_on_a_softhsm2_token() {
     std::fs::write(&json, format!("{{\"12288\": \"{}\"}}", "5e".repeat(32))).unwrap();
     let import = l.approval("alice", "import-key-handle", "pyhsm-keys.json", &["alice", "bob"]);
     l.ok_as(Some("alice"), &["key-handle", "import-pyhsm", "--json", s(&json), "--flags", "personalizer", "--approval", s(&import)]);
-    let export = l.approval("bob", "export-keystore", "0x3000", &["alice", "bob"]);
     let migrated = l.path("migrated.keystore");
-    l.ok_as(
-        Some("bob"),
-        &[
-            "key-handle",
-            "export-servers",
-            "--key-handles",
-            "0x3000",
-            "--out",
-            s(&migrated),
-            "--export-password-file",
-            s(&l.path("servers.pw")),
-            "--kdf-memory-mib",
-            "1",
-            "--kdf-iterations",
-            "1",
-            "--approval",
-            s(&export),
-        ],
-    );
+    export_servers("0x3000", &migrated);
     let keys = SoftHsm::open_unlocked(&migrated, &Password::new("servers password").unwrap())
         .unwrap()
         .export_handle_keys(&[KeyHandle::new(0x3000)])
